@@ -1,0 +1,171 @@
+"""Store generated frames in Redis before anyone sees them, then publish them.
+
+The order of effects per batch is the whole argument (docs/architecture.md):
+1. store the batch in Redis (one pipeline, idempotent by seq);
+2. publish each frame on the session's delivery subject;
+3. ack the batch in JetStream.
+A crash between any two steps redelivers the batch, which re-stores nothing
+new and republishes frames the gateways drop by seq. A gateway never sees a
+frame that is not already in the log, so it can always fill a gap by replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from shared import protocol
+from shared.errors import BrokerUnavailable, ProtocolError
+from shared.messages import (
+    REPLAY_FIRST_HEADER,
+    REPLAY_HWM_HEADER,
+    REPLAY_MORE_HEADER,
+    TurnEnd,
+    decode_generated,
+    decode_replay_request,
+)
+from shared.store import HistoryTurn, Segment, SessionStore
+from shared.subjects import (
+    CONSUMER_BUFFERS,
+    STREAM_GENERATED,
+    SUBJECT_REPLAY,
+    delivery_subject,
+    generated_wildcard,
+    validate_session_id,
+)
+
+from .settings import Settings
+
+__all__ = ["Buffer", "segments_of"]
+
+log = logging.getLogger(__name__)
+
+GENERATED_PREFIX = generated_wildcard()[:-1]  # "chat.gen."
+RETRY_S = 0.5
+
+
+def segments_of(msgs: Sequence[tuple[str, bytes]]) -> list[Segment]:
+    """Group (subject, payload) messages into per-session segments, in order.
+
+    A segment ends at a turn's end, so the next turn's frames in the same batch
+    go into a new segment (the store script ends at most one turn per call).
+    Malformed messages are logged and skipped.
+    """
+    open_segments: dict[str, Segment] = {}
+    segments: list[Segment] = []
+    for subject, data in msgs:
+        session = subject[len(GENERATED_PREFIX):]
+        try:
+            validate_session_id(session)
+            item = decode_generated(data)
+        except (ProtocolError, msgspec.DecodeError):
+            log.error("skipping malformed frame", extra={"event": "bad_frame", "subject": subject})
+            continue
+        segment = open_segments.get(session)
+        if segment is None:
+            segment = open_segments[session] = Segment(session, [])
+            segments.append(segment)
+        if isinstance(item, TurnEnd):
+            done = item.done
+            segment.frames.append((done.seq, protocol.encode(done)))
+            entry = HistoryTurn(
+                turn=done.turn,
+                prompt=item.prompt,
+                answer=item.answer,
+                reason=done.reason,
+                last_seq=done.seq,
+            )
+            segment.turn_end = (done.turn, done.seq, msgspec.json.encode(entry))
+            del open_segments[session]
+        else:
+            segment.frames.append((item.seq, data))  # already the client's frame
+    return segments
+
+
+class Buffer:
+    def __init__(self, settings: Settings, *, nc: NATS, js: JetStreamContext, store: SessionStore) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.js = js
+        self.store = store
+        self.stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self) -> None:
+        replay_sub = await self.nc.subscribe(SUBJECT_REPLAY, queue="buffers", cb=self.on_replay)
+        psub = await self.js.pull_subscribe(
+            generated_wildcard(),
+            durable=CONSUMER_BUFFERS,
+            stream=STREAM_GENERATED,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=-1),
+        )
+        log.info("buffer ready", extra={"event": "ready"})
+        try:
+            while not self.stopping.is_set():
+                try:
+                    msgs = await psub.fetch(self.settings.batch_size, timeout=1.0)
+                except (NatsTimeoutError, asyncio.TimeoutError):
+                    continue
+                except Exception as exc:  # broker restart: wait it out
+                    log.warning("fetch failed: %s", exc, extra={"event": "fetch_failed"})
+                    await asyncio.sleep(RETRY_S)
+                    continue
+                await self.handle_batch(msgs)
+        finally:
+            # Finish what we hold: the current batch is done; stop answering.
+            await replay_sub.drain()
+            await psub.unsubscribe()
+
+    async def handle_batch(self, msgs: list[Msg]) -> None:
+        segments = segments_of([(m.subject, m.data) for m in msgs])
+        try:
+            await self.store.store_segments(segments)
+        except BrokerUnavailable:
+            log.warning("redis unavailable; batch will be redelivered", extra={"event": "store_failed"})
+            for msg in msgs:
+                await msg.nak(delay=RETRY_S)
+            return
+        for segment in segments:
+            subject = delivery_subject(segment.session)
+            for _, data in segment.frames:
+                await self.nc.publish(subject, data)
+        for msg in msgs:
+            await msg.ack()
+
+    async def on_replay(self, msg: Msg) -> None:
+        """Answer a gateway's replay request with frames after its cursor."""
+        try:
+            request = decode_replay_request(msg.data)
+            session = validate_session_id(request.session)
+        except (ProtocolError, msgspec.DecodeError):
+            await msg.respond(b"")
+            return
+        limit = max(1, min(request.limit, self.settings.replay_max_frames))
+        try:
+            frames, first, hwm = await self.store.read_frames(session, after=request.after, limit=limit)
+        except BrokerUnavailable:
+            return  # no answer: the gateway's request times out and retries
+        body: list[bytes] = []
+        size = 0
+        for _, data in frames:
+            size += len(data) + 1
+            if body and size > self.settings.replay_max_bytes:
+                break
+            body.append(data)
+        more = len(body) < len(frames) or len(frames) == limit
+        headers = {
+            REPLAY_HWM_HEADER: str(hwm),
+            REPLAY_FIRST_HEADER: str(first),
+            REPLAY_MORE_HEADER: "1" if more else "0",
+        }
+        await self.nc.publish(msg.reply, b"\n".join(body), headers=headers)

@@ -1,0 +1,29 @@
+"""Buffer settings (documented in docs/configuration.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from shared.settings import BrokerSettings, RetentionSettings, env_choice, env_int
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    batch_size: int = 256
+    replay_max_frames: int = 1000
+    replay_max_bytes: int = 512 * 1024
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        return cls(
+            broker=BrokerSettings.from_env(environ),
+            retention=RetentionSettings.from_env(environ),
+            batch_size=env_int(environ, "CHAT_BUFFER_BATCH", 256, minimum=1),
+            replay_max_frames=env_int(environ, "CHAT_REPLAY_MAX_FRAMES", 1000, minimum=1),
+            replay_max_bytes=env_int(environ, "CHAT_REPLAY_MAX_BYTES", 512 * 1024, minimum=1024),
+            log_level=env_choice(environ, "CHAT_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        )

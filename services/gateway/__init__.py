@@ -1,0 +1,1 @@
+"""The gateway: client WebSockets, SSE and HTTP in front of the NATS services."""

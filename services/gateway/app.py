@@ -1,0 +1,55 @@
+"""The gateway's ASGI application: routes, and the process's connections opened
+once in the lifespan and passed to every endpoint through ``app.state``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.routing import Route, WebSocketRoute
+
+from shared.broker import connect_nats, ensure_streams
+from shared.store import SessionStore, connect_redis
+
+from . import http
+from .controls import Gateway
+from .settings import Settings
+from .websocket import websocket_endpoint
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nc = await connect_nats(settings.broker.nats_url, name="gateway")
+        js = nc.jetstream()
+        await ensure_streams(js)
+        redis = connect_redis(settings.broker)
+        app.state.gateway = Gateway(settings=settings, nc=nc, js=js, store=SessionStore(redis, settings.retention))
+        log.info("gateway ready", extra={"event": "ready", **settings.broker.describe()})
+        try:
+            yield
+        finally:
+            await nc.drain()
+            await redis.aclose()
+
+    h = http.routes_handlers
+    routes = [
+        Route("/", h["page"]),
+        WebSocketRoute("/", websocket_endpoint),
+        WebSocketRoute("/ws", websocket_endpoint),
+        Route("/api/chat", h["chat"], methods=["POST"]),
+        Route("/api/sessions/{session}/events", h["events"]),
+        Route("/api/sessions/{session}/pause", h["pause"], methods=["POST"]),
+        Route("/api/sessions/{session}/resume", h["resume"], methods=["POST"]),
+        Route("/api/sessions/{session}/stop", h["stop"], methods=["POST"]),
+        Route("/api/sessions/{session}/history", h["history"]),
+        Route("/healthz", h["healthz"]),
+        Route("/readyz", h["readyz"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

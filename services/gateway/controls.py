@@ -1,0 +1,96 @@
+"""Session controls shared by the WebSocket and HTTP paths: start a turn,
+pause, resume, stop. Each writes the session record in Redis first (the
+durable truth), then tells the other services over NATS."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from shared.errors import BrokerUnavailable, ProtocolError, SessionStateError
+from shared.messages import Control, TurnRequest
+from shared.protocol import encode, validate_prompt
+from shared.store import SessionStore, StartResult
+from shared.subjects import SUBJECT_REQUESTS, control_subject
+
+from .settings import Settings
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Gateway:
+    """What every endpoint needs: settings and the process's connections."""
+
+    settings: Settings
+    nc: NATS
+    js: JetStreamContext
+    store: SessionStore
+
+    async def start_turn(self, session: str, prompt: str) -> StartResult:
+        """Claim the session for a turn and queue it for a worker.
+
+        Raises:
+            ProtocolError: the prompt is invalid, a turn is already generating
+                (``busy``), or the request could not be queued (``unavailable``).
+        """
+        validate_prompt(prompt, max_prompt_chars=self.settings.limits.max_prompt_chars)
+        result = await self.store.start_turn(session, prompt)
+        if not result.started:
+            raise ProtocolError(
+                f"turn {result.turn} is still generating; wait for its done or stop it", code="busy"
+            )
+        request = TurnRequest(
+            session=session, turn=result.turn, prompt=prompt, base_seq=result.base_seq, enqueued_at=time.time()
+        )
+        try:
+            # The message id makes a retried publish start one turn, not two.
+            await self.js.publish(
+                SUBJECT_REQUESTS, encode(request), headers={"Nats-Msg-Id": f"{session}:{result.turn}"}, timeout=5
+            )
+        except Exception as exc:
+            log.warning("could not queue turn: %s", exc, extra={"session": session, "turn": result.turn})
+            await self.store.abort_turn(session, result.turn)
+            raise BrokerUnavailable("the message broker is unavailable") from exc
+        log.info("turn queued", extra={"session": session, "turn": result.turn, "event": "turn_queued"})
+        return result
+
+    async def pause(self, session: str) -> int:
+        """Set the session's pause flag; return its version."""
+        changed, version = await self.store.set_paused(session, True)
+        if changed:
+            await self.nc.publish(control_subject(session), encode(Control("pause", version)))
+        return version
+
+    async def resume(self, session: str) -> int:
+        """Clear the pause flag; return its version.
+
+        Raises:
+            SessionStateError: the session is not paused.
+        """
+        changed, version = await self.store.set_paused(session, False)
+        if not changed:
+            raise SessionStateError("the session is not paused")
+        await self.nc.publish(control_subject(session), encode(Control("resume", version)))
+        return version
+
+    async def stop(self, session: str) -> int:
+        """Ask the worker to cancel the generating turn; return the turn.
+
+        Raises:
+            SessionStateError: no turn is generating.
+        """
+        turn = await self.store.request_stop(session)
+        if turn is None:
+            raise SessionStateError("no turn is generating")
+        await self.nc.publish(control_subject(session), encode(Control("stop", turn=turn)))
+        return turn
+
+    async def ready(self) -> dict[str, bool]:
+        return {"nats": self.nc.is_connected, "redis": await self.store.ping()}

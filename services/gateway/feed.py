@@ -1,0 +1,158 @@
+"""Runs one connection's :class:`~shared.session.Delivery` against NATS.
+
+The feed subscribes to the session's delivery and control subjects, asks a
+buffer for replays, and hands each ``Send`` to the connection's outbox. All
+decisions are taken by the pure state machine, in one task, so events are
+applied one at a time in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from shared.messages import (
+    REPLAY_FIRST_HEADER,
+    REPLAY_MORE_HEADER,
+    ReplayRequest,
+    decode_control,
+)
+from shared.protocol import encode, frame_seq
+from shared.session import (
+    Action,
+    Delivery,
+    Event,
+    GapTimeout,
+    LiveFrame,
+    RemotePause,
+    RemoteResume,
+    ReplayBatch,
+    RequestReplay,
+    Send,
+)
+from shared.subjects import SUBJECT_REPLAY, control_subject, delivery_subject
+
+__all__ = ["SessionFeed"]
+
+log = logging.getLogger(__name__)
+
+REPLAY_RETRY_S = 0.25
+REPLAY_LIMIT = 1000
+
+
+class SessionFeed:
+    """Feeds one connection in seq order.
+
+    Args:
+        emit: called with each frame to send, in order; it must not block.
+        inbox_frames: live frames held before the feed stops taking them and
+            catches up by replay instead (memory stays bounded).
+    """
+
+    def __init__(
+        self,
+        *,
+        nc: NATS,
+        session: str,
+        delivery: Delivery,
+        emit: Callable[[Send], None],
+        inbox_frames: int,
+        gap_timeout_s: float,
+        replay_timeout_s: float,
+    ) -> None:
+        self.nc = nc
+        self.session = session
+        self.delivery = delivery
+        self.emit = emit
+        self.inbox: asyncio.Queue[Event] = asyncio.Queue()
+        self.inbox_frames = inbox_frames
+        self.gap_timeout_s = gap_timeout_s
+        self.replay_timeout_s = replay_timeout_s
+        self.overflowed = False
+        self._replay_task: asyncio.Task[None] | None = None
+
+    def submit(self, event: Event) -> None:
+        """Queue an event from the connection (the client's pause or resume)."""
+        self.inbox.put_nowait(event)
+
+    async def run(self) -> None:
+        subs = [
+            await self.nc.subscribe(delivery_subject(self.session), cb=self._on_frame),
+            await self.nc.subscribe(control_subject(self.session), cb=self._on_control),
+        ]
+        try:
+            self._execute(self.delivery.start())
+            while True:
+                waiting_for_gap = bool(self.delivery.pending) and not self.delivery.replaying
+                try:
+                    event = await asyncio.wait_for(
+                        self.inbox.get(), self.gap_timeout_s if waiting_for_gap else None
+                    )
+                except TimeoutError:
+                    event = GapTimeout()
+                self._execute(self.delivery.handle(event))
+                if self.overflowed and not self.delivery.replaying:
+                    # Live frames were dropped: catch up from the log instead.
+                    self.overflowed = False
+                    self._execute(self.delivery.handle(GapTimeout()))
+        finally:
+            for sub in subs:
+                try:
+                    await sub.unsubscribe()
+                except Exception:  # connection closed or reconnecting
+                    pass
+            if self._replay_task is not None:
+                self._replay_task.cancel()
+
+    def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self.emit(action)
+            elif isinstance(action, RequestReplay):
+                self._replay_task = asyncio.create_task(self._replay(action.after))
+            # WaitForGap: run() arms the gap timer from the delivery's state.
+
+    async def _on_frame(self, msg: Msg) -> None:
+        if self.inbox.qsize() >= self.inbox_frames:
+            self.overflowed = True
+            return
+        try:
+            seq = frame_seq(msg.data)
+        except msgspec.DecodeError:
+            log.error("dropping malformed delivery", extra={"session": self.session})
+            return
+        self.inbox.put_nowait(LiveFrame(seq, msg.data))
+
+    async def _on_control(self, msg: Msg) -> None:
+        try:
+            control = decode_control(msg.data)
+        except msgspec.DecodeError:
+            return
+        if control.action == "pause":
+            self.inbox.put_nowait(RemotePause(control.version))
+        elif control.action == "resume":
+            self.inbox.put_nowait(RemoteResume(control.version))
+
+    async def _replay(self, after: int) -> None:
+        request = encode(ReplayRequest(session=self.session, after=after, limit=REPLAY_LIMIT))
+        try:
+            reply = await self.nc.request(SUBJECT_REPLAY, request, timeout=self.replay_timeout_s)
+        except Exception as exc:  # timeout, no buffer running, reconnecting
+            log.warning("replay failed: %s", exc, extra={"session": self.session, "event": "replay_failed"})
+            await asyncio.sleep(REPLAY_RETRY_S)
+            self.inbox.put_nowait(ReplayBatch(frames=[], first=0, more=True))
+            return
+        headers = reply.headers or {}
+        frames = [(frame_seq(data), data) for data in reply.data.split(b"\n") if data]
+        self.inbox.put_nowait(
+            ReplayBatch(
+                frames=frames,
+                first=int(headers.get(REPLAY_FIRST_HEADER, "0")),
+                more=headers.get(REPLAY_MORE_HEADER) == "1",
+            )
+        )

@@ -1,0 +1,231 @@
+"""HTTP endpoints: chat (JSON, SSE, and the original design's plain text),
+session events over SSE, controls, history, health."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+
+from shared.errors import BrokerUnavailable, ProtocolError
+from shared.protocol import Chunk, Done, decode_server_frame
+from shared.session import Delivery, Send
+from shared.sse import encode_event
+from shared.subjects import new_session_id, validate_session_id
+
+from .controls import Gateway
+from .feed import SessionFeed
+from .websocket import error_response, parse_cursor
+
+__all__ = ["routes_handlers"]
+
+PAGE = __file__.rsplit("/", 1)[0] + "/static/index.html"
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """Read a JSON object body of at most ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(f"body of {declared} bytes exceeds the limit of {limit}", code="too_big")
+    body = b""
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ProtocolError(f"body exceeds the limit of {limit} bytes", code="too_big")
+    try:
+        value = json.loads(body)
+    except ValueError:
+        raise ProtocolError("malformed JSON") from None
+    if not isinstance(value, dict):
+        raise ProtocolError("expected a JSON object")
+    return value
+
+
+def _session_param(request: Request) -> str:
+    return validate_session_id(request.path_params["session"])
+
+
+def _handle_errors(handler: Any) -> Any:
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ProtocolError as exc:
+            return error_response(exc.code, exc.message)
+        except BrokerUnavailable:
+            return error_response("unavailable", "the service is unavailable; try again shortly")
+
+    wrapped.__name__ = handler.__name__
+    return wrapped
+
+
+def _stream(gateway: Gateway, session: str, delivery: Delivery, *, turn: int | None, plain: bool) -> AsyncIterator[bytes]:
+    """Frames of a session as SSE (or, ``plain``, chunk text only), from the
+    delivery's cursor; ends after the ``done`` of ``turn`` when one is given."""
+    settings = gateway.settings
+    queue: asyncio.Queue[Send | None] = asyncio.Queue(maxsize=settings.limits.send_queue_frames)
+
+    def emit(send: Send) -> None:
+        try:
+            queue.put_nowait(send)
+        except asyncio.QueueFull:
+            # A slow reader: end the response; the client resumes with Last-Event-ID.
+            queue._queue.clear()  # type: ignore[attr-defined]
+            queue.put_nowait(None)
+
+    feed = SessionFeed(
+        nc=gateway.nc,
+        session=session,
+        delivery=delivery,
+        emit=emit,
+        inbox_frames=settings.limits.inbox_frames,
+        gap_timeout_s=settings.timeouts.gap_timeout_s,
+        replay_timeout_s=settings.timeouts.replay_timeout_s,
+    )
+
+    async def body() -> AsyncIterator[bytes]:
+        task = asyncio.create_task(feed.run())
+        try:
+            if not plain:
+                yield b"retry: 1000\n\n"
+            while True:
+                try:
+                    send = await asyncio.wait_for(queue.get(), settings.timeouts.sse_keepalive_s)
+                except TimeoutError:
+                    if task.done():
+                        return
+                    if not plain:
+                        yield b": keep-alive\n\n"
+                    continue
+                if send is None:
+                    return
+                frame = decode_server_frame(send.data)
+                if plain:
+                    if isinstance(frame, Chunk):
+                        yield frame.text.encode()
+                else:
+                    yield encode_event(send.data, event=frame.__struct_config__.tag, id=send.seq)  # type: ignore[arg-type]
+                if turn is not None and isinstance(frame, Done) and frame.turn == turn:
+                    return
+        finally:
+            task.cancel()
+
+    return body()
+
+
+def _streaming(iterator: AsyncIterator[bytes], *, plain: bool, headers: dict[str, str] | None = None) -> StreamingResponse:
+    media = "text/plain; charset=utf-8" if plain else "text/event-stream"
+    all_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
+    return StreamingResponse(iterator, media_type=media, headers=all_headers)
+
+
+@_handle_errors
+async def chat(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    body = await read_json(request, gateway.settings.limits.max_frame_bytes)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise ProtocolError("'prompt' must be a string")
+    compat = "sessionId" in body and "session" not in body
+    raw_session = body.get("sessionId") if compat else body.get("session")
+    session = new_session_id() if raw_session is None else validate_session_id(raw_session)
+    wants_sse = "text/event-stream" in request.headers.get("accept", "")
+    if not compat and not wants_sse:
+        result = await gateway.start_turn(session, prompt)
+        return JSONResponse({"session": session, "turn": result.turn}, status_code=202)
+    meta = await gateway.store.meta(session)
+    result = await gateway.start_turn(session, prompt)
+    # The turn's frames are numbered after base_seq; pause applies here too.
+    delivery = Delivery(delivered=result.base_seq, paused=meta.paused, version=meta.pause_version)
+    stream = _stream(gateway, session, delivery, turn=result.turn, plain=compat)
+    return _streaming(stream, plain=compat, headers={"X-Chat-Session": session, "X-Chat-Turn": str(result.turn)})
+
+
+@_handle_errors
+async def events(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    session = _session_param(request)
+    cursor = request.headers.get("last-event-id") or request.query_params.get("last_seq")
+    last_seq = parse_cursor(cursor)
+    meta = await gateway.store.meta(session)
+    if last_seq > meta.hwm:
+        raise ProtocolError(f"last_seq {last_seq} is beyond the session's last seq {meta.hwm}")
+    delivery = Delivery(delivered=last_seq, paused=meta.paused, version=meta.pause_version)
+    return _streaming(_stream(gateway, session, delivery, turn=None, plain=False), plain=False)
+
+
+@_handle_errors
+async def pause(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    session = _session_param(request)
+    await gateway.pause(session)
+    return JSONResponse({"session": session, "paused": True})
+
+
+@_handle_errors
+async def resume(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    session = _session_param(request)
+    await gateway.resume(session)
+    return JSONResponse({"session": session, "paused": False})
+
+
+@_handle_errors
+async def stop(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    session = _session_param(request)
+    turn = await gateway.stop(session)
+    return JSONResponse({"session": session, "turn": turn, "stopping": True}, status_code=202)
+
+
+@_handle_errors
+async def history(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    session = _session_param(request)
+    turns = await gateway.store.history(session)
+    meta = await gateway.store.meta(session)
+    active = None
+    if meta.active_turn is not None:
+        active = {"turn": meta.active_turn, "prompt": meta.active_prompt}
+    return JSONResponse(
+        {
+            "session": session,
+            "last_seq": meta.hwm,
+            "paused": meta.paused,
+            "turns": [
+                {"turn": t.turn, "prompt": t.prompt, "answer": t.answer, "reason": t.reason, "last_seq": t.last_seq}
+                for t in turns
+            ],
+            "active": active,
+        }
+    )
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    checks = await gateway.ready()
+    return JSONResponse({"ready": all(checks.values()), **checks}, status_code=200 if all(checks.values()) else 503)
+
+
+async def page(request: Request) -> Response:
+    return FileResponse(PAGE, media_type="text/html; charset=utf-8")
+
+
+routes_handlers = {
+    "chat": chat,
+    "events": events,
+    "pause": pause,
+    "resume": resume,
+    "stop": stop,
+    "history": history,
+    "healthz": healthz,
+    "readyz": readyz,
+    "page": page,
+}

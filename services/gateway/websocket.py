@@ -1,0 +1,251 @@
+"""The WebSocket endpoint: protocol v1 on ``/ws`` (and ``/``), and the original
+design's plain-text client when it connects with ``sessionId=`` and no
+subprotocol (PROTOCOL.md, compatibility)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from shared import protocol
+from shared.errors import BrokerUnavailable, ProtocolError
+from shared.protocol import (
+    CLOSE_1008_POLICY,
+    SUBPROTOCOL,
+    Accepted,
+    Chat,
+    Chunk,
+    Error,
+    Ping,
+    Pong,
+    Ready,
+    decode_client_frame,
+    decode_compat_frame,
+    decode_server_frame,
+    encode,
+)
+from shared.session import Delivery, LocalPause, LocalResume, Send
+from shared.subjects import new_session_id, validate_session_id
+
+from .controls import Gateway
+from .feed import SessionFeed
+
+__all__ = ["websocket_endpoint", "parse_cursor", "error_response"]
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS = {
+    "invalid": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "busy": 409,
+    "too_big": 413,
+    "rate_limited": 429,
+    "unavailable": 503,
+}
+
+
+def error_response(code: str, message: str) -> JSONResponse:
+    return JSONResponse({"type": "error", "code": code, "message": message}, status_code=HTTP_STATUS[code])
+
+
+def parse_cursor(raw: str | None) -> int:
+    """Parse ``last_seq`` / ``Last-Event-ID``: a non-negative integer, default 0."""
+    if raw is None or raw == "":
+        return 0
+    if not raw.isdigit() or len(raw) > 18:
+        raise ProtocolError("last_seq must be a non-negative integer")
+    return int(raw)
+
+
+@dataclass(frozen=True)
+class Handshake:
+    session: str
+    last_seq: int
+    compat: bool
+    subprotocol: str | None
+
+
+def parse_handshake(websocket: WebSocket) -> Handshake:
+    params = websocket.query_params
+    offered = websocket.scope.get("subprotocols") or []
+    compat = "sessionId" in params and SUBPROTOCOL not in offered
+    if offered and SUBPROTOCOL not in offered:
+        raise ProtocolError(f"unsupported subprotocol; this server speaks {SUBPROTOCOL}")
+    raw_session = params.get("sessionId") if compat else params.get("session")
+    session = new_session_id() if raw_session is None and not compat else validate_session_id(raw_session)
+    return Handshake(
+        session=session,
+        last_seq=parse_cursor(params.get("last_seq")),
+        compat=compat,
+        subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None,
+    )
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    gateway: Gateway = websocket.app.state.gateway
+    # Decide before the upgrade, so a refusal is an HTTP status (PROTOCOL.md).
+    try:
+        handshake = parse_handshake(websocket)
+        meta = await gateway.store.meta(handshake.session)
+        if handshake.last_seq > meta.hwm:
+            raise ProtocolError(f"last_seq {handshake.last_seq} is beyond the session's last seq {meta.hwm}")
+    except ProtocolError as exc:
+        await websocket.send_denial_response(error_response(exc.code, exc.message))
+        return
+    except BrokerUnavailable:
+        await websocket.send_denial_response(error_response("unavailable", "the session store is unavailable"))
+        return
+    await websocket.accept(subprotocol=handshake.subprotocol)
+    connection = Connection(gateway, websocket, handshake)
+    if handshake.compat:
+        # The original client tracks no seq: it gets what is generated from now on.
+        delivery = Delivery(delivered=meta.hwm, paused=meta.paused, version=meta.pause_version)
+    else:
+        await connection.send(Ready(session=handshake.session, last_seq=meta.hwm, paused=meta.paused))
+        delivery = Delivery(delivered=handshake.last_seq, paused=meta.paused, version=meta.pause_version)
+    await connection.serve(delivery)
+
+
+class SlowReader(Exception):
+    """The client reads slower than frames arrive: its send queue is full."""
+
+
+class Connection:
+    def __init__(self, gateway: Gateway, websocket: WebSocket, handshake: Handshake) -> None:
+        self.gateway = gateway
+        self.websocket = websocket
+        self.session = handshake.session
+        self.compat = handshake.compat
+        self.outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=gateway.settings.limits.send_queue_frames)
+        self.slow = asyncio.Event()
+        self.feed: SessionFeed | None = None
+
+    async def send(self, frame: protocol.ServerFrame) -> None:
+        self.put(encode(frame).decode())
+
+    def put(self, text: str) -> None:
+        try:
+            self.outbox.put_nowait(text)
+        except asyncio.QueueFull:
+            self.slow.set()
+
+    def emit(self, send: Send) -> None:
+        if not self.compat:
+            self.put(send.data.decode())
+            return
+        if send.seq is not None:
+            frame = decode_server_frame(send.data)
+            if isinstance(frame, Chunk):
+                self.put(frame.text)
+
+    async def serve(self, delivery: Delivery) -> None:
+        settings = self.gateway.settings
+        self.feed = SessionFeed(
+            nc=self.gateway.nc,
+            session=self.session,
+            delivery=delivery,
+            emit=self.emit,
+            inbox_frames=settings.limits.inbox_frames,
+            gap_timeout_s=settings.timeouts.gap_timeout_s,
+            replay_timeout_s=settings.timeouts.replay_timeout_s,
+        )
+        tasks = [
+            asyncio.create_task(self._write()),
+            asyncio.create_task(self.feed.run()),
+            asyncio.create_task(self._read()),
+            asyncio.create_task(self.slow.wait()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self.slow.is_set():
+            log.info("closing slow reader", extra={"session": self.session, "event": "slow_reader"})
+            await self._close(CLOSE_1008_POLICY, "send queue full; reconnect with last_seq")
+            return
+        for task in done:
+            if not task.cancelled() and task.exception() is not None and not isinstance(
+                task.exception(), WebSocketDisconnect
+            ):
+                log.error("connection failed", exc_info=task.exception(), extra={"session": self.session})
+                await self._close(protocol.CLOSE_1011_INTERNAL, "internal error")
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await self.websocket.close(code, reason)
+        except Exception:  # already closed
+            pass
+
+    async def _write(self) -> None:
+        while True:
+            text = await self.outbox.get()
+            await self.websocket.send_text(text)
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                if not self.compat:
+                    await self.send(Error(code="invalid", message="binary frames are not supported; send JSON text"))
+                continue
+            if self.compat:
+                await self._on_compat(text)
+            else:
+                await self._on_frame(text)
+
+    async def _on_compat(self, text: str) -> None:
+        action = decode_compat_frame(text)
+        try:
+            if action == "pause":
+                self._submit_pause(await self.gateway.pause(self.session))
+            elif action == "resume":
+                self._submit_resume(await self.gateway.resume(self.session))
+        except ProtocolError:
+            pass  # the original client expects no answers; "resume" twice is harmless
+        except BrokerUnavailable:
+            log.warning("control failed: store unavailable", extra={"session": self.session})
+
+    async def _on_frame(self, text: str) -> None:
+        gateway = self.gateway
+        try:
+            frame = decode_client_frame(text, max_prompt_chars=gateway.settings.limits.max_prompt_chars)
+            match frame:
+                case Chat(prompt=prompt, id=client_id):
+                    result = await gateway.start_turn(self.session, prompt)
+                    await self.send(Accepted(id=client_id, turn=result.turn))
+                case protocol.Pause():
+                    self._submit_pause(await gateway.pause(self.session))
+                case protocol.Resume():
+                    self._submit_resume(await gateway.resume(self.session))
+                case protocol.Stop():
+                    await gateway.stop(self.session)
+                case Ping(t=t):
+                    await self.send(Pong(t=t))
+                case protocol.Auth():
+                    raise ProtocolError("authentication is not enabled on this server")
+                case protocol.Ack():
+                    pass
+                case _:
+                    raise ProtocolError("unknown frame")
+        except ProtocolError as exc:
+            await self.send(Error(code=exc.code, message=exc.message))  # type: ignore[arg-type]
+        except BrokerUnavailable:
+            await self.send(Error(code="unavailable", message="the service is unavailable; try again shortly"))
+
+    def _submit_pause(self, version: int) -> None:
+        assert self.feed is not None
+        self.feed.submit(LocalPause(version))
+
+    def _submit_resume(self, version: int) -> None:
+        assert self.feed is not None
+        self.feed.submit(LocalResume(version))

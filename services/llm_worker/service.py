@@ -1,0 +1,250 @@
+"""The worker loop: pull a turn request only while under the concurrency limit,
+stream the model, publish numbered frames, obey ``stop``.
+
+Seq numbering: the gateway claimed the turn in Redis and passed the session's
+last seq (``base_seq``); only this worker produces frames for the session
+until the turn's ``done`` is stored, so numbering from ``base_seq + 1`` is
+gap-free (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from shared import protocol
+from shared.errors import BrokerUnavailable, UpstreamError
+from shared.messages import TurnEnd, TurnRequest, decode_control, decode_request
+from shared.store import SessionStore
+from shared.subjects import (
+    CONSUMER_WORKERS,
+    STREAM_REQUESTS,
+    SUBJECT_REQUESTS,
+    control_subject,
+    generated_subject,
+)
+
+from .providers import Delta, Message, Provider
+from .settings import Settings
+
+__all__ = ["Worker"]
+
+log = logging.getLogger(__name__)
+
+PUBLISH_RETRY_S = 0.25
+PUBLISH_GIVE_UP_S = 120.0
+
+
+@dataclass
+class Turn:
+    """One generation in progress."""
+
+    request: TurnRequest
+    seq: int
+    parts: list[str] = field(default_factory=list)
+    stop_requested: bool = False
+
+
+class Worker:
+    def __init__(self, settings: Settings, *, nc: NATS, js: JetStreamContext, store: SessionStore, provider: Provider) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.js = js
+        self.store = store
+        self.provider = provider
+        self.capacity = asyncio.Semaphore(settings.concurrency)
+        self.turns: set[asyncio.Task[None]] = set()
+        self.stopping = asyncio.Event()
+
+    @property
+    def active(self) -> int:
+        return len(self.turns)
+
+    async def run(self) -> None:
+        """Pull requests until :meth:`stop`; then wait for running turns (bounded)."""
+        psub = await self.js.pull_subscribe(
+            SUBJECT_REQUESTS,
+            durable=CONSUMER_WORKERS,
+            stream=STREAM_REQUESTS,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=-1),
+        )
+        log.info("worker ready", extra={"event": "ready", "concurrency": self.settings.concurrency})
+        try:
+            while not self.stopping.is_set():
+                await self.capacity.acquire()
+                if self.stopping.is_set():
+                    self.capacity.release()
+                    break
+                try:
+                    msgs = await psub.fetch(1, timeout=1.0)
+                except (NatsTimeoutError, asyncio.TimeoutError):
+                    self.capacity.release()
+                    continue
+                except Exception as exc:  # broker restart: wait it out
+                    self.capacity.release()
+                    log.warning("fetch failed: %s", exc, extra={"event": "fetch_failed"})
+                    await asyncio.sleep(PUBLISH_RETRY_S)
+                    continue
+                for msg in msgs:
+                    task = asyncio.create_task(self._take(msg))
+                    self.turns.add(task)
+                    task.add_done_callback(self._finished)
+        finally:
+            await psub.unsubscribe()
+            if self.turns:
+                await asyncio.wait(self.turns, timeout=self.settings.drain_timeout_s or None)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.turns.discard(task)
+        self.capacity.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("turn crashed", exc_info=task.exception(), extra={"event": "turn_crashed"})
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def _take(self, msg: Msg) -> None:
+        # Ack at once: a worker that dies mid-turn must not make a second one
+        # start the same turn over (the turn ends with done/error instead).
+        await msg.ack()
+        try:
+            request = decode_request(msg.data)
+        except Exception:
+            log.error("dropping malformed request", extra={"event": "bad_request"})
+            return
+        await self.generate(request)
+
+    async def generate(self, request: TurnRequest) -> None:
+        """Run one turn to its ``done``, whatever happens upstream."""
+        turn = Turn(request=request, seq=request.base_seq)
+        extra = {"session": request.session, "turn": request.turn}
+        try:
+            meta = await self.store.meta(request.session)
+        except BrokerUnavailable:
+            meta = None
+        if meta is not None and meta.active_turn != request.turn:
+            log.warning("request for a turn that is not active; skipped", extra=extra)
+            return
+        waited = time.time() - request.enqueued_at
+        if waited > self.settings.queue_timeout_s:
+            await self._end(turn, "error", "No model worker was free in time. Please try again.")
+            return
+        if meta is not None and meta.stop_turn == request.turn:
+            await self._end(turn, "stopped")
+            return
+
+        # Unbounded: the model paces the producer, and one answer is bounded
+        # by the model's length limit. None marks the producer's end.
+        deltas: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
+        producer = asyncio.create_task(self._produce(await self._messages(request), deltas))
+        producer.add_done_callback(lambda _: deltas.put_nowait(None))
+
+        async def on_control(msg: Msg) -> None:
+            try:
+                control = decode_control(msg.data)
+            except Exception:
+                return
+            if control.action == "stop" and control.turn in (None, request.turn):
+                turn.stop_requested = True
+                producer.cancel()  # closes the upstream HTTP request
+
+        sub = await self.nc.subscribe(control_subject(request.session), cb=on_control)
+        log.info("turn started", extra={**extra, "event": "turn_started", "queued_s": round(waited, 3)})
+        try:
+            reason, message = await self._relay(turn, deltas)
+        finally:
+            producer.cancel()
+            await sub.unsubscribe()
+        await self._end(turn, reason, message)
+
+    async def _relay(self, turn: Turn, deltas: asyncio.Queue[Delta | BaseException | None]) -> tuple[str, str | None]:
+        """Publish deltas as chunks until the stream ends; return (reason, message)."""
+        while True:
+            item = await deltas.get()
+            texts: list[str] = []
+            # Coalesce what is already queued into one chunk; never wait to
+            # batch, so an idle stream sends each token at once.
+            while isinstance(item, Delta) and item.finish_reason is None:
+                texts.append(item.text)
+                if deltas.empty():
+                    break
+                item = deltas.get_nowait()
+            if texts and "".join(texts):
+                await self._publish_chunk(turn, "".join(texts))
+            if isinstance(item, Delta):
+                if item.finish_reason is None:
+                    continue
+                return item.finish_reason, None
+            if isinstance(item, UpstreamError):
+                return "error", str(item)
+            if isinstance(item, BaseException):
+                log.error("provider failed", exc_info=item, extra={"session": turn.request.session})
+                return "error", "The model failed unexpectedly. Please try again."
+            if turn.stop_requested:
+                return "stopped", None
+            return "error", "The model stopped without finishing. Please try again."
+
+    async def _messages(self, request: TurnRequest) -> list[Message]:
+        messages: list[Message] = []
+        if self.settings.context_turns:
+            try:
+                history = await self.store.history(request.session, last=self.settings.context_turns)
+            except BrokerUnavailable:
+                history = []
+            for entry in history:
+                messages.append(Message("user", entry.prompt))
+                if entry.answer:
+                    messages.append(Message("assistant", entry.answer))
+        messages.append(Message("user", request.prompt))
+        return messages
+
+    async def _produce(self, messages: list[Message], out: asyncio.Queue[Delta | BaseException | None]) -> None:
+        try:
+            async for delta in self.provider.stream(messages):
+                out.put_nowait(delta)
+                if delta.finish_reason is not None:
+                    return
+        except Exception as exc:  # handed to the consumer, which ends the turn
+            out.put_nowait(exc)
+
+    async def _publish_chunk(self, turn: Turn, text: str) -> None:
+        turn.seq += 1
+        turn.parts.append(text)
+        frame = protocol.Chunk(seq=turn.seq, turn=turn.request.turn, text=text)
+        await self._publish(turn, protocol.encode(frame))
+
+    async def _end(self, turn: Turn, reason: str, message: str | None = None) -> None:
+        request = turn.request
+        turn.seq += 1
+        done = protocol.Done(seq=turn.seq, turn=request.turn, reason=reason, message=message)  # type: ignore[arg-type]
+        end = TurnEnd(done=done, prompt=request.prompt, answer="".join(turn.parts))
+        await self._publish(turn, protocol.encode(end))
+        log.info(
+            "turn finished",
+            extra={"session": request.session, "turn": request.turn, "event": "turn_finished", "reason": reason},
+        )
+
+    async def _publish(self, turn: Turn, payload: bytes) -> None:
+        """Publish to JetStream until stored; the message id makes retries idempotent."""
+        subject = generated_subject(turn.request.session)
+        headers = {"Nats-Msg-Id": f"{turn.request.session}:{turn.seq}"}
+        deadline = time.monotonic() + PUBLISH_GIVE_UP_S
+        while True:
+            try:
+                await self.js.publish(subject, payload, headers=headers, timeout=5)
+                return
+            except Exception as exc:  # timeouts, no responders, reconnecting
+                if time.monotonic() > deadline:
+                    raise BrokerUnavailable(f"could not publish frame {turn.seq}") from exc
+                log.warning("publish failed, retrying: %s", exc, extra={"event": "publish_retry"})
+                await asyncio.sleep(PUBLISH_RETRY_S)
+
+

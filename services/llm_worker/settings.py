@@ -1,0 +1,68 @@
+"""Worker settings (documented in docs/configuration.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from shared.settings import (
+    BrokerSettings,
+    Secret,
+    env_choice,
+    env_float,
+    env_int,
+    env_str,
+)
+
+
+@dataclass(frozen=True)
+class DemoModelSettings:
+    tokens_per_s: float = 20.0
+    answer_tokens: int = 300
+
+
+@dataclass(frozen=True)
+class OpenAISettings:
+    base_url: str = "https://api.openai.com/v1"
+    api_key: Secret = Secret("")
+    model: str = "gpt-4o-mini"
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    max_connections: int = 100
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    provider: str = "demo"
+    demo: DemoModelSettings = field(default_factory=DemoModelSettings)
+    openai: OpenAISettings = field(default_factory=OpenAISettings)
+    concurrency: int = 16
+    context_turns: int = 20
+    queue_timeout_s: float = 30.0
+    drain_timeout_s: float = 20.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        return cls(
+            broker=BrokerSettings.from_env(environ),
+            provider=env_choice(environ, "CHAT_MODEL_PROVIDER", "demo", ("demo", "openai")),
+            demo=DemoModelSettings(
+                tokens_per_s=env_float(environ, "CHAT_DEMO_TOKENS_PER_S", 20.0, minimum=0.1),
+                answer_tokens=env_int(environ, "CHAT_DEMO_ANSWER_TOKENS", 300, minimum=1),
+            ),
+            openai=OpenAISettings(
+                base_url=env_str(environ, "CHAT_OPENAI_BASE_URL", OpenAISettings.base_url).rstrip("/"),
+                api_key=Secret(env_str(environ, "CHAT_OPENAI_API_KEY", "")),
+                model=env_str(environ, "CHAT_OPENAI_MODEL", OpenAISettings.model),
+                connect_timeout_s=env_float(environ, "CHAT_UPSTREAM_CONNECT_TIMEOUT_S", 10.0, minimum=0.1),
+                read_timeout_s=env_float(environ, "CHAT_UPSTREAM_READ_TIMEOUT_S", 60.0, minimum=0.1),
+                max_connections=env_int(environ, "CHAT_UPSTREAM_MAX_CONNECTIONS", 100, minimum=1),
+            ),
+            concurrency=env_int(environ, "CHAT_WORKER_CONCURRENCY", 16, minimum=1),
+            context_turns=env_int(environ, "CHAT_CONTEXT_TURNS", 20, minimum=0),
+            queue_timeout_s=env_float(environ, "CHAT_QUEUE_TIMEOUT_S", 30.0, minimum=0.1),
+            drain_timeout_s=env_float(environ, "CHAT_DRAIN_TIMEOUT_S", 20.0, minimum=0.0),
+            log_level=env_choice(environ, "CHAT_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        )

@@ -1,0 +1,258 @@
+"""Client protocol version 1 (PROTOCOL.md): frames in both directions.
+
+Frames are ``msgspec.Struct`` types tagged by ``type``; ``ClientFrame`` and
+``ServerFrame`` are the unions per direction. :func:`decode_client_frame` is
+the single place where client input becomes a typed frame or a
+:class:`~shared.errors.ProtocolError` carrying the error ``code`` to send back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+import msgspec
+
+from .errors import ProtocolError
+
+__all__ = [
+    "SUBPROTOCOL",
+    "CLOSE_1000_NORMAL",
+    "CLOSE_1008_POLICY",
+    "CLOSE_1009_TOO_BIG",
+    "CLOSE_1011_INTERNAL",
+    "CLOSE_1012_RESTARTING",
+    "CLOSE_4001_TOKEN_EXPIRED",
+    "CLOSE_4003_FORBIDDEN",
+    "DoneReason",
+    "ErrorCode",
+    "Chat",
+    "Pause",
+    "Resume",
+    "Stop",
+    "Ping",
+    "Auth",
+    "Ack",
+    "ClientFrame",
+    "Ready",
+    "Accepted",
+    "Chunk",
+    "Done",
+    "Paused",
+    "Resumed",
+    "Pong",
+    "AuthOk",
+    "Error",
+    "ServerFrame",
+    "decode_client_frame",
+    "decode_server_frame",
+    "encode",
+    "frame_seq",
+    "validate_prompt",
+    "CompatAction",
+    "decode_compat_frame",
+]
+
+SUBPROTOCOL = "chat.v1"
+
+CLOSE_1000_NORMAL = 1000
+CLOSE_1008_POLICY = 1008
+CLOSE_1009_TOO_BIG = 1009
+CLOSE_1011_INTERNAL = 1011
+CLOSE_1012_RESTARTING = 1012
+CLOSE_4001_TOKEN_EXPIRED = 4001
+CLOSE_4003_FORBIDDEN = 4003
+
+DoneReason = Literal["stop", "length", "stopped", "error"]
+ErrorCode = Literal[
+    "invalid", "busy", "unauthorized", "forbidden", "rate_limited", "too_big", "unavailable"
+]
+
+MAX_CLIENT_ID_CHARS = 128
+
+
+class _ClientFrame(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, frozen=True):
+    pass
+
+
+class Chat(_ClientFrame, tag="chat"):
+    prompt: str
+    id: str | None = None
+
+
+class Pause(_ClientFrame, tag="pause"):
+    pass
+
+
+class Resume(_ClientFrame, tag="resume"):
+    pass
+
+
+class Stop(_ClientFrame, tag="stop"):
+    pass
+
+
+class Ping(_ClientFrame, tag="ping"):
+    t: Any = None
+
+
+class Auth(_ClientFrame, tag="auth"):
+    token: str
+
+
+class Ack(_ClientFrame, tag="ack"):
+    seq: int
+
+
+ClientFrame = Union[Chat, Pause, Resume, Stop, Ping, Auth, Ack]
+
+
+class _ServerFrame(msgspec.Struct, tag_field="type", omit_defaults=True, frozen=True):
+    pass
+
+
+class Ready(_ServerFrame, tag="ready"):
+    session: str
+    last_seq: int
+    paused: bool
+    exp: int | None = None
+
+
+class Accepted(_ServerFrame, tag="accepted"):
+    turn: int
+    id: str | None = None
+
+
+class Chunk(_ServerFrame, tag="chunk"):
+    seq: int
+    turn: int
+    text: str
+
+
+class Done(_ServerFrame, tag="done"):
+    seq: int
+    turn: int
+    reason: DoneReason
+    message: str | None = None
+
+
+class Paused(_ServerFrame, tag="paused"):
+    seq: int
+
+
+class Resumed(_ServerFrame, tag="resumed"):
+    seq: int
+
+
+class Pong(_ServerFrame, tag="pong"):
+    t: Any = None
+
+
+class AuthOk(_ServerFrame, tag="auth_ok"):
+    exp: int
+
+
+class Error(_ServerFrame, tag="error"):
+    code: ErrorCode
+    message: str
+
+
+ServerFrame = Union[Ready, Accepted, Chunk, Done, Paused, Resumed, Pong, AuthOk, Error]
+
+_client_decoder = msgspec.json.Decoder(ClientFrame)
+_server_decoder = msgspec.json.Decoder(ServerFrame)
+_encoder = msgspec.json.Encoder()
+
+
+class _SeqOnly(msgspec.Struct):
+    seq: int
+
+
+_seq_decoder = msgspec.json.Decoder(_SeqOnly)
+
+
+def encode(frame: msgspec.Struct) -> bytes:
+    """Encode a frame (or any internal message) as compact JSON."""
+    return _encoder.encode(frame)
+
+
+def frame_seq(data: bytes) -> int:
+    """Return the ``seq`` of an encoded ``chunk`` or ``done`` frame."""
+    return _seq_decoder.decode(data).seq
+
+
+def validate_prompt(prompt: str, *, max_prompt_chars: int) -> str:
+    """Return ``prompt`` if it is non-blank and within the limit.
+
+    Raises:
+        ProtocolError: blank (``invalid``) or longer than the limit (``too_big``).
+    """
+    if not prompt.strip():
+        raise ProtocolError("prompt must not be empty")
+    if len(prompt) > max_prompt_chars:
+        raise ProtocolError(
+            f"prompt of {len(prompt)} characters exceeds the limit of {max_prompt_chars}",
+            code="too_big",
+        )
+    return prompt
+
+
+def decode_client_frame(data: str | bytes, *, max_prompt_chars: int) -> ClientFrame:
+    """Parse and validate one client text frame.
+
+    Args:
+        data: the frame's payload.
+        max_prompt_chars: the longest prompt a ``chat`` frame may carry.
+
+    Returns:
+        The typed frame.
+
+    Raises:
+        ProtocolError: malformed JSON, unknown ``type``, missing or extra
+            fields, wrong types, or a prompt that is blank or too long.
+    """
+    try:
+        frame = _client_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid frame: {exc}") from None
+    except msgspec.DecodeError:
+        raise ProtocolError("malformed JSON") from None
+    if isinstance(frame, Chat):
+        validate_prompt(frame.prompt, max_prompt_chars=max_prompt_chars)
+        if frame.id is not None and len(frame.id) > MAX_CLIENT_ID_CHARS:
+            raise ProtocolError(f"chat id longer than {MAX_CLIENT_ID_CHARS} characters")
+    return frame
+
+
+def decode_server_frame(data: str | bytes) -> ServerFrame:
+    """Parse one server frame (used by the clients).
+
+    Raises:
+        ProtocolError: the data is not a known server frame.
+    """
+    try:
+        return _server_decoder.decode(data)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise ProtocolError(f"invalid server frame: {exc}") from None
+
+
+# The original design's client sends {"action": "pause"|"resume"} and
+# {"type": "ping"}; anything else is ignored (it expects no JSON back).
+CompatAction = Literal["pause", "resume"]
+
+
+class _CompatFrame(msgspec.Struct):
+    action: str | None = None
+
+
+_compat_decoder = msgspec.json.Decoder(_CompatFrame)
+
+
+def decode_compat_frame(data: str | bytes) -> CompatAction | None:
+    """Return the action of an original-design client frame, or None to ignore it."""
+    try:
+        action = _compat_decoder.decode(data).action
+    except msgspec.DecodeError:
+        return None
+    if action == "pause" or action == "resume":
+        return action
+    return None

@@ -1,0 +1,161 @@
+"""Typed settings from the environment, shared by every service.
+
+Each service has one frozen dataclass built by ``Settings.from_env(environ)``;
+tests pass a dict. ``os.environ`` is read only by the services' ``__main__``.
+A bad value is rejected at start-up naming the variable and the value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigError
+
+__all__ = [
+    "Secret",
+    "BrokerSettings",
+    "RetentionSettings",
+    "env_str",
+    "env_int",
+    "env_float",
+    "env_bool",
+    "env_choice",
+]
+
+
+class Secret:
+    """A string that never shows in ``repr`` or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    def __str__(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def env_str(environ: Mapping[str, str], name: str, default: str) -> str:
+    return environ.get(name, default)
+
+
+def env_int(environ: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"Config '{name}' has value '{raw}'. Not a valid int.") from None
+    if value < minimum:
+        raise ConfigError(f"Config '{name}' has value '{raw}'. Must be at least {minimum}.")
+    return value
+
+
+def env_float(environ: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"Config '{name}' has value '{raw}'. Not a valid float.") from None
+    if not value >= minimum:  # also rejects nan
+        raise ConfigError(f"Config '{name}' has value '{raw}'. Must be at least {minimum}.")
+    return value
+
+
+def env_bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"Config '{name}' has value '{raw}'. Not a valid bool.")
+
+
+def env_choice(environ: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = environ.get(name, default)
+    if raw not in choices:
+        raise ConfigError(f"Config '{name}' has value '{raw}'. Expected one of {', '.join(choices)}.")
+    return raw
+
+
+def _masked_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where NATS and Redis are, and how big the Redis pool may grow."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    redis_url: Secret = Secret("redis://127.0.0.1:6379/0")
+    redis_max_connections: int = 32
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> BrokerSettings:
+        nats_url = env_str(environ, "CHAT_NATS_URL", cls.nats_url)
+        redis_url = env_str(environ, "CHAT_REDIS_URL", str(cls.redis_url))
+        for name, url, schemes in (
+            ("CHAT_NATS_URL", nats_url, ("nats", "tls", "ws", "wss")),
+            ("CHAT_REDIS_URL", redis_url, ("redis", "rediss", "unix")),
+        ):
+            for one in url.split(","):
+                if urlsplit(one.strip()).scheme not in schemes:
+                    raise ConfigError(
+                        f"Config '{name}' has value '{_masked_url(one)}'. "
+                        f"Expected a URL with scheme {' or '.join(schemes)}."
+                    )
+        return cls(
+            nats_url=nats_url,
+            redis_url=Secret(redis_url),
+            redis_max_connections=env_int(environ, "CHAT_REDIS_MAX_CONNECTIONS", 32, minimum=1),
+        )
+
+    def describe(self) -> dict[str, str]:
+        """The locations, safe to log."""
+        return {"nats": _masked_url(self.nats_url), "redis": _masked_url(str(self.redis_url))}
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """How long and how much of a session Redis keeps (PROTOCOL.md guarantee 1)."""
+
+    retention_s: int = 86_400
+    max_frames_per_session: int = 100_000
+    max_history_turns: int = 500
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> RetentionSettings:
+        return cls(
+            retention_s=env_int(environ, "CHAT_RETENTION_S", cls.retention_s, minimum=1),
+            max_frames_per_session=env_int(
+                environ, "CHAT_MAX_FRAMES_PER_SESSION", cls.max_frames_per_session, minimum=1
+            ),
+            max_history_turns=env_int(environ, "CHAT_MAX_HISTORY_TURNS", cls.max_history_turns, minimum=1),
+        )

@@ -1,0 +1,279 @@
+"""The session record in Redis: the only module that talks to Redis.
+
+Every session has three keys sharing one hash tag (so a Redis Cluster keeps
+them in one slot and the scripts below stay atomic):
+
+- ``meta`` (hash): ``hwm`` highest stored seq, ``seq`` last seq of the last
+  finished turn, ``turns`` turn counter, ``active``/``prompt`` the generating
+  turn, ``stop`` a turn asked to stop, ``paused`` and ``pv`` (pause version),
+  ``ended`` last turn written to history;
+- ``log`` (sorted set): encoded ``chunk``/``done`` frames scored by seq;
+- ``history`` (list): finished turns as JSON, oldest first.
+
+Each operation is one round trip (a Lua script or a pipeline); storing
+frames takes one script per session per batch, never one per frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .errors import BrokerUnavailable
+from .settings import BrokerSettings, RetentionSettings
+from .subjects import history_key, log_key, session_key
+
+__all__ = ["SessionMeta", "Segment", "StartResult", "HistoryTurn", "SessionStore", "connect_redis"]
+
+_START_TURN = """
+local active = redis.call('HGET', KEYS[1], 'active')
+if active then return {0, tonumber(active), 0} end
+local turn = redis.call('HINCRBY', KEYS[1], 'turns', 1)
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1])
+redis.call('HDEL', KEYS[1], 'stop')
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {1, turn, seq}
+"""
+
+_ABORT_TURN = """
+if redis.call('HGET', KEYS[1], 'active') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'active', 'prompt', 'stop')
+  return 1
+end
+return 0
+"""
+
+# ARGV: ttl, cap, max_turns, n, seq1, frame1, ..., seqn, framen,
+#       [turn, done_seq, history_entry] when the batch ends a turn.
+_STORE_FRAMES = """
+local meta, log, hist = KEYS[1], KEYS[2], KEYS[3]
+local ttl, cap, max_turns, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local hwm = tonumber(redis.call('HGET', meta, 'hwm') or '0')
+for i = 0, n - 1 do
+  local seq = tonumber(ARGV[5 + 2 * i])
+  redis.call('ZADD', log, seq, ARGV[6 + 2 * i])
+  if seq > hwm then hwm = seq end
+end
+redis.call('HSET', meta, 'hwm', hwm)
+local rest = 5 + 2 * n
+if ARGV[rest] then
+  local turn, done_seq = tonumber(ARGV[rest]), tonumber(ARGV[rest + 1])
+  if tonumber(redis.call('HGET', meta, 'ended') or '0') < turn then
+    redis.call('RPUSH', hist, ARGV[rest + 2])
+    redis.call('LTRIM', hist, -max_turns, -1)
+    redis.call('HSET', meta, 'ended', turn)
+  end
+  if tonumber(redis.call('HGET', meta, 'seq') or '0') < done_seq then
+    redis.call('HSET', meta, 'seq', done_seq)
+  end
+  if tonumber(redis.call('HGET', meta, 'active') or '0') == turn then
+    redis.call('HDEL', meta, 'active', 'prompt', 'stop')
+  end
+  redis.call('EXPIRE', hist, ttl)
+end
+local size = redis.call('ZCARD', log)
+if size > cap then redis.call('ZREMRANGEBYRANK', log, 0, size - cap - 1) end
+redis.call('EXPIRE', meta, ttl)
+redis.call('EXPIRE', log, ttl)
+return hwm
+"""
+
+_SET_PAUSED = """
+local was = redis.call('HGET', KEYS[1], 'paused') == '1'
+local want = ARGV[1] == '1'
+if was == want then
+  return {0, tonumber(redis.call('HGET', KEYS[1], 'pv') or '0')}
+end
+redis.call('HSET', KEYS[1], 'paused', ARGV[1])
+local version = redis.call('HINCRBY', KEYS[1], 'pv', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {1, version}
+"""
+
+_REQUEST_STOP = """
+local active = redis.call('HGET', KEYS[1], 'active')
+if not active then return 0 end
+redis.call('HSET', KEYS[1], 'stop', active)
+return tonumber(active)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMeta:
+    hwm: int
+    paused: bool
+    pause_version: int
+    active_turn: int | None
+    active_prompt: str | None
+    stop_turn: int | None
+
+
+@dataclass(slots=True)
+class Segment:
+    """Frames of one session to store; ``turn_end`` is (turn, done seq, history
+    entry JSON) when the last frame is the turn's ``done``."""
+
+    session: str
+    frames: list[tuple[int, bytes]]
+    turn_end: tuple[int, int, bytes] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartResult:
+    started: bool
+    turn: int  # the new turn, or the one still generating when not started
+    base_seq: int
+
+
+class HistoryTurn(msgspec.Struct, frozen=True):
+    turn: int
+    prompt: str
+    answer: str
+    reason: str
+    first_seq: int = 0
+    last_seq: int = 0
+
+
+_history_decoder = msgspec.json.Decoder(HistoryTurn)
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def connect_redis(broker: BrokerSettings) -> aioredis.Redis:
+    """One bounded connection pool per process."""
+    return aioredis.Redis.from_url(
+        str(broker.redis_url),
+        max_connections=broker.redis_max_connections,
+        socket_connect_timeout=5,
+        socket_timeout=10,
+        health_check_interval=30,
+        retry_on_timeout=True,
+    )
+
+
+class SessionStore:
+    """Typed operations on the session record.
+
+    Every method raises :class:`BrokerUnavailable` when Redis fails.
+    """
+
+    def __init__(self, redis: aioredis.Redis, retention: RetentionSettings) -> None:
+        self.redis = redis
+        self.retention = retention
+        self._start = redis.register_script(_START_TURN)
+        self._abort = redis.register_script(_ABORT_TURN)
+        self._store = redis.register_script(_STORE_FRAMES)
+        self._pause = redis.register_script(_SET_PAUSED)
+        self._stop = redis.register_script(_REQUEST_STOP)
+
+    @staticmethod
+    def _keys(session: str) -> list[str]:
+        return [session_key(session), log_key(session), history_key(session)]
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def meta(self, session: str) -> SessionMeta:
+        try:
+            raw = await self.redis.hmget(
+                session_key(session), ["hwm", "paused", "pv", "active", "prompt", "stop"]
+            )
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("the session store is unavailable") from exc
+        hwm, paused, version, active, prompt, stop = raw
+        return SessionMeta(
+            hwm=_int(hwm) or 0,
+            paused=paused == b"1",
+            pause_version=_int(version) or 0,
+            active_turn=_int(active),
+            active_prompt=prompt.decode() if prompt is not None else None,
+            stop_turn=_int(stop),
+        )
+
+    async def _run(self, script: Any, session: str, args: Sequence[Any]) -> Any:
+        try:
+            return await script(keys=self._keys(session), args=list(args))
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("the session store is unavailable") from exc
+
+    async def start_turn(self, session: str, prompt: str) -> StartResult:
+        """Claim the session for a new turn unless one is generating."""
+        started, turn, base = await self._run(self._start, session, [prompt, self.retention.retention_s])
+        return StartResult(started=bool(started), turn=int(turn), base_seq=int(base))
+
+    async def abort_turn(self, session: str, turn: int) -> None:
+        """Release a turn that was never handed to a worker."""
+        await self._run(self._abort, session, [turn])
+
+    async def set_paused(self, session: str, paused: bool) -> tuple[bool, int]:
+        """Set the pause flag; return (whether it changed, the flag's version)."""
+        changed, version = await self._run(
+            self._pause, session, ["1" if paused else "0", self.retention.retention_s]
+        )
+        return bool(changed), int(version)
+
+    async def request_stop(self, session: str) -> int | None:
+        """Mark the generating turn as stopped; return it, or None if idle."""
+        turn = await self._run(self._stop, session, [])
+        return int(turn) or None
+
+    async def store_segments(self, segments: Sequence[Segment]) -> None:
+        """Store frames of one or more sessions in one round trip.
+
+        Frames are stored idempotently by seq, so a redelivered batch changes
+        nothing. A segment that ends a turn also writes the history entry,
+        records the turn's last seq and frees the session for the next turn,
+        atomically with storing its ``done`` frame.
+        """
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for segment in segments:
+                    args: list[Any] = [
+                        self.retention.retention_s,
+                        self.retention.max_frames_per_session,
+                        self.retention.max_history_turns,
+                        len(segment.frames),
+                    ]
+                    for seq, data in segment.frames:
+                        args += (seq, data)
+                    if segment.turn_end is not None:
+                        args += segment.turn_end
+                    await self._store(keys=self._keys(segment.session), args=args, client=pipe)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("the session store is unavailable") from exc
+
+    async def read_frames(self, session: str, *, after: int, limit: int) -> tuple[list[tuple[int, bytes]], int, int]:
+        """Return (frames with seq > after, oldest seq held, hwm), one round trip."""
+        key = log_key(session)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrangebyscore(key, f"({after}", "+inf", start=0, num=limit, withscores=True)
+                pipe.zrange(key, 0, 0, withscores=True)
+                pipe.hget(session_key(session), "hwm")
+                rows, first_row, hwm = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("the session store is unavailable") from exc
+        frames = [(int(score), data) for data, score in rows]
+        first = int(first_row[0][1]) if first_row else 0
+        return frames, first, _int(hwm) or 0
+
+    async def history(self, session: str, *, last: int | None = None) -> list[HistoryTurn]:
+        """The session's finished turns, oldest first (the last ``last`` of them)."""
+        start = -last if last else 0
+        try:
+            rows = await self.redis.lrange(history_key(session), start, -1)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("the session store is unavailable") from exc
+        return [_history_decoder.decode(row) for row in rows]

@@ -1,0 +1,99 @@
+"""Every NATS subject, JetStream name and Redis key, built only from validated ids.
+
+One file holds every prefix (as ``arq/constants.py`` does), so nothing else in
+the project formats a subject or key by hand. A session id containing ``.``,
+``*``, ``>`` or whitespace would let a client subscribe to another session's
+stream, so :func:`validate_session_id` runs before any id is used here.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from .errors import ProtocolError
+
+__all__ = [
+    "SESSION_ID_PATTERN",
+    "STREAM_REQUESTS",
+    "STREAM_GENERATED",
+    "SUBJECT_REQUESTS",
+    "SUBJECT_REPLAY",
+    "CONSUMER_WORKERS",
+    "CONSUMER_BUFFERS",
+    "validate_session_id",
+    "new_session_id",
+    "generated_subject",
+    "generated_wildcard",
+    "delivery_subject",
+    "control_subject",
+    "session_key",
+    "log_key",
+    "history_key",
+]
+
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+PREFIX = "chat"
+# JetStream: turn requests wait here until a worker with capacity pulls them.
+STREAM_REQUESTS = "CHAT_REQUESTS"
+SUBJECT_REQUESTS = f"{PREFIX}.requests"
+CONSUMER_WORKERS = "workers"
+# JetStream: frames a worker generated, until a buffer has stored them in Redis.
+STREAM_GENERATED = "CHAT_GENERATED"
+CONSUMER_BUFFERS = "buffers"
+# Core NATS request/reply: a buffer answers replays from the Redis chunk log.
+SUBJECT_REPLAY = f"{PREFIX}.replay"
+
+KEY_PREFIX = "chat"
+
+
+def validate_session_id(value: object) -> str:
+    """Return ``value`` if it is a valid session id.
+
+    Raises:
+        ProtocolError: ``value`` is not a string matching ``^[A-Za-z0-9_-]{1,64}$``.
+    """
+    if not isinstance(value, str) or SESSION_ID_PATTERN.fullmatch(value) is None:
+        raise ProtocolError("session id must match ^[A-Za-z0-9_-]{1,64}$")
+    return value
+
+
+def new_session_id() -> str:
+    """Return a fresh random session id (22 URL-safe characters)."""
+    return secrets.token_urlsafe(16)
+
+
+def generated_subject(session: str) -> str:
+    """Subject a worker publishes a session's frames to (JetStream)."""
+    return f"{PREFIX}.gen.{validate_session_id(session)}"
+
+
+def generated_wildcard() -> str:
+    """Subjects captured by the generated-frames stream."""
+    return f"{PREFIX}.gen.*"
+
+
+def delivery_subject(session: str) -> str:
+    """Subject a buffer publishes stored frames to, for gateways (core NATS)."""
+    return f"{PREFIX}.out.{validate_session_id(session)}"
+
+
+def control_subject(session: str) -> str:
+    """Subject for a session's pause, resume and stop events (core NATS)."""
+    return f"{PREFIX}.ctl.{validate_session_id(session)}"
+
+
+def session_key(session: str) -> str:
+    """Redis hash with the session's record: seq, turns, active turn, pause flag."""
+    return f"{KEY_PREFIX}:{{{validate_session_id(session)}}}:meta"
+
+
+def log_key(session: str) -> str:
+    """Redis sorted set of the session's frames, scored by seq."""
+    return f"{KEY_PREFIX}:{{{validate_session_id(session)}}}:log"
+
+
+def history_key(session: str) -> str:
+    """Redis list of the session's finished turns (JSON, oldest first)."""
+    return f"{KEY_PREFIX}:{{{validate_session_id(session)}}}:history"
