@@ -1,0 +1,46 @@
+# The two commands: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test unit lint system-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.run-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.test-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@ $(VENV)/.run-deps
+
+# nats-server and redis-server from Debian when missing (tests and `make run`
+# start them locally when no Docker engine answers).
+system-deps:
+	@missing=""; \
+	command -v nats-server >/dev/null || missing="$$missing nats-server"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q $$missing; \
+	fi
+
+run: system-deps $(VENV)/.run-deps
+	$(BIN)/python -m devstack
+
+test: system-deps $(VENV)/.test-deps
+	$(BIN)/python -m pytest
+
+unit: $(VENV)/.test-deps
+	$(BIN)/python -m pytest tests/unit
+
+lint: $(VENV)/.test-deps
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .run .pytest_cache

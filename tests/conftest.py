@@ -1,0 +1,70 @@
+"""Fixtures: real NATS and Redis for the test session, and stacks of services.
+
+``CHAT_TEST_NATS_URL`` / ``CHAT_TEST_REDIS_URL`` point the tests at existing
+servers instead; otherwise they run in Docker (testcontainers) when an
+engine answers, and as local binaries on free ports when not.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from devstack.servers import Server, start_nats, start_redis
+from tests.stack import Clients, Stack
+
+
+@dataclass
+class ExternalServer:
+    url: str
+
+    def start(self) -> None:
+        raise RuntimeError("an external server cannot be restarted by the tests")
+
+    def stop(self) -> None:
+        raise RuntimeError("an external server cannot be stopped by the tests")
+
+
+def _server(env_var: str, start: type | object) -> Iterator[Server]:
+    url = os.environ.get(env_var)
+    if url:
+        yield ExternalServer(url)
+        return
+    server = start()  # type: ignore[operator]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[Server]:
+    yield from _server("CHAT_TEST_NATS_URL", start_nats)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Server]:
+    yield from _server("CHAT_TEST_REDIS_URL", start_redis)
+
+
+@pytest.fixture(scope="session")
+def stack(nats_server: Server, redis_server: Server) -> Iterator[Stack]:
+    """Gateway, two workers and a buffer on the session's servers, fast demo model."""
+    with Stack(nats_url=nats_server.url, redis_url=redis_server.url) as running:
+        running.start_buffer()
+        running.start_worker()
+        running.start_worker()
+        running.start_gateway()
+        yield running
+
+
+@pytest.fixture
+async def clients(stack: Stack) -> AsyncIterator[Clients]:
+    opened = Clients(stack)
+    try:
+        yield opened
+    finally:
+        await opened.close()

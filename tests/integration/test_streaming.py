@@ -1,0 +1,163 @@
+"""Turns, pause/resume, replay and stop through real services over a real WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from tests.stack import WAIT_S, Clients, Stack, history, new_session
+
+
+async def test_three_turn_conversation_matches_history(stack: Stack, clients: Clients) -> None:
+    """Three turns stream gap-free across the session and equal the stored answers."""
+    session = new_session()
+    client, ready = await clients.open(session)
+    assert ready == {"type": "ready", "session": session, "last_seq": 0, "paused": False}
+    answers = []
+    for number, prompt in enumerate(["first question", "second question", "third question"], start=1):
+        turn, text, done = await client.turn(prompt)
+        assert turn == number
+        assert done["reason"] in ("stop", "length")
+        # The demo model is told the earlier turns: it counts them.
+        assert f"This is turn {number} of our conversation." in text
+        answers.append(text)
+    await client.ws.close()
+    record = await history(stack, session)
+    assert [t["answer"] for t in record["turns"]] == answers
+    assert [t["prompt"] for t in record["turns"]] == ["first question", "second question", "third question"]
+    assert record["last_seq"] == client.last_seq
+    assert record["active"] is None
+
+
+async def test_pause_holds_frames_until_resume(stack: Stack, clients: Clients) -> None:
+    """Nothing after the paused seq arrives; generation goes on; resume delivers the rest once."""
+    session = new_session()
+    client, _ = await clients.open(session)
+    await client.send({"type": "chat", "prompt": "tell me a story", "id": "p"})
+    await client.until("accepted")
+    for _ in range(3):
+        await client.until("chunk")
+    await client.send({"type": "pause"})
+    paused = await client.until("paused")
+    assert paused["seq"] == client.last_seq
+    # The turn finishes upstream while paused: its output waits in Redis.
+    async with httpx.AsyncClient(base_url=stack.http_url) as http:
+        while (await http.get(f"/api/sessions/{session}/history")).json()["active"] is not None:
+            await asyncio.sleep(0.02)
+    # Guarantee 2: nothing arrived after the paused frame.
+    assert client.frames[-1]["type"] == "paused"
+    try:
+        extra = await client.recv(timeout=0.2)
+    except TimeoutError:
+        extra = None
+    assert extra is None
+    await client.send({"type": "resume"})
+    resumed = await client.until("resumed")
+    assert resumed["seq"] == paused["seq"]
+    done = await client.until("done")
+    record = await history(stack, session)
+    assert client.texts() == record["turns"][0]["answer"]
+    assert done["seq"] == record["last_seq"]
+
+
+async def test_pause_state_is_shared_by_connections(stack: Stack, clients: Clients) -> None:
+    """A pause on one connection pauses the others, and new ones start paused."""
+    session = new_session()
+    first, _ = await clients.open(session)
+    second, _ = await clients.open(session)
+    await first.send({"type": "chat", "prompt": "shared pause", "id": "s"})
+    await first.until("chunk")
+    await second.until("chunk")
+    await first.send({"type": "pause"})
+    await first.until("paused")
+    second_paused = await second.until("paused")
+    third, ready = await clients.open(session)
+    assert ready["paused"] is True
+    # The resume comes from the second connection and resumes all three.
+    await second.send({"type": "resume"})
+    for client in (first, second):
+        resumed = await client.until("resumed")
+        assert resumed["seq"] == client.last_seq
+    assert second_paused["seq"] <= second.last_seq
+    await third.until("resumed")
+    for client in (first, second, third):
+        await client.until("done")
+    answer = (await history(stack, session))["turns"][0]["answer"]
+    assert first.texts() == second.texts() == third.texts() == answer
+
+
+async def test_reconnect_with_last_seq_replays_exactly_the_rest(stack: Stack, clients: Clients) -> None:
+    """A client that drops after N frames gets N+1.. and nothing twice."""
+    session = new_session()
+    client, _ = await clients.open(session)
+    await client.send({"type": "chat", "prompt": "drop me", "id": "r"})
+    for _ in range(5):
+        await client.until("chunk")
+    seen = client.last_seq
+    await client.ws.close()
+    again, ready = await clients.open(session, last_seq=seen)
+    assert ready["last_seq"] >= seen
+    await again.until("done")
+    record = await history(stack, session)
+    assert client.texts() + again.texts() == record["turns"][0]["answer"]
+    assert again.frames[1]["seq"] == seen + 1
+
+
+async def test_replay_from_zero_and_across_gateways(stack: Stack, clients: Clients) -> None:
+    """last_seq=0 replays the whole session; a second gateway serves the same session."""
+    session = new_session()
+    client, _ = await clients.open(session)
+    _, first_text, _ = await client.turn("one")
+    _, second_text, _ = await client.turn("two")
+    await client.ws.close()
+    other = stack.start_gateway()
+    try:
+        replayed, ready = await clients.open(session, last_seq=0, port=int(other.env["CHAT_PORT"]))
+        assert ready["last_seq"] == client.last_seq
+        while replayed.last_seq < client.last_seq:
+            await replayed.recv()
+        assert replayed.texts() == first_text + second_text
+        assert [f["seq"] for f in replayed.frames[1:]] == list(range(1, client.last_seq + 1))
+    finally:
+        other.stop()
+        stack.processes.remove(other)
+        stack.gateways.remove(other)
+
+
+async def test_stop_ends_the_turn_with_stopped(stack: Stack, clients: Clients) -> None:
+    """Stop cancels the generation and the turn ends with done/stopped; the next turn works."""
+    session = new_session()
+    # A long answer, so the stop lands mid-generation.
+    client, _ = await clients.open(session)
+    await client.send({"type": "chat", "prompt": "x" * 10, "id": "s"})
+    await client.until("chunk")
+    await client.send({"type": "stop"})
+    done = await client.until("done")
+    assert done["reason"] == "stopped"
+    record = await history(stack, session)
+    assert record["turns"][0]["reason"] == "stopped"
+    assert record["turns"][0]["answer"] == client.texts()
+    turn, _, done = await client.turn("after stop")
+    assert turn == 2 and done["reason"] in ("stop", "length")
+
+
+async def test_ping_and_ack(stack: Stack, clients: Clients) -> None:
+    """ping is answered with pong echoing t; ack is accepted silently."""
+    client, _ = await clients.open(new_session())
+    await client.send({"type": "ack", "seq": 0})
+    await client.send({"type": "ping", "t": 12345})
+    assert await client.recv() == {"type": "pong", "t": 12345}
+
+
+async def test_new_session_id_when_omitted(stack: Stack, clients: Clients) -> None:
+    """Without a session parameter the server picks a valid new id."""
+    client, ready = await clients.open(None)
+    assert 1 <= len(ready["session"]) <= 64
+    assert ready["last_seq"] == 0
+    await client.ws.close()
+
+
+def test_wait_budget_is_positive() -> None:
+    """The scaled wait is usable (guards a bad CHAT_TEST_TIMEOUT_FACTOR)."""
+    assert WAIT_S > 0

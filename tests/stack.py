@@ -1,0 +1,161 @@
+"""A running set of services for integration tests, and a protocol-v1 test client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+
+from devstack.processes import ServiceProcess
+from devstack.servers import free_port
+
+# Every wait in the integration tests is scaled by this factor (slow CI boxes).
+TIMEOUT_FACTOR = float(os.environ.get("CHAT_TEST_TIMEOUT_FACTOR", "1"))
+WAIT_S = 10.0 * TIMEOUT_FACTOR
+
+FAST_DEMO = {"CHAT_DEMO_TOKENS_PER_S": "400", "CHAT_DEMO_ANSWER_TOKENS": "60"}
+
+
+def new_session() -> str:
+    return "t" + uuid.uuid4().hex[:20]
+
+
+class Stack:
+    """Services as real processes against given NATS and Redis servers."""
+
+    def __init__(self, *, nats_url: str, redis_url: str, env: Mapping[str, str] | None = None) -> None:
+        self.env = {
+            "CHAT_NATS_URL": nats_url,
+            "CHAT_REDIS_URL": redis_url,
+            "CHAT_LOG_LEVEL": "INFO",
+            **FAST_DEMO,
+            **(env or {}),
+        }
+        self.processes: list[ServiceProcess] = []
+        self.gateways: list[ServiceProcess] = []
+        self.port = 0
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+    def _start(self, module: str, env: Mapping[str, str] | None = None, name: str = "") -> ServiceProcess:
+        process = ServiceProcess(module, {**self.env, **(env or {})}, name=name)
+        process.start()
+        self.processes.append(process)
+        return process
+
+    def start_buffer(self, env: Mapping[str, str] | None = None) -> ServiceProcess:
+        return self._start("services.buffer", env)
+
+    def start_worker(self, env: Mapping[str, str] | None = None) -> ServiceProcess:
+        return self._start("services.llm_worker", env)
+
+    def start_gateway(self, env: Mapping[str, str] | None = None) -> ServiceProcess:
+        port = free_port()
+        process = self._start("services.gateway", {"CHAT_PORT": str(port), **(env or {})})
+        self.gateways.append(process)
+        if not self.port:
+            self.port = port
+        return process
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ws_url(self, path: str = "/ws", **params: Any) -> str:
+        query = "&".join(f"{k}={v}" for k, v in params.items() if v is not None)
+        return f"ws://127.0.0.1:{self.port}{path}" + (f"?{query}" if query else "")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.output()[-4000:]}" for p in self.processes)
+
+
+class Client:
+    """A protocol-v1 WebSocket client that checks every frame it reads."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+        self.last_seq = 0
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    async def recv(self, timeout: float = WAIT_S) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        frame: dict[str, Any] = json.loads(raw)
+        if frame["type"] in ("chunk", "done"):
+            # Guarantee 1, checked on every frame: exactly once, in order, no gap.
+            assert frame["seq"] == self.last_seq + 1, f"got seq {frame['seq']} after {self.last_seq}"
+            self.last_seq = frame["seq"]
+        self.frames.append(frame)
+        return frame
+
+    async def until(self, kind: str, timeout: float = WAIT_S) -> dict[str, Any]:
+        """Read frames until one of type ``kind``; return it."""
+        while True:
+            frame = await self.recv(timeout)
+            if frame["type"] == kind:
+                return frame
+
+    async def turn(self, prompt: str, timeout: float = WAIT_S) -> tuple[int, str, dict[str, Any]]:
+        """Run one turn; return (turn, the concatenated text, the done frame)."""
+        await self.send({"type": "chat", "prompt": prompt, "id": "c"})
+        accepted = await self.until("accepted", timeout)
+        text = []
+        while True:
+            frame = await self.recv(timeout)
+            if frame["type"] == "chunk":
+                assert frame["turn"] == accepted["turn"]
+                text.append(frame["text"])
+            elif frame["type"] == "done":
+                return accepted["turn"], "".join(text), frame
+
+    def texts(self, turn: int | None = None) -> str:
+        return "".join(f["text"] for f in self.frames if f["type"] == "chunk" and turn in (None, f["turn"]))
+
+
+class Clients:
+    """Opens protocol-v1 clients for one test and closes them all afterwards."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.opened: list[Client] = []
+
+    async def open(
+        self, session: str | None, *, last_seq: int | None = None, path: str = "/ws", port: int | None = None
+    ) -> tuple[Client, dict[str, Any]]:
+        """Connect with the chat.v1 subprotocol; return the client and its ready frame."""
+        url = self.stack.ws_url(path, session=session, last_seq=last_seq)
+        if port is not None:
+            url = url.replace(f":{self.stack.port}/", f":{port}/", 1)
+        ws = await connect(url, subprotocols=["chat.v1"])  # type: ignore[list-item]
+        client = Client(ws)
+        self.opened.append(client)
+        if last_seq:
+            client.last_seq = last_seq
+        ready = await client.recv()
+        assert ready["type"] == "ready"
+        return client, ready
+
+    async def close(self) -> None:
+        for client in self.opened:
+            await client.ws.close()
+
+
+async def history(stack: Stack, session: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=stack.http_url) as http:
+        response = await http.get(f"/api/sessions/{session}/history")
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
