@@ -11,7 +11,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
-from shared.errors import BrokerUnavailable, ProtocolError
+from shared.errors import BrokerUnavailable, ProtocolError, SessionStateError
 from shared.protocol import Chunk, Done, decode_server_frame
 from shared.session import Delivery, Send
 from shared.sse import encode_event
@@ -53,6 +53,8 @@ def _handle_errors(handler: Any) -> Any:
     async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
+        except SessionStateError as exc:  # right input, wrong state
+            return error_response(exc.code, exc.message, status=409)
         except ProtocolError as exc:
             return error_response(exc.code, exc.message)
         except BrokerUnavailable:

@@ -49,8 +49,10 @@ HTTP_STATUS = {
 }
 
 
-def error_response(code: str, message: str) -> JSONResponse:
-    return JSONResponse({"type": "error", "code": code, "message": message}, status_code=HTTP_STATUS[code])
+def error_response(code: str, message: str, *, status: int | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"type": "error", "code": code, "message": message}, status_code=status or HTTP_STATUS[code]
+    )
 
 
 def parse_cursor(raw: str | None) -> int:

@@ -1,0 +1,98 @@
+"""A local OpenAI-compatible streaming server for tests, under real uvicorn.
+
+Behaviour is chosen by a marker in the last user message:
+``[500]`` HTTP 500 with an error body; ``[drop]`` a few tokens, then the
+connection is cut; ``[error-event]`` an error payload mid-stream; ``[long]``
+a slow endless stream (for stop); anything else a normal answer whose SSE
+events are split across writes, merged into one write, and interleaved with
+keep-alive comments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from devstack.servers import free_port
+
+ANSWER = ["Hello", " from", " the", " fake", " model", "."]
+
+
+def _event(payload: object) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def _delta(text: str) -> bytes:
+    return _event({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
+
+
+class FakeOpenAI:
+    def __init__(self) -> None:
+        self.requests: list[dict] = []  # type: ignore[type-arg]
+        self.disconnected = threading.Event()
+        self.authorization: list[str | None] = []
+        self.app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
+
+    async def completions(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        self.authorization.append(request.headers.get("authorization"))
+        prompt = body["messages"][-1]["content"]
+        if "[500]" in prompt:
+            return JSONResponse({"error": {"message": "the model is overloaded"}}, status_code=500)
+        return StreamingResponse(self._stream(prompt), media_type="text/event-stream")
+
+    async def _stream(self, prompt: str) -> AsyncIterator[bytes]:
+        if "[long]" in prompt:
+            try:
+                for index in range(10_000):
+                    yield _delta(f" w{index}")
+                    await asyncio.sleep(0.02)
+            finally:  # the client closed the request
+                self.disconnected.set()
+            return
+        if "[drop]" in prompt:
+            yield _delta("partial")
+            yield _delta(" answer")
+            raise RuntimeError("connection cut mid-stream")  # uvicorn aborts the response
+        if "[error-event]" in prompt:
+            yield _delta("some")
+            yield _event({"error": {"message": "content policy triggered"}})
+            return
+        yield b": keep-alive\n\n"
+        first = _delta(ANSWER[0])
+        yield first[:7]  # one event split across two writes
+        yield first[7:]
+        yield _delta(ANSWER[1]) + _delta(ANSWER[2])  # two events in one write
+        for text in ANSWER[3:]:
+            yield _delta(text)
+            yield b": ping\n\n"
+        yield _event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        yield b"data: [DONE]\n\n"
+
+
+@contextmanager
+def serve_in_thread(app: Starlette) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a thread; yield its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("fake server failed to start")
+        threading.Event().wait(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(10)

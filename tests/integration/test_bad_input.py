@@ -1,0 +1,168 @@
+"""Every bad input gets a clear error frame, status or close code, and harms nothing else."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.stack import Clients, Stack, new_session
+
+BAD_SESSION_IDS = ["a.b", "a*", "a>", "has space", "x" * 65, "", "a/b", "é"]
+
+
+async def _still_alive(client) -> None:  # type: ignore[no-untyped-def]
+    await client.send({"type": "ping", "t": "alive"})
+    assert await client.until("pong") == {"type": "pong", "t": "alive"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        ("{not json", "malformed JSON"),
+        ('{"type":"teleport"}', "invalid frame"),
+        ('{"type":"chat"}', "prompt"),
+        ('{"type":"chat","prompt":42}', "Expected `str`"),
+        ('{"type":"ack"}', "seq"),
+        ('["chat"]', "Expected `object`"),
+        ('{"type":"pause","extra":1}', "unknown field"),
+        ('"just a string"', "Expected `object`"),
+    ],
+)
+async def test_malformed_frames_get_invalid(clients: Clients, payload: str, needle: str) -> None:
+    """Malformed JSON, unknown type, missing or wrong fields: error invalid, connection open."""
+    client, _ = await clients.open(new_session())
+    await client.ws.send(payload)
+    error = await client.until("error")
+    assert error["code"] == "invalid"
+    assert needle in error["message"]
+    await _still_alive(client)
+
+
+async def test_binary_frame_gets_invalid(clients: Clients) -> None:
+    """A binary frame is refused with error invalid; the connection stays open."""
+    client, _ = await clients.open(new_session())
+    await client.ws.send(b'{"type":"ping"}')
+    error = await client.until("error")
+    assert error["code"] == "invalid" and "binary" in error["message"]
+    await _still_alive(client)
+
+
+async def test_frame_over_limit_closes_1009(clients: Clients) -> None:
+    """A frame bigger than CHAT_MAX_FRAME_BYTES closes the connection with 1009."""
+    client, _ = await clients.open(new_session())
+    await client.ws.send(json.dumps({"type": "chat", "prompt": "x" * 70_000}))
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await client.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+@pytest.mark.parametrize(("prompt", "code"), [("", "invalid"), ("   \n", "invalid"), ("y" * 16_001, "too_big")])
+async def test_bad_prompts(clients: Clients, prompt: str, code: str) -> None:
+    """Empty and oversized prompts are refused and start no turn."""
+    session = new_session()
+    client, _ = await clients.open(session)
+    await client.send({"type": "chat", "prompt": prompt})
+    error = await client.until("error")
+    assert error["code"] == code
+    turn, _, _ = await client.turn("a fine prompt")
+    assert turn == 1  # the refused prompt used no turn number
+
+
+async def test_chat_while_generating_is_busy(clients: Clients) -> None:
+    """A second chat while a turn generates gets busy; the first turn completes."""
+    client, _ = await clients.open(new_session())
+    await client.send({"type": "chat", "prompt": "first", "id": "a"})
+    await client.until("accepted")
+    await client.send({"type": "chat", "prompt": "second", "id": "b"})
+    error = await client.until("error")
+    assert error["code"] == "busy"
+    done = await client.until("done")
+    assert done["turn"] == 1
+
+
+async def test_resume_when_not_paused_is_invalid(clients: Clients) -> None:
+    """resume without a pause is refused; stop with no turn is refused."""
+    client, _ = await clients.open(new_session())
+    await client.send({"type": "resume"})
+    error = await client.until("error")
+    assert error["code"] == "invalid" and "not paused" in error["message"]
+    await client.send({"type": "stop"})
+    error = await client.until("error")
+    assert error["code"] == "invalid" and "no turn" in error["message"]
+
+
+@pytest.mark.parametrize("session", BAD_SESSION_IDS)
+async def test_bad_session_id_refused_before_upgrade(stack: Stack, session: str) -> None:
+    """A session id outside ^[A-Za-z0-9_-]{1,64}$ gets HTTP 400 before the upgrade."""
+    from urllib.parse import quote
+
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(stack.ws_url(session=quote(session, safe="")), subprotocols=["chat.v1"])  # type: ignore[list-item]
+    assert refused.value.response.status_code == 400
+    assert b"session id" in refused.value.response.body
+
+
+@pytest.mark.parametrize("session", [s for s in BAD_SESSION_IDS if s and "/" not in s])
+async def test_bad_session_id_refused_over_http(stack: Stack, session: str) -> None:
+    """The HTTP paths refuse bad session ids with 400 and a JSON error."""
+    from urllib.parse import quote
+
+    async with httpx.AsyncClient(base_url=stack.http_url) as http:
+        quoted = quote(session, safe="")
+        for method, path in [
+            ("GET", f"/api/sessions/{quoted}/history"),
+            ("GET", f"/api/sessions/{quoted}/events"),
+            ("POST", f"/api/sessions/{quoted}/pause"),
+            ("POST", f"/api/sessions/{quoted}/resume"),
+            ("POST", f"/api/sessions/{quoted}/stop"),
+        ]:
+            response = await http.request(method, path)
+            assert response.status_code == 400, (method, path, response.text)
+            assert response.json()["code"] == "invalid"
+        response = await http.post("/api/chat", json={"session": session, "prompt": "hi"})
+        assert response.status_code == 400
+
+
+@pytest.mark.parametrize("last_seq", ["-1", "abc", "1.5", "99999999999999999999"])
+async def test_bad_last_seq_refused(stack: Stack, last_seq: str) -> None:
+    """last_seq must be a non-negative integer."""
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(stack.ws_url(session=new_session(), last_seq=last_seq), subprotocols=["chat.v1"])  # type: ignore[list-item]
+    assert refused.value.response.status_code == 400
+
+
+async def test_last_seq_beyond_session_refused(stack: Stack) -> None:
+    """A cursor past the session's last seq is refused with 400."""
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(stack.ws_url(session=new_session(), last_seq=5), subprotocols=["chat.v1"])  # type: ignore[list-item]
+    assert refused.value.response.status_code == 400
+    assert b"beyond" in refused.value.response.body
+
+
+async def test_unknown_subprotocol_refused(stack: Stack) -> None:
+    """A client offering only other subprotocols is refused with 400."""
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(stack.ws_url(session=new_session()), subprotocols=["chat.v9"])  # type: ignore[list-item]
+    assert refused.value.response.status_code == 400
+
+
+async def test_http_bad_bodies(stack: Stack) -> None:
+    """POST /api/chat refuses malformed JSON, non-objects, bad prompts and huge bodies."""
+    async with httpx.AsyncClient(base_url=stack.http_url) as http:
+        cases = [
+            (b"{nope", 400, "invalid"),
+            (b"[1,2]", 400, "invalid"),
+            (json.dumps({"prompt": 5}).encode(), 400, "invalid"),
+            (json.dumps({"prompt": ""}).encode(), 400, "invalid"),
+            (json.dumps({"prompt": "z" * 16_001}).encode(), 413, "too_big"),
+            (json.dumps({"prompt": "z" * 70_000}).encode(), 413, "too_big"),
+        ]
+        for body, status, code in cases:
+            response = await http.post("/api/chat", content=body, headers={"Content-Type": "application/json"})
+            assert response.status_code == status, (body[:20], response.text)
+            assert response.json()["code"] == code
