@@ -1,0 +1,117 @@
+"""Providers: the demo model's text and pacing settings, and the OpenAI client's
+stream parsing and error mapping (httpx.MockTransport, no sockets)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+
+from services.llm_worker.providers import DemoModel, Delta, Message, OpenAICompatible
+from services.llm_worker.settings import DemoModelSettings, OpenAISettings
+from shared.errors import UpstreamError
+from shared.settings import Secret
+
+
+async def collect(stream: AsyncIterator[Delta]) -> tuple[str, str | None]:
+    text, reason = [], None
+    async for delta in stream:
+        text.append(delta.text)
+        reason = delta.finish_reason or reason
+    return "".join(text), reason
+
+
+async def test_demo_model_is_readable_deterministic_and_bounded() -> None:
+    """The demo answer quotes the prompt, counts turns, repeats for the same conversation, stops at the limit."""
+    model = DemoModel(DemoModelSettings(tokens_per_s=1e9, answer_tokens=50))
+    messages = [Message("user", "a"), Message("assistant", "b"), Message("user", "<script>x</script>")]
+    text, reason = await collect(model.stream(messages))
+    assert text.startswith('You said: "<script>x</script>". This is turn 2 of our conversation.')
+    assert reason == "length"
+    assert len(text.split()) <= 50
+    assert (await collect(model.stream(messages)))[0] == text
+
+
+def sse_body(*parts: bytes) -> Callable[[httpx.Request], httpx.Response]:
+    async def stream() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=stream(), headers={"content-type": "text/event-stream"})
+
+    return handler
+
+
+def delta(text: str) -> bytes:
+    return f"data: {json.dumps({'choices': [{'delta': {'content': text}}]})}\n\n".encode()
+
+
+def provider(handler: Callable[[httpx.Request], httpx.Response]) -> OpenAICompatible:
+    return OpenAICompatible(OpenAISettings(base_url="http://model.test/v1"), transport=httpx.MockTransport(handler))
+
+
+async def test_parses_split_merged_and_commented_events() -> None:
+    """Events split across reads, merged in one, and keep-alives give the exact text."""
+    one, two = delta("Hel"), delta("lo")
+    handler = sse_body(b": ka\n\n", one[:5], one[5:] + two, b"data: [DONE]\n\n")
+    assert await collect(provider(handler).stream([Message("user", "x")])) == ("Hello", "stop")
+
+
+async def test_finish_reason_length_is_kept() -> None:
+    """finish_reason length ends the turn with length."""
+    final = b'data: {"choices":[{"delta":{},"finish_reason":"length"}]}\n\n'
+    assert await collect(provider(sse_body(delta("a"), final, b"data: [DONE]\n\n")).stream([])) == ("a", "length")
+
+
+@pytest.mark.parametrize(
+    ("handler", "needle"),
+    [
+        (lambda r: httpx.Response(500, json={"error": {"message": "overloaded"}}), "HTTP 500: overloaded"),
+        (lambda r: httpx.Response(401, text="bad key"), "HTTP 401: bad key"),
+        (sse_body(delta("a"), b'data: {"error": {"message": "quota"}}\n\n'), "quota"),
+        (sse_body(b"data: {not json\n\n"), "malformed"),
+        (sse_body(delta("a")), "ended the answer early"),
+    ],
+)
+async def test_upstream_errors_become_user_messages(handler, needle: str) -> None:  # type: ignore[no-untyped-def]
+    """HTTP errors, error payloads, bad JSON and early EOF raise UpstreamError with an actionable message."""
+    with pytest.raises(UpstreamError, match=needle):
+        await collect(provider(handler).stream([Message("user", "x")]))
+
+
+@pytest.mark.parametrize(
+    ("exc", "needle"),
+    [
+        (httpx.ReadTimeout("slow"), "did not answer in time"),
+        (httpx.ConnectError("refused"), "Could not reach"),
+        (httpx.RemoteProtocolError("cut"), "dropped mid-answer"),
+    ],
+)
+async def test_transport_errors_are_mapped(exc: Exception, needle: str) -> None:
+    """httpx errors map to UpstreamError at one boundary."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    with pytest.raises(UpstreamError, match=needle):
+        await collect(provider(handler).stream([Message("user", "x")]))
+
+
+async def test_sends_key_model_and_messages() -> None:
+    """The request carries the bearer key, model, messages and stream flag."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return sse_body(b"data: [DONE]\n\n")(request)
+
+    settings = OpenAISettings(base_url="http://model.test/v1", model="m1", api_key=Secret("k-123"))
+    client = OpenAICompatible(settings, transport=httpx.MockTransport(handler))
+    await collect(client.stream([Message("user", "q")]))
+    request = seen[0]
+    assert request.url == "http://model.test/v1/chat/completions"
+    assert request.headers["authorization"] == "Bearer k-123"
+    assert json.loads(request.content) == {"model": "m1", "messages": [{"role": "user", "content": "q"}], "stream": True}

@@ -1,0 +1,98 @@
+"""Client frame parsing and validation, server frame encoding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared import protocol
+from shared.errors import ProtocolError
+from shared.protocol import (
+    Accepted,
+    Chat,
+    Chunk,
+    Done,
+    Ping,
+    Ready,
+    decode_client_frame,
+    decode_compat_frame,
+    decode_server_frame,
+    encode,
+    frame_seq,
+)
+
+
+def decode(data: str) -> protocol.ClientFrame:
+    return decode_client_frame(data, max_prompt_chars=100)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ('{"type":"chat","prompt":"hi","id":"c1"}', Chat(prompt="hi", id="c1")),
+        ('{"type":"chat","prompt":"hi"}', Chat(prompt="hi")),
+        ('{"type":"pause"}', protocol.Pause()),
+        ('{"type":"resume"}', protocol.Resume()),
+        ('{"type":"stop"}', protocol.Stop()),
+        ('{"type":"ping","t":5}', Ping(t=5)),
+        ('{"type":"ping"}', Ping()),
+        ('{"type":"auth","token":"abc"}', protocol.Auth(token="abc")),
+        ('{"type":"ack","seq":3}', protocol.Ack(seq=3)),
+    ],
+)
+def test_decodes_every_client_frame(data: str, expected: object) -> None:
+    """Each client frame of PROTOCOL.md decodes to its type."""
+    assert decode(data) == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        ("{", "invalid"),
+        ("", "invalid"),
+        ("null", "invalid"),
+        ('{"type":"nope"}', "invalid"),
+        ('{"prompt":"x"}', "invalid"),
+        ('{"type":"chat"}', "invalid"),
+        ('{"type":"chat","prompt":""}', "invalid"),
+        ('{"type":"chat","prompt":"  "}', "invalid"),
+        ('{"type":"chat","prompt":"' + "x" * 101 + '"}', "too_big"),
+        ('{"type":"chat","prompt":"x","id":"' + "i" * 129 + '"}', "invalid"),
+        ('{"type":"ack","seq":"3"}', "invalid"),
+        ('{"type":"stop","turn":1}', "invalid"),
+    ],
+)
+def test_rejects_bad_frames_with_code(data: str, code: str) -> None:
+    """Bad frames raise ProtocolError carrying the error code to send."""
+    with pytest.raises(ProtocolError) as error:
+        decode(data)
+    assert error.value.code == code
+
+
+def test_server_frames_encode_per_protocol() -> None:
+    """Server frames carry type and the documented fields; None fields are omitted."""
+    assert json.loads(encode(Ready(session="s", last_seq=4, paused=True))) == {
+        "type": "ready", "session": "s", "last_seq": 4, "paused": True,
+    }
+    assert json.loads(encode(Done(seq=9, turn=2, reason="error", message="m"))) == {
+        "type": "done", "seq": 9, "turn": 2, "reason": "error", "message": "m",
+    }
+    assert json.loads(encode(Accepted(turn=1, id="c"))) == {"type": "accepted", "turn": 1, "id": "c"}
+    assert "message" not in json.loads(encode(Done(seq=1, turn=1, reason="stop")))
+
+
+def test_server_frames_round_trip_and_seq() -> None:
+    """Encoded frames decode back, and frame_seq reads the seq cheaply."""
+    data = encode(Chunk(seq=12, turn=3, text="hé"))
+    assert decode_server_frame(data) == Chunk(seq=12, turn=3, text="hé")
+    assert frame_seq(data) == 12
+
+
+@pytest.mark.parametrize(
+    ("data", "action"),
+    [('{"action":"pause"}', "pause"), ('{"action":"resume"}', "resume"), ('{"type":"ping"}', None), ("junk", None), ('{"action":"fly"}', None)],
+)
+def test_compat_frames(data: str, action: str | None) -> None:
+    """The original client's frames map to pause/resume; the rest is ignored."""
+    assert decode_compat_frame(data) == action

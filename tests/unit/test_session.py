@@ -1,0 +1,181 @@
+"""The delivery state machine: seq order, pause, resume, replay and gaps."""
+
+from __future__ import annotations
+
+import json
+
+from shared.protocol import Chunk, encode
+from shared.session import (
+    Delivery,
+    GapTimeout,
+    LiveFrame,
+    LocalPause,
+    LocalResume,
+    RemotePause,
+    RemoteResume,
+    ReplayBatch,
+    RequestReplay,
+    Send,
+    WaitForGap,
+)
+
+
+def frame(seq: int) -> bytes:
+    return encode(Chunk(seq=seq, turn=1, text=f"t{seq}"))
+
+
+def sent_seqs(actions: list) -> list[int | None]:  # type: ignore[type-arg]
+    return [a.seq for a in actions if isinstance(a, Send)]
+
+
+def sent_types(actions: list) -> list[str]:  # type: ignore[type-arg]
+    return [json.loads(a.data)["type"] for a in actions if isinstance(a, Send)]
+
+
+def caught_up(delivered: int = 0) -> Delivery:
+    state = Delivery(delivered=delivered, paused=False)
+    assert state.start() == [RequestReplay(delivered)]
+    assert state.handle(ReplayBatch(frames=[], first=0, more=False)) == []
+    return state
+
+
+def test_start_requests_replay_from_cursor() -> None:
+    """A connection starts by asking for everything after its last_seq."""
+    assert Delivery(delivered=7, paused=False).start() == [RequestReplay(7)]
+
+
+def test_start_paused_sends_nothing() -> None:
+    """A connection to a paused session replays nothing until resume."""
+    assert Delivery(delivered=3, paused=True).start() == []
+
+
+def test_live_frames_in_order_are_sent() -> None:
+    """Consecutive live frames go straight out."""
+    state = caught_up()
+    assert sent_seqs(state.handle(LiveFrame(1, frame(1)))) == [1]
+    assert sent_seqs(state.handle(LiveFrame(2, frame(2)))) == [2]
+    assert state.delivered == 2
+
+
+def test_duplicates_are_dropped() -> None:
+    """A frame at or behind the cursor is never sent twice."""
+    state = caught_up(5)
+    assert state.handle(LiveFrame(5, frame(5))) == []
+    assert state.handle(LiveFrame(3, frame(3))) == []
+
+
+def test_gap_triggers_replay_and_holds_frames() -> None:
+    """A frame ahead of the cursor waits while the gap is replayed."""
+    state = caught_up(1)
+    actions = state.handle(LiveFrame(4, frame(4)))
+    assert actions == [RequestReplay(1)]
+    assert state.handle(LiveFrame(5, frame(5))) == []  # held, replay in flight
+    actions = state.handle(ReplayBatch(frames=[(2, frame(2)), (3, frame(3))], first=1, more=False))
+    assert sent_seqs(actions) == [2, 3, 4, 5]
+    assert state.pending == {}
+
+
+def test_gap_not_yet_stored_waits_then_retries() -> None:
+    """If the replay lacks the missing frame, wait for it and retry on timeout."""
+    state = caught_up(1)
+    state.handle(LiveFrame(3, frame(3)))
+    actions = state.handle(ReplayBatch(frames=[(3, frame(3))], first=1, more=False))
+    assert actions == [WaitForGap()]
+    assert state.handle(GapTimeout()) == [RequestReplay(1)]
+    actions = state.handle(ReplayBatch(frames=[(2, frame(2)), (3, frame(3))], first=1, more=False))
+    assert sent_seqs(actions) == [2, 3]
+
+
+def test_live_frame_fills_gap_without_replay() -> None:
+    """The missing frame arriving live releases the held ones."""
+    state = caught_up(1)
+    state.handle(LiveFrame(3, frame(3)))
+    state.handle(ReplayBatch(frames=[], first=1, more=False))
+    assert sent_seqs(state.handle(LiveFrame(2, frame(2)))) == [2, 3]
+
+
+def test_replay_with_more_asks_again() -> None:
+    """A batch that says more follows with the next request."""
+    state = Delivery(delivered=0, paused=False)
+    state.start()
+    actions = state.handle(ReplayBatch(frames=[(1, frame(1)), (2, frame(2))], first=1, more=True))
+    assert sent_seqs(actions) == [1, 2]
+    assert actions[-1] == RequestReplay(2)
+
+
+def test_frames_past_retention_are_reported_once() -> None:
+    """If the log no longer holds the next frame, say so and continue from the oldest held."""
+    state = Delivery(delivered=2, paused=False)
+    state.start()
+    actions = state.handle(ReplayBatch(frames=[(10, frame(10)), (11, frame(11))], first=10, more=False))
+    assert sent_types(actions) == ["error", "chunk", "chunk"]
+    assert json.loads(actions[0].data)["code"] == "unavailable"  # type: ignore[union-attr]
+    assert state.delivered == 11
+
+
+def test_pause_stops_delivery_at_cursor() -> None:
+    """Guarantee 2: paused reports the cursor and nothing follows until resume."""
+    state = caught_up()
+    state.handle(LiveFrame(1, frame(1)))
+    actions = state.handle(LocalPause(version=1))
+    assert [json.loads(a.data) for a in actions] == [{"type": "paused", "seq": 1}]  # type: ignore[union-attr]
+    assert state.handle(LiveFrame(2, frame(2))) == []
+    assert state.handle(LiveFrame(3, frame(3))) == []
+    actions = state.handle(LocalResume(version=2))
+    assert [json.loads(a.data) for a in actions if isinstance(a, Send)] == [{"type": "resumed", "seq": 1}]
+    assert actions[-1] == RequestReplay(1)
+    assert sent_seqs(state.handle(ReplayBatch(frames=[(2, frame(2)), (3, frame(3))], first=1, more=False))) == [2, 3]
+
+
+def test_replay_arriving_after_pause_is_discarded() -> None:
+    """A replay requested before a pause sends nothing once paused."""
+    state = Delivery(delivered=0, paused=False)
+    state.start()
+    state.handle(LocalPause(version=1))
+    assert state.handle(ReplayBatch(frames=[(1, frame(1))], first=1, more=False)) == []
+    assert state.delivered == 0
+
+
+def test_repeated_local_pause_answers_again() -> None:
+    """A second pause from the client is answered with the same paused seq."""
+    state = caught_up(4)
+    state.handle(LocalPause(version=1))
+    assert sent_types(state.handle(LocalPause(version=1))) == ["paused"]
+
+
+def test_remote_events_are_ordered_by_version() -> None:
+    """Guarantee 4: stale or echoed pause events are ignored."""
+    state = caught_up(0)
+    assert sent_types(state.handle(RemotePause(version=5))) == ["paused"]
+    assert state.handle(RemotePause(version=5)) == []  # echo
+    assert state.handle(RemoteResume(version=4)) == []  # stale
+    assert state.paused
+    assert sent_types(state.handle(RemoteResume(version=6))) == ["resumed"]
+    assert state.handle(RemotePause(version=5)) == []  # late arrival of an older pause
+    assert not state.paused
+
+
+def test_local_pause_version_blocks_older_remote_resume() -> None:
+    """A resume older than our own pause cannot unpause us."""
+    state = caught_up(0)
+    state.handle(LocalPause(version=7))
+    assert state.handle(RemoteResume(version=6)) == []
+    assert state.paused
+
+
+def test_pending_is_bounded() -> None:
+    """Frames past max_pending are dropped (replayed later), not stored."""
+    state = caught_up(0)
+    state.max_pending = 3
+    for seq in range(2, 10):
+        state.handle(LiveFrame(seq, frame(seq)))
+    assert len(state.pending) == 3
+
+
+def test_gap_timeout_ignored_when_paused_or_replaying() -> None:
+    """Timer events do nothing while paused or while a replay is outstanding."""
+    state = Delivery(delivered=0, paused=True)
+    assert state.handle(GapTimeout()) == []
+    state = Delivery(delivered=0, paused=False)
+    state.start()
+    assert state.handle(GapTimeout()) == []

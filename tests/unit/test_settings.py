@@ -1,0 +1,58 @@
+"""Settings from the environment: defaults, parsing, errors and secrets."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.buffer.settings import Settings as BufferSettings
+from services.gateway.settings import Settings as GatewaySettings
+from services.llm_worker.settings import Settings as WorkerSettings
+from shared.errors import ConfigError
+from shared.settings import BrokerSettings, Secret
+
+
+def test_defaults_serve_make_run() -> None:
+    """With no environment the services use local NATS/Redis and the demo model."""
+    gateway = GatewaySettings.from_env({})
+    assert (gateway.host, gateway.port) == ("127.0.0.1", 8000)
+    assert gateway.broker.nats_url == "nats://127.0.0.1:4222"
+    worker = WorkerSettings.from_env({})
+    assert worker.provider == "demo"
+    # Slow enough for a person to pause: tens of tokens a second, hundreds per answer.
+    assert 5 <= worker.demo.tokens_per_s <= 50 and worker.demo.answer_tokens >= 200
+    assert BufferSettings.from_env({}).retention.retention_s == 86_400
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CHAT_PORT": "eighty"}, "Config 'CHAT_PORT' has value 'eighty'. Not a valid int."),
+        ({"CHAT_PORT": "-1"}, "Must be at least 0"),
+        ({"CHAT_GAP_TIMEOUT_S": "nan"}, "CHAT_GAP_TIMEOUT_S"),
+        ({"CHAT_LOG_LEVEL": "LOUD"}, "Expected one of"),
+        ({"CHAT_NATS_URL": "http://x"}, "CHAT_NATS_URL"),
+    ],
+)
+def test_bad_values_name_variable_and_value(env: dict[str, str], message: str) -> None:
+    """A bad value fails at start-up with the variable's name and value."""
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        GatewaySettings.from_env(env)
+
+
+def test_worker_rejects_unknown_provider() -> None:
+    """Only demo and openai providers exist."""
+    with pytest.raises(ConfigError, match="CHAT_MODEL_PROVIDER"):
+        WorkerSettings.from_env({"CHAT_MODEL_PROVIDER": "magic"})
+
+
+def test_secrets_are_masked() -> None:
+    """API keys and Redis passwords never show in repr or describe()."""
+    worker = WorkerSettings.from_env({"CHAT_OPENAI_API_KEY": "sk-very-secret"})
+    assert "sk-very-secret" not in repr(worker)
+    assert str(worker.openai.api_key) == "sk-very-secret"
+    broker = BrokerSettings.from_env({"CHAT_REDIS_URL": "redis://user:hunter2@redis:6379/0"})
+    assert "hunter2" not in repr(broker) and "hunter2" not in str(broker.describe())
+    assert repr(Secret("")) == "Secret('')"
+    with pytest.raises(ConfigError) as error:
+        BrokerSettings.from_env({"CHAT_REDIS_URL": "http://user:hunter2@redis"})
+    assert "hunter2" not in str(error.value)
