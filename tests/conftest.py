@@ -52,8 +52,14 @@ def redis_server() -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def stack(nats_server: Server, redis_server: Server) -> Iterator[Stack]:
-    """Gateway, two workers and a buffer on the session's servers, fast demo model."""
+    """Gateway, two workers and two buffers on the session's servers, fast demo model.
+
+    Two buffers share the generated stream, so frames of one session are
+    stored and published by either, out of order: every test exercises the
+    gateway's reordering.
+    """
     with Stack(nats_url=nats_server.url, redis_url=redis_server.url) as running:
+        running.start_buffer()
         running.start_buffer()
         running.start_worker()
         running.start_worker()

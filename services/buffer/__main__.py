@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
-from shared.broker import connect_nats, ensure_streams
 from shared.errors import ConfigError
 from shared.logs import configure_logging
-from shared.runner import run_until_signal
-from shared.store import SessionStore, connect_redis
+from shared.runner import Connections, run_service
+from shared.store import SessionStore
 
 from .service import Buffer
 from .settings import Settings
@@ -22,20 +21,11 @@ def main() -> None:
         sys.exit(f"buffer: {exc}")
     configure_logging("buffer", settings.log_level)
 
-    async def build():  # type: ignore[no-untyped-def]
-        nc = await connect_nats(settings.broker.nats_url, name="buffer")
-        js = nc.jetstream()
-        await ensure_streams(js)
-        redis = connect_redis(settings.broker)
-        buffer = Buffer(settings, nc=nc, js=js, store=SessionStore(redis, settings.retention))
+    def build(connections: Connections) -> Buffer:
+        store = SessionStore(connections.redis, settings.retention)
+        return Buffer(settings, nc=connections.nc, js=connections.js, store=store)
 
-        async def cleanup() -> None:
-            await nc.drain()
-            await redis.aclose()
-
-        return buffer, cleanup
-
-    run_until_signal(build)
+    run_service("buffer", settings.broker, build, health_host=settings.health_host, health_port=settings.health_port)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.routing import Route, WebSocketRoute
 
-from shared.broker import connect_nats, ensure_streams
-from shared.store import SessionStore, connect_redis
+from shared.runner import open_connections
+from shared.store import SessionStore
 
 from . import http
 from .controls import Gateway
@@ -26,17 +26,18 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        nc = await connect_nats(settings.broker.nats_url, name="gateway")
-        js = nc.jetstream()
-        await ensure_streams(js)
-        redis = connect_redis(settings.broker)
-        app.state.gateway = Gateway(settings=settings, nc=nc, js=js, store=SessionStore(redis, settings.retention))
+        connections = await open_connections(settings.broker, name="gateway")
+        app.state.gateway = Gateway(
+            settings=settings,
+            nc=connections.nc,
+            js=connections.js,
+            store=SessionStore(connections.redis, settings.retention),
+        )
         log.info("gateway ready", extra={"event": "ready", **settings.broker.describe()})
         try:
             yield
         finally:
-            await nc.drain()
-            await redis.aclose()
+            await connections.close()
 
     h = http.routes_handlers
     routes = [

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
-from shared.broker import connect_nats, ensure_streams
 from shared.errors import ConfigError
 from shared.logs import configure_logging
-from shared.runner import run_until_signal
+from shared.runner import Connections, run_service
 from shared.settings import RetentionSettings
-from shared.store import SessionStore, connect_redis
+from shared.store import SessionStore
 
 from .providers import create_provider
 from .service import Worker
@@ -25,22 +24,14 @@ def main() -> None:
         sys.exit(f"llm_worker: {exc}")
     configure_logging("llm_worker", settings.log_level)
 
-    async def build():  # type: ignore[no-untyped-def]
-        nc = await connect_nats(settings.broker.nats_url, name="llm_worker")
-        js = nc.jetstream()
-        await ensure_streams(js)
-        redis = connect_redis(settings.broker)
+    def build(connections: Connections) -> Worker:
         provider = create_provider(settings.provider, demo=settings.demo, openai=settings.openai)
-        worker = Worker(settings, nc=nc, js=js, store=SessionStore(redis, retention), provider=provider)
+        store = SessionStore(connections.redis, retention)
+        return Worker(settings, nc=connections.nc, js=connections.js, store=store, provider=provider)
 
-        async def cleanup() -> None:
-            await provider.aclose()
-            await nc.drain()
-            await redis.aclose()
-
-        return worker, cleanup
-
-    run_until_signal(build)
+    run_service(
+        "llm_worker", settings.broker, build, health_host=settings.health_host, health_port=settings.health_port
+    )
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ class Worker:
             await psub.unsubscribe()
             if self.turns:
                 await asyncio.wait(self.turns, timeout=self.settings.drain_timeout_s or None)
+            await self.provider.aclose()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.turns.discard(task)

@@ -1,0 +1,49 @@
+"""``/healthz`` and ``/readyz`` for the services that have no web framework.
+
+A deliberately tiny HTTP/1.0 responder on asyncio streams: it reads the
+request line, answers, and closes. Enabled by ``CHAT_HEALTH_PORT`` (0 = off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+
+__all__ = ["serve_health"]
+
+MAX_REQUEST_LINE = 1024
+
+
+async def serve_health(
+    host: str, port: int, checks: Callable[[], Awaitable[dict[str, bool]]]
+) -> asyncio.AbstractServer:
+    """Serve health endpoints; ``checks`` returns named readiness checks."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            parts = line[:MAX_REQUEST_LINE].decode("latin-1").split()
+            path = parts[1] if len(parts) >= 2 else ""
+            if path == "/healthz":
+                status, body = 200, {"status": "ok"}
+            elif path == "/readyz":
+                results = await checks()
+                ready = all(results.values())
+                status, body = (200 if ready else 503), {"ready": ready, **results}
+            else:
+                status, body = 404, {"error": "not found"}
+            payload = json.dumps(body).encode()
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(
+                f"HTTP/1.0 {status} {reason}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + payload
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)

@@ -1,0 +1,58 @@
+"""Service processes: health endpoints, and a turn queued while no worker runs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from devstack.servers import Server, free_port, start_nats
+from tests.stack import Clients, Stack, history, new_session
+
+
+@pytest.mark.parametrize("kind", ["buffer", "worker"])
+async def test_health_endpoints(stack: Stack, kind: str) -> None:
+    """Worker and buffer answer /healthz and /readyz on CHAT_HEALTH_PORT."""
+    port = free_port()
+    start = stack.start_buffer if kind == "buffer" else stack.start_worker
+    process = start({"CHAT_HEALTH_PORT": str(port)})
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            assert (await http.get("/healthz")).json() == {"status": "ok"}
+            assert (await http.get("/readyz")).json() == {"ready": True, "nats": True, "redis": True}
+            assert (await http.get("/nope")).status_code == 404
+    finally:
+        process.stop()
+        stack.processes.remove(process)
+
+
+@pytest.fixture
+async def workerless(redis_server: Server) -> AsyncIterator[tuple[Stack, Clients]]:
+    """A stack on its own NATS with a gateway and a buffer but no worker yet."""
+    nats = start_nats()
+    try:
+        with Stack(nats_url=nats.url, redis_url=redis_server.url) as stack:
+            stack.start_buffer()
+            stack.start_gateway()
+            clients = Clients(stack)
+            try:
+                yield stack, clients
+            finally:
+                await clients.close()
+    finally:
+        nats.stop()
+
+
+async def test_turn_waits_for_the_first_worker(workerless: tuple[Stack, Clients]) -> None:
+    """A chat sent before any worker runs is kept and generated once one starts."""
+    stack, clients = workerless
+    session = new_session()
+    client, _ = await clients.open(session)
+    await client.send({"type": "chat", "prompt": "anyone there?", "id": "early"})
+    accepted = await client.until("accepted")
+    assert (await history(stack, session))["active"] == {"turn": accepted["turn"], "prompt": "anyone there?"}
+    stack.start_worker()
+    done = await client.until("done")
+    assert done["reason"] in ("stop", "length")
+    assert client.texts() == (await history(stack, session))["turns"][0]["answer"]
