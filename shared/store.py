@@ -5,7 +5,7 @@ them in one slot and the scripts below stay atomic):
 
 - ``meta`` (hash): ``hwm`` highest stored seq, ``seq`` last seq of the last
   finished turn, ``turns`` turn counter, ``active``/``prompt`` the generating
-  turn, ``stop`` a turn asked to stop, ``paused`` and ``pv`` (pause version),
+  turn, ``worker`` the worker that claimed it, ``stop`` a turn asked to stop, ``paused`` and ``pv`` (pause version),
   ``ended`` last turn written to history;
 - ``log`` (sorted set): encoded ``chunk``/``done`` frames scored by seq;
 - ``history`` (list): finished turns as JSON, oldest first.
@@ -28,7 +28,7 @@ from .errors import BrokerUnavailable
 from .settings import BrokerSettings, RetentionSettings
 from .subjects import history_key, log_key, session_key
 
-__all__ = ["SessionMeta", "Segment", "StartResult", "HistoryTurn", "SessionStore", "connect_redis"]
+__all__ = ["SessionMeta", "Claim", "Segment", "StartResult", "HistoryTurn", "SessionStore", "connect_redis"]
 
 _START_TURN = """
 local active = redis.call('HGET', KEYS[1], 'active')
@@ -36,14 +36,24 @@ if active then return {0, tonumber(active), 0} end
 local turn = redis.call('HINCRBY', KEYS[1], 'turns', 1)
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1])
-redis.call('HDEL', KEYS[1], 'stop')
+redis.call('HDEL', KEYS[1], 'stop', 'worker')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {1, turn, seq}
 """
 
+# A request may be delivered twice (JetStream is at-least-once); only the
+# first worker to claim the active turn generates it.
+_CLAIM_TURN = """
+if redis.call('HGET', KEYS[1], 'active') ~= ARGV[1] then return {-1, 0} end
+if redis.call('HGET', KEYS[1], 'worker') then return {0, 0} end
+redis.call('HSET', KEYS[1], 'worker', ARGV[2])
+local stop = redis.call('HGET', KEYS[1], 'stop') == ARGV[1]
+return {1, stop and 1 or 0}
+"""
+
 _ABORT_TURN = """
 if redis.call('HGET', KEYS[1], 'active') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], 'active', 'prompt', 'stop')
+  redis.call('HDEL', KEYS[1], 'active', 'prompt', 'stop', 'worker')
   return 1
 end
 return 0
@@ -73,7 +83,7 @@ if ARGV[rest] then
     redis.call('HSET', meta, 'seq', done_seq)
   end
   if tonumber(redis.call('HGET', meta, 'active') or '0') == turn then
-    redis.call('HDEL', meta, 'active', 'prompt', 'stop')
+    redis.call('HDEL', meta, 'active', 'prompt', 'stop', 'worker')
   end
   redis.call('EXPIRE', hist, ttl)
 end
@@ -124,6 +134,18 @@ class Segment:
     turn_end: tuple[int, int, bytes] | None = None
 
 
+_CLAIM_STATUS = {1: "claimed", 0: "taken", -1: "inactive"}
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """``claimed`` (generate it), ``taken`` (another worker has it) or
+    ``inactive`` (the turn ended or was aborted)."""
+
+    status: str
+    stop_requested: bool
+
+
 @dataclass(frozen=True, slots=True)
 class StartResult:
     started: bool
@@ -169,6 +191,7 @@ class SessionStore:
         self.redis = redis
         self.retention = retention
         self._start = redis.register_script(_START_TURN)
+        self._claim = redis.register_script(_CLAIM_TURN)
         self._abort = redis.register_script(_ABORT_TURN)
         self._store = redis.register_script(_STORE_FRAMES)
         self._pause = redis.register_script(_SET_PAUSED)
@@ -211,6 +234,11 @@ class SessionStore:
         """Claim the session for a new turn unless one is generating."""
         started, turn, base = await self._run(self._start, session, [prompt, self.retention.retention_s])
         return StartResult(started=bool(started), turn=int(turn), base_seq=int(base))
+
+    async def claim_turn(self, session: str, turn: int, worker: str) -> Claim:
+        """Claim the active turn for one worker; any later claim of it is refused."""
+        status, stop = await self._run(self._claim, session, [turn, worker])
+        return Claim(status=_CLAIM_STATUS[int(status)], stop_requested=bool(stop))
 
     async def abort_turn(self, session: str, turn: int) -> None:
         """Release a turn that was never handed to a worker."""

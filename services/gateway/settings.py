@@ -32,7 +32,6 @@ class Timeouts:
     gap_timeout_s: float = 0.25
     replay_timeout_s: float = 2.0
     sse_keepalive_s: float = 15.0
-    queue_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,6 @@ class Settings:
                 gap_timeout_s=env_float(environ, "CHAT_GAP_TIMEOUT_S", Timeouts.gap_timeout_s, minimum=0.01),
                 replay_timeout_s=env_float(environ, "CHAT_REPLAY_TIMEOUT_S", Timeouts.replay_timeout_s, minimum=0.1),
                 sse_keepalive_s=env_float(environ, "CHAT_SSE_KEEPALIVE_S", Timeouts.sse_keepalive_s, minimum=0.1),
-                queue_timeout_s=env_float(environ, "CHAT_QUEUE_TIMEOUT_S", Timeouts.queue_timeout_s, minimum=0.1),
             ),
             host=env_str(environ, "CHAT_HOST", cls.host),
             port=env_int(environ, "CHAT_PORT", cls.port, minimum=0),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NATS
@@ -63,6 +64,7 @@ class Worker:
         self.capacity = asyncio.Semaphore(settings.concurrency)
         self.turns: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
+        self.worker_id = uuid.uuid4().hex
 
     @property
     def active(self) -> int:
@@ -113,32 +115,35 @@ class Worker:
         self.stopping.set()
 
     async def _take(self, msg: Msg) -> None:
-        # Ack at once: a worker that dies mid-turn must not make a second one
-        # start the same turn over (the turn ends with done/error instead).
-        await msg.ack()
         try:
             request = decode_request(msg.data)
         except Exception:
             log.error("dropping malformed request", extra={"event": "bad_request"})
+            await msg.term()
             return
-        await self.generate(request)
-
-    async def generate(self, request: TurnRequest) -> None:
-        """Run one turn to its ``done``, whatever happens upstream."""
-        turn = Turn(request=request, seq=request.base_seq)
         extra = {"session": request.session, "turn": request.turn}
         try:
-            meta = await self.store.meta(request.session)
+            claim = await self.store.claim_turn(request.session, request.turn, self.worker_id)
         except BrokerUnavailable:
-            meta = None
-        if meta is not None and meta.active_turn != request.turn:
-            log.warning("request for a turn that is not active; skipped", extra=extra)
+            await msg.nak(delay=1.0)  # try again once Redis is back
             return
+        # Ack once claimed: a worker that dies mid-turn must not make another
+        # start the same turn over (issue 6 ends such a turn with done/error).
+        await msg.ack()
+        if claim.status != "claimed":
+            log.warning("request skipped: turn %s", claim.status, extra=extra)
+            return
+        await self.generate(request, stop_requested=claim.stop_requested)
+
+    async def generate(self, request: TurnRequest, *, stop_requested: bool = False) -> None:
+        """Run one claimed turn to its ``done``, whatever happens upstream."""
+        turn = Turn(request=request, seq=request.base_seq)
+        extra = {"session": request.session, "turn": request.turn}
         waited = time.time() - request.enqueued_at
         if waited > self.settings.queue_timeout_s:
             await self._end(turn, "error", "No model worker was free in time. Please try again.")
             return
-        if meta is not None and meta.stop_turn == request.turn:
+        if stop_requested:
             await self._end(turn, "stopped")
             return
 
