@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext

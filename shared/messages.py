@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 import msgspec
 
@@ -50,7 +50,7 @@ class TurnEnd(msgspec.Struct, tag_field="type", tag="turn_end", frozen=True):
     answer: str
 
 
-Generated = Union[Chunk, TurnEnd]
+Generated = Chunk | TurnEnd
 
 
 class Control(msgspec.Struct, frozen=True):

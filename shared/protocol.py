@@ -8,7 +8,7 @@ the single place where client input becomes a typed frame or a
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import msgspec
 
@@ -103,7 +103,7 @@ class Ack(_ClientFrame, tag="ack"):
     seq: int
 
 
-ClientFrame = Union[Chat, Pause, Resume, Stop, Ping, Auth, Ack]
+ClientFrame = Chat | Pause | Resume | Stop | Ping | Auth | Ack
 
 
 class _ServerFrame(msgspec.Struct, tag_field="type", omit_defaults=True, frozen=True):
@@ -156,7 +156,7 @@ class Error(_ServerFrame, tag="error"):
     message: str
 
 
-ServerFrame = Union[Ready, Accepted, Chunk, Done, Paused, Resumed, Pong, AuthOk, Error]
+ServerFrame = Ready | Accepted | Chunk | Done | Paused | Resumed | Pong | AuthOk | Error
 
 _client_decoder = msgspec.json.Decoder(ClientFrame)
 _server_decoder = msgspec.json.Decoder(ServerFrame)

@@ -54,8 +54,9 @@ class LiveFrame:
 class ReplayBatch:
     """Frames read from the log after the cursor, oldest first.
 
-    ``first`` is the lowest seq the log still holds (0 if empty); ``more``
-    says the log holds frames past this batch.
+    ``first`` is the lowest seq the log can still deliver (frames below it
+    were trimmed by the retention cap); ``more`` says the log holds frames
+    past this batch.
     """
 
     frames: list[tuple[int, bytes]]

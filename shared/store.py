@@ -6,7 +6,7 @@ them in one slot and the scripts below stay atomic):
 - ``meta`` (hash): ``hwm`` highest stored seq, ``seq`` last seq of the last
   finished turn, ``turns`` turn counter, ``active``/``prompt`` the generating
   turn, ``worker`` the worker that claimed it, ``stop`` a turn asked to stop, ``paused`` and ``pv`` (pause version),
-  ``ended`` last turn written to history;
+  ``ended`` last turn written to history, ``floor`` highest seq trimmed by the cap;
 - ``log`` (sorted set): encoded ``chunk``/``done`` frames scored by seq;
 - ``history`` (list): finished turns as JSON, oldest first.
 
@@ -88,7 +88,16 @@ if ARGV[rest] then
   redis.call('EXPIRE', hist, ttl)
 end
 local size = redis.call('ZCARD', log)
-if size > cap then redis.call('ZREMRANGEBYRANK', log, 0, size - cap - 1) end
+if size > cap then
+  -- Remember the highest trimmed seq: replays below it report the loss,
+  -- while a lower seq merely not stored yet (another buffer) is waited for.
+  local last = redis.call('ZRANGE', log, size - cap - 1, size - cap - 1, 'WITHSCORES')
+  local floor = tonumber(last[2])
+  if floor > tonumber(redis.call('HGET', meta, 'floor') or '0') then
+    redis.call('HSET', meta, 'floor', floor)
+  end
+  redis.call('ZREMRANGEBYRANK', log, 0, size - cap - 1)
+end
 redis.call('EXPIRE', meta, ttl)
 redis.call('EXPIRE', log, ttl)
 return hwm
@@ -283,19 +292,21 @@ class SessionStore:
             raise BrokerUnavailable("the session store is unavailable") from exc
 
     async def read_frames(self, session: str, *, after: int, limit: int) -> tuple[list[tuple[int, bytes]], int, int]:
-        """Return (frames with seq > after, oldest seq held, hwm), one round trip."""
+        """Return (frames with seq > after, lowest seq still deliverable, hwm), one round trip.
+
+        The lowest deliverable seq is one above the highest seq trimmed by the
+        cap: a lower seq that is merely not stored yet does not count as lost.
+        """
         key = log_key(session)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zrangebyscore(key, f"({after}", "+inf", start=0, num=limit, withscores=True)
-                pipe.zrange(key, 0, 0, withscores=True)
-                pipe.hget(session_key(session), "hwm")
-                rows, first_row, hwm = await pipe.execute()
+                pipe.hmget(session_key(session), ["floor", "hwm"])
+                rows, (floor, hwm) = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable("the session store is unavailable") from exc
         frames = [(int(score), data) for data, score in rows]
-        first = int(first_row[0][1]) if first_row else 0
-        return frames, first, _int(hwm) or 0
+        return frames, (_int(floor) or 0) + 1, _int(hwm) or 0
 
     async def history(self, session: str, *, last: int | None = None) -> list[HistoryTurn]:
         """The session's finished turns, oldest first (the last ``last`` of them)."""

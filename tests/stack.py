@@ -10,10 +10,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import httpx
+import nats
+from nats.aio.msg import Msg
 from websockets.asyncio.client import ClientConnection, connect
 
 from devstack.processes import ServiceProcess
 from devstack.servers import free_port
+from shared.subjects import control_subject, delivery_subject
 
 # Every wait in the integration tests is scaled by this factor (slow CI boxes).
 TIMEOUT_FACTOR = float(os.environ.get("CHAT_TEST_TIMEOUT_FACTOR", "1"))
@@ -91,8 +94,8 @@ class Client:
     async def send(self, frame: dict[str, Any]) -> None:
         await self.ws.send(json.dumps(frame))
 
-    async def recv(self, timeout: float = WAIT_S) -> dict[str, Any]:
-        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+    async def recv(self, wait_s: float = WAIT_S) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), wait_s)
         frame: dict[str, Any] = json.loads(raw)
         if frame["type"] in ("chunk", "done"):
             # Guarantee 1, checked on every frame: exactly once, in order, no gap.
@@ -101,20 +104,20 @@ class Client:
         self.frames.append(frame)
         return frame
 
-    async def until(self, kind: str, timeout: float = WAIT_S) -> dict[str, Any]:
+    async def until(self, kind: str, wait_s: float = WAIT_S) -> dict[str, Any]:
         """Read frames until one of type ``kind``; return it."""
         while True:
-            frame = await self.recv(timeout)
+            frame = await self.recv(wait_s)
             if frame["type"] == kind:
                 return frame
 
-    async def turn(self, prompt: str, timeout: float = WAIT_S) -> tuple[int, str, dict[str, Any]]:
+    async def turn(self, prompt: str, wait_s: float = WAIT_S) -> tuple[int, str, dict[str, Any]]:
         """Run one turn; return (turn, the concatenated text, the done frame)."""
         await self.send({"type": "chat", "prompt": prompt, "id": "c"})
-        accepted = await self.until("accepted", timeout)
+        accepted = await self.until("accepted", wait_s)
         text = []
         while True:
-            frame = await self.recv(timeout)
+            frame = await self.recv(wait_s)
             if frame["type"] == "chunk":
                 assert frame["turn"] == accepted["turn"]
                 text.append(frame["text"])
@@ -159,3 +162,46 @@ async def history(stack: Stack, session: str) -> dict[str, Any]:
         response.raise_for_status()
         result: dict[str, Any] = response.json()
         return result
+
+
+class Bus:
+    """Watches a session's subjects on the real NATS, to wait on events
+    (a turn stored, a pause broadcast) instead of polling."""
+
+    def __init__(self, stack: Stack, session: str) -> None:
+        self.url = stack.env["CHAT_NATS_URL"]
+        self.session = session
+        self.frames: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.controls: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def __aenter__(self) -> Bus:
+        self.nc = await nats.connect(self.url)
+
+        async def on_frame(msg: Msg) -> None:
+            self.frames.put_nowait(json.loads(msg.data))
+
+        async def on_control(msg: Msg) -> None:
+            self.controls.put_nowait(json.loads(msg.data))
+
+        await self.nc.subscribe(delivery_subject(self.session), cb=on_frame)
+        await self.nc.subscribe(control_subject(self.session), cb=on_control)
+        await self.nc.flush()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.nc.close()
+
+    async def stored_done(self, turn: int, wait_s: float = WAIT_S) -> dict[str, Any]:
+        """Wait until the buffer has stored and published the turn's done."""
+        async with asyncio.timeout(wait_s):
+            while True:
+                frame = await self.frames.get()
+                if frame["type"] == "done" and frame["turn"] == turn:
+                    return frame
+
+    async def control(self, action: str, wait_s: float = WAIT_S) -> dict[str, Any]:
+        async with asyncio.timeout(wait_s):
+            while True:
+                control = await self.controls.get()
+                if control["action"] == action:
+                    return control

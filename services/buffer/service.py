@@ -114,7 +114,7 @@ class Buffer:
             while not self.stopping.is_set():
                 try:
                     msgs = await psub.fetch(self.settings.batch_size, timeout=1.0)
-                except (NatsTimeoutError, asyncio.TimeoutError):
+                except (TimeoutError, NatsTimeoutError):
                     continue
                 except Exception as exc:  # broker restart: wait it out
                     log.warning("fetch failed: %s", exc, extra={"event": "fetch_failed"})

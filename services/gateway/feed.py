@@ -145,14 +145,14 @@ class SessionFeed:
         except Exception as exc:  # timeout, no buffer running, reconnecting
             log.warning("replay failed: %s", exc, extra={"session": self.session, "event": "replay_failed"})
             await asyncio.sleep(REPLAY_RETRY_S)
-            self.inbox.put_nowait(ReplayBatch(frames=[], first=0, more=True))
+            self.inbox.put_nowait(ReplayBatch(frames=[], first=1, more=True))
             return
         headers = reply.headers or {}
         frames = [(frame_seq(data), data) for data in reply.data.split(b"\n") if data]
         self.inbox.put_nowait(
             ReplayBatch(
                 frames=frames,
-                first=int(headers.get(REPLAY_FIRST_HEADER, "0")),
+                first=int(headers.get(REPLAY_FIRST_HEADER, "1")),
                 more=headers.get(REPLAY_MORE_HEADER) == "1",
             )
         )

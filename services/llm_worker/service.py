@@ -87,7 +87,7 @@ class Worker:
                     break
                 try:
                     msgs = await psub.fetch(1, timeout=1.0)
-                except (NatsTimeoutError, asyncio.TimeoutError):
+                except (TimeoutError, NatsTimeoutError):
                     self.capacity.release()
                     continue
                 except Exception as exc:  # broker restart: wait it out

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from services.llm_worker.providers import DemoModel, Delta, Message, OpenAICompatible
+from services.llm_worker.providers import Delta, DemoModel, Message, OpenAICompatible
 from services.llm_worker.settings import DemoModelSettings, OpenAISettings
 from shared.errors import UpstreamError
 from shared.settings import Secret
