@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import nats
 from nats.aio.client import Client as NATS
@@ -22,17 +22,21 @@ async def connect_nats(
     url: str,
     *,
     name: str,
-    on_disconnect: Callable[[], Awaitable[None]] | None = None,
+    on_reconnect: Callable[[], None] | None = None,
 ) -> NATS:
-    """Connect with unlimited reconnects: a broker restart is waited out, not fatal."""
+    """Connect with unlimited reconnects: a broker restart is waited out, not fatal.
+
+    ``on_reconnect`` runs after each reconnect: core NATS messages published
+    while disconnected are gone, so live consumers must catch up from Redis.
+    """
 
     async def disconnected() -> None:
         log.warning("nats disconnected", extra={"event": "nats_disconnected"})
-        if on_disconnect is not None:
-            await on_disconnect()
 
     async def reconnected() -> None:
         log.info("nats reconnected", extra={"event": "nats_reconnected"})
+        if on_reconnect is not None:
+            on_reconnect()
 
     async def error(exc: Exception) -> None:
         log.warning("nats error: %s", exc, extra={"event": "nats_error"})

@@ -25,6 +25,7 @@ async def serve_health(
             line = await asyncio.wait_for(reader.readline(), 5)
             parts = line[:MAX_REQUEST_LINE].decode("latin-1").split()
             path = parts[1] if len(parts) >= 2 else ""
+            body: dict[str, object]
             if path == "/healthz":
                 status, body = 200, {"status": "ok"}
             elif path == "/readyz":

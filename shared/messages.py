@@ -84,7 +84,8 @@ def decode_request(data: bytes) -> TurnRequest:
 
 
 def decode_generated(data: bytes) -> Generated:
-    return _generated_decoder.decode(data)
+    generated: Generated = _generated_decoder.decode(data)
+    return generated
 
 
 def decode_control(data: bytes) -> Control:

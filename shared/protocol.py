@@ -74,32 +74,32 @@ class _ClientFrame(msgspec.Struct, tag_field="type", forbid_unknown_fields=True,
     pass
 
 
-class Chat(_ClientFrame, tag="chat"):
+class Chat(_ClientFrame, tag="chat", frozen=True):
     prompt: str
     id: str | None = None
 
 
-class Pause(_ClientFrame, tag="pause"):
+class Pause(_ClientFrame, tag="pause", frozen=True):
     pass
 
 
-class Resume(_ClientFrame, tag="resume"):
+class Resume(_ClientFrame, tag="resume", frozen=True):
     pass
 
 
-class Stop(_ClientFrame, tag="stop"):
+class Stop(_ClientFrame, tag="stop", frozen=True):
     pass
 
 
-class Ping(_ClientFrame, tag="ping"):
+class Ping(_ClientFrame, tag="ping", frozen=True):
     t: Any = None
 
 
-class Auth(_ClientFrame, tag="auth"):
+class Auth(_ClientFrame, tag="auth", frozen=True):
     token: str
 
 
-class Ack(_ClientFrame, tag="ack"):
+class Ack(_ClientFrame, tag="ack", frozen=True):
     seq: int
 
 
@@ -110,48 +110,48 @@ class _ServerFrame(msgspec.Struct, tag_field="type", omit_defaults=True, frozen=
     pass
 
 
-class Ready(_ServerFrame, tag="ready"):
+class Ready(_ServerFrame, tag="ready", frozen=True):
     session: str
     last_seq: int
     paused: bool
     exp: int | None = None
 
 
-class Accepted(_ServerFrame, tag="accepted"):
+class Accepted(_ServerFrame, tag="accepted", frozen=True):
     turn: int
     id: str | None = None
 
 
-class Chunk(_ServerFrame, tag="chunk"):
+class Chunk(_ServerFrame, tag="chunk", frozen=True):
     seq: int
     turn: int
     text: str
 
 
-class Done(_ServerFrame, tag="done"):
+class Done(_ServerFrame, tag="done", frozen=True):
     seq: int
     turn: int
     reason: DoneReason
     message: str | None = None
 
 
-class Paused(_ServerFrame, tag="paused"):
+class Paused(_ServerFrame, tag="paused", frozen=True):
     seq: int
 
 
-class Resumed(_ServerFrame, tag="resumed"):
+class Resumed(_ServerFrame, tag="resumed", frozen=True):
     seq: int
 
 
-class Pong(_ServerFrame, tag="pong"):
+class Pong(_ServerFrame, tag="pong", frozen=True):
     t: Any = None
 
 
-class AuthOk(_ServerFrame, tag="auth_ok"):
+class AuthOk(_ServerFrame, tag="auth_ok", frozen=True):
     exp: int
 
 
-class Error(_ServerFrame, tag="error"):
+class Error(_ServerFrame, tag="error", frozen=True):
     code: ErrorCode
     message: str
 
@@ -177,7 +177,8 @@ def encode(frame: msgspec.Struct) -> bytes:
 
 def frame_seq(data: bytes) -> int:
     """Return the ``seq`` of an encoded ``chunk`` or ``done`` frame."""
-    return _seq_decoder.decode(data).seq
+    seq: int = _seq_decoder.decode(data).seq
+    return seq
 
 
 def validate_prompt(prompt: str, *, max_prompt_chars: int) -> str:
@@ -211,7 +212,7 @@ def decode_client_frame(data: str | bytes, *, max_prompt_chars: int) -> ClientFr
             fields, wrong types, or a prompt that is blank or too long.
     """
     try:
-        frame = _client_decoder.decode(data)
+        frame: ClientFrame = _client_decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise ProtocolError(f"invalid frame: {exc}") from None
     except msgspec.DecodeError:
@@ -230,9 +231,10 @@ def decode_server_frame(data: str | bytes) -> ServerFrame:
         ProtocolError: the data is not a known server frame.
     """
     try:
-        return _server_decoder.decode(data)
+        frame: ServerFrame = _server_decoder.decode(data)
     except msgspec.DecodeError as exc:  # ValidationError is a subclass
         raise ProtocolError(f"invalid server frame: {exc}") from None
+    return frame
 
 
 # The original design's client sends {"action": "pause"|"resume"} and
@@ -253,6 +255,8 @@ def decode_compat_frame(data: str | bytes) -> CompatAction | None:
         action = _compat_decoder.decode(data).action
     except msgspec.DecodeError:
         return None
-    if action == "pause" or action == "resume":
-        return action
+    if action == "pause":
+        return "pause"
+    if action == "resume":
+        return "resume"
     return None

@@ -45,9 +45,11 @@ class Connections:
             await self.redis.aclose()
 
 
-async def open_connections(broker: BrokerSettings, *, name: str) -> Connections:
+async def open_connections(
+    broker: BrokerSettings, *, name: str, on_reconnect: Callable[[], None] | None = None
+) -> Connections:
     """Connect to NATS and Redis and make sure the JetStream streams exist."""
-    nc = await connect_nats(broker.nats_url, name=name)
+    nc = await connect_nats(broker.nats_url, name=name, on_reconnect=on_reconnect)
     js = nc.jetstream()
     await ensure_streams(js)
     return Connections(nc=nc, js=js, redis=connect_redis(broker))

@@ -229,7 +229,7 @@ class SessionStore:
             paused=paused == b"1",
             pause_version=_int(version) or 0,
             active_turn=_int(active),
-            active_prompt=prompt.decode() if prompt is not None else None,
+            active_prompt=prompt.decode() if isinstance(prompt, bytes) else prompt,
             stop_turn=_int(stop),
         )
 

@@ -123,7 +123,7 @@ class Buffer:
                 await self.handle_batch(msgs)
         finally:
             # Finish what we hold: the current batch is done; stop answering.
-            await replay_sub.drain()
+            await replay_sub.unsubscribe()
             await psub.unsubscribe()
 
     async def handle_batch(self, msgs: list[Msg]) -> None:

@@ -15,6 +15,7 @@ from shared.store import SessionStore
 
 from . import http
 from .controls import Gateway
+from .feed import SessionFeed, resync
 from .settings import Settings
 from .websocket import websocket_endpoint
 
@@ -26,13 +27,16 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        connections = await open_connections(settings.broker, name="gateway")
-        app.state.gateway = Gateway(
+        feeds: set[SessionFeed] = set()
+        connections = await open_connections(settings.broker, name="gateway", on_reconnect=lambda: resync(feeds))
+        gateway = Gateway(
             settings=settings,
             nc=connections.nc,
             js=connections.js,
             store=SessionStore(connections.redis, settings.retention),
+            feeds=feeds,
         )
+        app.state.gateway = gateway
         log.info("gateway ready", extra={"event": "ready", **settings.broker.describe()})
         try:
             yield

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -14,9 +15,11 @@ from nats.js import JetStreamContext
 from shared.errors import BrokerUnavailable, ProtocolError, SessionStateError
 from shared.messages import Control, TurnRequest
 from shared.protocol import encode, validate_prompt
+from shared.session import Delivery, Send
 from shared.store import SessionStore, StartResult
 from shared.subjects import SUBJECT_REQUESTS, control_subject
 
+from .feed import SessionFeed
 from .settings import Settings
 
 __all__ = ["Gateway"]
@@ -32,6 +35,20 @@ class Gateway:
     nc: NATS
     js: JetStreamContext
     store: SessionStore
+    feeds: set[SessionFeed] = field(default_factory=set)
+
+    def open_feed(self, session: str, delivery: Delivery, emit: Callable[[Send], None]) -> SessionFeed:
+        """A feed for one connection, with this gateway's limits."""
+        return SessionFeed(
+            nc=self.nc,
+            session=session,
+            delivery=delivery,
+            emit=emit,
+            inbox_frames=self.settings.limits.inbox_frames,
+            gap_timeout_s=self.settings.timeouts.gap_timeout_s,
+            replay_timeout_s=self.settings.timeouts.replay_timeout_s,
+            registry=self.feeds,
+        )
 
     async def start_turn(self, session: str, prompt: str) -> StartResult:
         """Claim the session for a turn and queue it for a worker.

@@ -37,7 +37,7 @@ from shared.session import (
 )
 from shared.subjects import SUBJECT_REPLAY, control_subject, delivery_subject
 
-__all__ = ["SessionFeed"]
+__all__ = ["SessionFeed", "resync"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class SessionFeed:
 
     Args:
         emit: called with each frame to send, in order; it must not block.
+        registry: the set of open feeds this feed joins while it runs.
         inbox_frames: live frames held before the feed stops taking them and
             catches up by replay instead (memory stays bounded).
     """
@@ -64,6 +65,7 @@ class SessionFeed:
         inbox_frames: int,
         gap_timeout_s: float,
         replay_timeout_s: float,
+        registry: set[SessionFeed] | None = None,
     ) -> None:
         self.nc = nc
         self.session = session
@@ -74,17 +76,23 @@ class SessionFeed:
         self.gap_timeout_s = gap_timeout_s
         self.replay_timeout_s = replay_timeout_s
         self.overflowed = False
+        self.registry: set[SessionFeed] = registry if registry is not None else set()
         self._replay_task: asyncio.Task[None] | None = None
 
     def submit(self, event: Event) -> None:
         """Queue an event from the connection (the client's pause or resume)."""
         self.inbox.put_nowait(event)
 
+    def resync(self) -> None:
+        """Catch up from the log: live frames may have been missed (NATS reconnect)."""
+        self.inbox.put_nowait(GapTimeout())
+
     async def run(self) -> None:
         subs = [
             await self.nc.subscribe(delivery_subject(self.session), cb=self._on_frame),
             await self.nc.subscribe(control_subject(self.session), cb=self._on_control),
         ]
+        self.registry.add(self)
         try:
             self._execute(self.delivery.start())
             while True:
@@ -101,6 +109,7 @@ class SessionFeed:
                     self.overflowed = False
                     self._execute(self.delivery.handle(GapTimeout()))
         finally:
+            self.registry.discard(self)
             for sub in subs:
                 try:
                     await sub.unsubscribe()
@@ -156,3 +165,9 @@ class SessionFeed:
                 more=headers.get(REPLAY_MORE_HEADER) == "1",
             )
         )
+
+
+def resync(feeds: set[SessionFeed]) -> None:
+    """After a NATS reconnect, every open connection catches up from Redis."""
+    for feed in list(feeds):
+        feed.resync()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -18,7 +18,6 @@ from shared.sse import encode_event
 from shared.subjects import new_session_id, validate_session_id
 
 from .controls import Gateway
-from .feed import SessionFeed
 from .websocket import error_response, parse_cursor
 
 __all__ = ["routes_handlers"]
@@ -49,7 +48,12 @@ def _session_param(request: Request) -> str:
     return validate_session_id(request.path_params["session"])
 
 
-def _handle_errors(handler: Any) -> Any:
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _handle_errors(handler: Handler) -> Handler:
+    """Translate the project's exceptions into JSON error responses, in one place."""
+
     async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
@@ -78,15 +82,7 @@ def _stream(gateway: Gateway, session: str, delivery: Delivery, *, turn: int | N
             queue._queue.clear()  # type: ignore[attr-defined]
             queue.put_nowait(None)
 
-    feed = SessionFeed(
-        nc=gateway.nc,
-        session=session,
-        delivery=delivery,
-        emit=emit,
-        inbox_frames=settings.limits.inbox_frames,
-        gap_timeout_s=settings.timeouts.gap_timeout_s,
-        replay_timeout_s=settings.timeouts.replay_timeout_s,
-    )
+    feed = gateway.open_feed(session, delivery, emit)
 
     async def body() -> AsyncIterator[bytes]:
         task = asyncio.create_task(feed.run())

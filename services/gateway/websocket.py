@@ -146,16 +146,7 @@ class Connection:
                 self.put(frame.text)
 
     async def serve(self, delivery: Delivery) -> None:
-        settings = self.gateway.settings
-        self.feed = SessionFeed(
-            nc=self.gateway.nc,
-            session=self.session,
-            delivery=delivery,
-            emit=self.emit,
-            inbox_frames=settings.limits.inbox_frames,
-            gap_timeout_s=settings.timeouts.gap_timeout_s,
-            replay_timeout_s=settings.timeouts.replay_timeout_s,
-        )
+        self.feed = self.gateway.open_feed(self.session, delivery, self.emit)
         tasks = [
             asyncio.create_task(self._write()),
             asyncio.create_task(self.feed.run()),
