@@ -32,7 +32,7 @@ system-deps:
 run: system-deps $(VENV)/.run-deps
 	$(BIN)/python -m devstack
 
-test: system-deps $(VENV)/.test-deps
+test: system-deps $(VENV)/.test-deps lint
 	$(BIN)/python -m pytest
 
 unit: $(VENV)/.test-deps

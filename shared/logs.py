@@ -9,7 +9,8 @@ import time
 
 __all__ = ["configure_logging"]
 
-_RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+# Record attributes that are not extra fields (uvicorn adds an ANSI-coloured copy of its messages).
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "color_message"}
 
 
 class JSONFormatter(logging.Formatter):
