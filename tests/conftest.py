@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from devstack.servers import Server, start_nats, start_redis
-from tests.stack import Clients, Stack
+from tests.stack import Clients, Stack, isolated_stack
 
 
 @dataclass
@@ -70,6 +70,23 @@ def stack(nats_server: Server, redis_server: Server) -> Iterator[Stack]:
 @pytest.fixture
 async def clients(stack: Stack) -> AsyncIterator[Clients]:
     opened = Clients(stack)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture(scope="session")
+def paced_stack(redis_server: Server) -> Iterator[Stack]:
+    """Answers that last 1.5 s (100 tokens/s, 150 tokens), for tests whose
+    controls must land while the turn still generates; its own NATS."""
+    with isolated_stack(redis_server.url, {"CHAT_DEMO_TOKENS_PER_S": "100", "CHAT_DEMO_ANSWER_TOKENS": "150"}) as running:
+        yield running
+
+
+@pytest.fixture
+async def paced(paced_stack: Stack) -> AsyncIterator[Clients]:
+    opened = Clients(paced_stack)
     try:
         yield opened
     finally:

@@ -6,7 +6,8 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -15,7 +16,7 @@ from nats.aio.msg import Msg
 from websockets.asyncio.client import ClientConnection, connect
 
 from devstack.processes import ServiceProcess
-from devstack.servers import free_port
+from devstack.servers import LocalNats, free_port
 from shared.subjects import control_subject, delivery_subject
 
 # Every wait in the integration tests is scaled by this factor (slow CI boxes).
@@ -126,6 +127,26 @@ class Client:
 
     def texts(self, turn: int | None = None) -> str:
         return "".join(f["text"] for f in self.frames if f["type"] == "chunk" and turn in (None, f["turn"]))
+
+
+@contextmanager
+def isolated_stack(
+    redis_url: str, env: Mapping[str, str] | None = None, *, nats: LocalNats | None = None, worker: bool = True
+) -> Iterator[Stack]:
+    """A stack on its own NATS (so no other stack's worker takes its requests)."""
+    own = nats or LocalNats()
+    if nats is None:
+        own.start()
+    try:
+        with Stack(nats_url=own.url, redis_url=redis_url, env=env) as stack:
+            stack.start_buffer()
+            if worker:
+                stack.start_worker()
+            stack.start_gateway()
+            yield stack
+    finally:
+        if nats is None:
+            own.stop()
 
 
 class Clients:

@@ -18,6 +18,7 @@ from shared.sse import encode_event
 from shared.subjects import new_session_id, validate_session_id
 
 from .controls import Gateway
+from .outbox import Outbox
 from .websocket import error_response, parse_cursor
 
 __all__ = ["routes_handlers"]
@@ -72,17 +73,10 @@ def _stream(gateway: Gateway, session: str, delivery: Delivery, *, turn: int | N
     """Frames of a session as SSE (or, ``plain``, chunk text only), from the
     delivery's cursor; ends after the ``done`` of ``turn`` when one is given."""
     settings = gateway.settings
-    queue: asyncio.Queue[Send | None] = asyncio.Queue(maxsize=settings.limits.send_queue_frames)
-
-    def emit(send: Send) -> None:
-        try:
-            queue.put_nowait(send)
-        except asyncio.QueueFull:
-            # A slow reader: end the response; the client resumes with Last-Event-ID.
-            queue._queue.clear()  # type: ignore[attr-defined]
-            queue.put_nowait(None)
-
-    feed = gateway.open_feed(session, delivery, emit)
+    # A reader too slow for the outbox has its response ended; it resumes
+    # with Last-Event-ID.
+    outbox: Outbox[Send] = Outbox(settings.limits.send_queue_frames)
+    feed = gateway.open_feed(session, delivery, outbox.put)
 
     async def body() -> AsyncIterator[bytes]:
         task = asyncio.create_task(feed.run())
@@ -91,7 +85,7 @@ def _stream(gateway: Gateway, session: str, delivery: Delivery, *, turn: int | N
                 yield b"retry: 1000\n\n"
             while True:
                 try:
-                    send = await asyncio.wait_for(queue.get(), settings.timeouts.sse_keepalive_s)
+                    send = await asyncio.wait_for(outbox.get(), settings.timeouts.sse_keepalive_s)
                 except TimeoutError:
                     if task.done():
                         return

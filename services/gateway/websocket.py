@@ -33,6 +33,7 @@ from shared.subjects import new_session_id, validate_session_id
 
 from .controls import Gateway
 from .feed import SessionFeed
+from .outbox import Outbox
 
 __all__ = ["websocket_endpoint", "parse_cursor", "error_response"]
 
@@ -113,37 +114,26 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     await connection.serve(delivery)
 
 
-class SlowReader(Exception):
-    """The client reads slower than frames arrive: its send queue is full."""
-
-
 class Connection:
     def __init__(self, gateway: Gateway, websocket: WebSocket, handshake: Handshake) -> None:
         self.gateway = gateway
         self.websocket = websocket
         self.session = handshake.session
         self.compat = handshake.compat
-        self.outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=gateway.settings.limits.send_queue_frames)
-        self.slow = asyncio.Event()
+        self.outbox: Outbox[str] = Outbox(gateway.settings.limits.send_queue_frames)
         self.feed: SessionFeed | None = None
 
     async def send(self, frame: protocol.ServerFrame) -> None:
-        self.put(encode(frame).decode())
-
-    def put(self, text: str) -> None:
-        try:
-            self.outbox.put_nowait(text)
-        except asyncio.QueueFull:
-            self.slow.set()
+        self.outbox.put(encode(frame).decode())
 
     def emit(self, send: Send) -> None:
         if not self.compat:
-            self.put(send.data.decode())
+            self.outbox.put(send.data.decode())
             return
         if send.seq is not None:
             frame = decode_server_frame(send.data)
             if isinstance(frame, Chunk):
-                self.put(frame.text)
+                self.outbox.put(frame.text)
 
     async def serve(self, delivery: Delivery) -> None:
         self.feed = self.gateway.open_feed(self.session, delivery, self.emit)
@@ -151,7 +141,7 @@ class Connection:
             asyncio.create_task(self._write()),
             asyncio.create_task(self.feed.run()),
             asyncio.create_task(self._read()),
-            asyncio.create_task(self.slow.wait()),
+            asyncio.create_task(self.outbox.overflowed.wait()),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -159,7 +149,7 @@ class Connection:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self.slow.is_set():
+        if self.outbox.overflowed.is_set():
             log.info("closing slow reader", extra={"session": self.session, "event": "slow_reader"})
             await self._close(CLOSE_1008_POLICY, "send queue full; reconnect with last_seq")
             return
@@ -177,8 +167,7 @@ class Connection:
             pass
 
     async def _write(self) -> None:
-        while True:
-            text = await self.outbox.get()
+        while (text := await self.outbox.get()) is not None:
             await self.websocket.send_text(text)
 
     async def _read(self) -> None:

@@ -97,17 +97,15 @@ class DemoModel:
     async def stream(self, messages: Sequence[Message]) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         interval = 1.0 / self.settings.tokens_per_s
-        start = loop.time()
-        count = 0
-        for token in self._tokens(messages):
+        next_at = loop.time()
+        for count, token in enumerate(self._tokens(messages)):
             if count >= self.settings.answer_tokens:
                 yield Delta(finish_reason="length")
                 return
-            count += 1
-            # Pace against the start time so the rate does not drift.
-            delay = start + count * interval - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            # Pace against a schedule so the rate does not drift, but never
+            # burst to catch up after a stall: a late token resets the schedule.
+            next_at = max(next_at + interval, loop.time())
+            await asyncio.sleep(next_at - loop.time())
             yield Delta(text=token)
         yield Delta(finish_reason="stop")  # pragma: no cover - the generator is endless
 

@@ -73,9 +73,9 @@ async def test_bad_prompts(clients: Clients, prompt: str, code: str) -> None:
     assert turn == 1  # the refused prompt used no turn number
 
 
-async def test_chat_while_generating_is_busy(clients: Clients) -> None:
+async def test_chat_while_generating_is_busy(paced: Clients) -> None:
     """A second chat while a turn generates gets busy; the first turn completes."""
-    client, _ = await clients.open(new_session())
+    client, _ = await paced.open(new_session())
     await client.send({"type": "chat", "prompt": "first", "id": "a"})
     await client.until("accepted")
     await client.send({"type": "chat", "prompt": "second", "id": "b"})

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from devstack.servers import LocalNats, Server, docker_available
-from tests.stack import WAIT_S, Bus, Clients, Stack, history, new_session
+from tests.stack import WAIT_S, Bus, Clients, Stack, history, isolated_stack, new_session
 
 
 @pytest.fixture
@@ -19,10 +19,7 @@ async def restartable(redis_server: Server) -> AsyncIterator[tuple[LocalNats, St
     nats.start()
     env = {"CHAT_DEMO_TOKENS_PER_S": "100", "CHAT_DEMO_ANSWER_TOKENS": "150"}
     try:
-        with Stack(nats_url=nats.url, redis_url=redis_server.url, env=env) as stack:
-            stack.start_buffer()
-            stack.start_worker()
-            stack.start_gateway()
+        with isolated_stack(redis_server.url, env, nats=nats) as stack:
             clients = Clients(stack)
             try:
                 yield nats, stack, clients

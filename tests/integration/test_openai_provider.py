@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from devstack.servers import Server, start_nats
+from devstack.servers import Server
 from tests.fake_openai import ANSWER, FakeOpenAI, serve_in_thread
-from tests.stack import WAIT_S, Clients, Stack, history, new_session
+from tests.stack import WAIT_S, Clients, Stack, history, isolated_stack, new_session
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,6 @@ def fake() -> Iterator[tuple[FakeOpenAI, str]]:
 @pytest.fixture(scope="module")
 def openai_stack(fake: tuple[FakeOpenAI, str], redis_server: Server) -> Iterator[Stack]:
     """Its own NATS, so no demo worker takes these requests."""
-    nats = start_nats()
     env = {
         "CHAT_MODEL_PROVIDER": "openai",
         "CHAT_OPENAI_BASE_URL": fake[1],
@@ -29,14 +28,8 @@ def openai_stack(fake: tuple[FakeOpenAI, str], redis_server: Server) -> Iterator
         "CHAT_OPENAI_MODEL": "fake-model",
         "CHAT_UPSTREAM_READ_TIMEOUT_S": "5",
     }
-    try:
-        with Stack(nats_url=nats.url, redis_url=redis_server.url, env=env) as stack:
-            stack.start_buffer()
-            stack.start_worker()
-            stack.start_gateway()
-            yield stack
-    finally:
-        nats.stop()
+    with isolated_stack(redis_server.url, env) as stack:
+        yield stack
 
 
 @pytest.fixture

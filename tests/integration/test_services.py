@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from devstack.servers import Server, free_port, start_nats
-from tests.stack import Clients, Stack, history, new_session
+from devstack.servers import Server, free_port
+from tests.stack import Clients, Stack, history, isolated_stack, new_session
 
 
 @pytest.mark.parametrize("kind", ["buffer", "worker"])
@@ -30,18 +30,12 @@ async def test_health_endpoints(stack: Stack, kind: str) -> None:
 @pytest.fixture
 async def workerless(redis_server: Server) -> AsyncIterator[tuple[Stack, Clients]]:
     """A stack on its own NATS with a gateway and a buffer but no worker yet."""
-    nats = start_nats()
-    try:
-        with Stack(nats_url=nats.url, redis_url=redis_server.url) as stack:
-            stack.start_buffer()
-            stack.start_gateway()
-            clients = Clients(stack)
-            try:
-                yield stack, clients
-            finally:
-                await clients.close()
-    finally:
-        nats.stop()
+    with isolated_stack(redis_server.url, worker=False) as stack:
+        clients = Clients(stack)
+        try:
+            yield stack, clients
+        finally:
+            await clients.close()
 
 
 async def test_turn_waits_for_the_first_worker(workerless: tuple[Stack, Clients]) -> None:

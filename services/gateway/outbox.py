@@ -1,0 +1,47 @@
+"""A connection's bounded send queue.
+
+The feed and the request handlers put frames in without waiting; the
+connection's writer takes them out at the client's pace. When the client
+reads too slowly the queue fills, ``overflowed`` is set, and the connection
+ends: the client reconnects with its last seq and catches up by replay, so
+a slow reader never grows the gateway's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Generic, TypeVar
+
+__all__ = ["Outbox"]
+
+T = TypeVar("T")
+
+
+class Outbox(Generic[T]):
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self.items: deque[T] = deque()
+        self.ready = asyncio.Event()
+        self.overflowed = asyncio.Event()
+
+    def put(self, item: T) -> None:
+        """Queue ``item``, or mark the outbox overflowed (and drop everything)."""
+        if self.overflowed.is_set():
+            return
+        if len(self.items) >= self.maxsize:
+            self.items.clear()
+            self.overflowed.set()
+            self.ready.set()
+            return
+        self.items.append(item)
+        self.ready.set()
+
+    async def get(self) -> T | None:
+        """The next item, or None once overflowed."""
+        while not self.items:
+            if self.overflowed.is_set():
+                return None
+            self.ready.clear()
+            await self.ready.wait()
+        return self.items.popleft()
