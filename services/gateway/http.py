@@ -69,7 +69,15 @@ def _handle_errors(handler: Handler) -> Handler:
     return wrapped
 
 
-def _stream(gateway: Gateway, session: str, delivery: Delivery, *, turn: int | None, plain: bool) -> AsyncIterator[bytes]:
+def _stream(
+    gateway: Gateway,
+    session: str,
+    delivery: Delivery,
+    *,
+    turn: int | None,
+    plain: bool,
+    headers: dict[str, str] | None = None,
+) -> StreamingResponse:
     """Frames of a session as SSE (or, ``plain``, chunk text only), from the
     delivery's cursor; ends after the ``done`` of ``turn`` when one is given."""
     settings = gateway.settings
@@ -105,13 +113,9 @@ def _stream(gateway: Gateway, session: str, delivery: Delivery, *, turn: int | N
         finally:
             task.cancel()
 
-    return body()
-
-
-def _streaming(iterator: AsyncIterator[bytes], *, plain: bool, headers: dict[str, str] | None = None) -> StreamingResponse:
     media = "text/plain; charset=utf-8" if plain else "text/event-stream"
     all_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
-    return StreamingResponse(iterator, media_type=media, headers=all_headers)
+    return StreamingResponse(body(), media_type=media, headers=all_headers)
 
 
 @_handle_errors
@@ -132,8 +136,8 @@ async def chat(request: Request) -> Response:
     result = await gateway.start_turn(session, prompt)
     # The turn's frames are numbered after base_seq; pause applies here too.
     delivery = Delivery(delivered=result.base_seq, paused=meta.paused, version=meta.pause_version)
-    stream = _stream(gateway, session, delivery, turn=result.turn, plain=compat)
-    return _streaming(stream, plain=compat, headers={"X-Chat-Session": session, "X-Chat-Turn": str(result.turn)})
+    headers = {"X-Chat-Session": session, "X-Chat-Turn": str(result.turn)}
+    return _stream(gateway, session, delivery, turn=result.turn, plain=compat, headers=headers)
 
 
 @_handle_errors
@@ -146,7 +150,7 @@ async def events(request: Request) -> Response:
     if last_seq > meta.hwm:
         raise ProtocolError(f"last_seq {last_seq} is beyond the session's last seq {meta.hwm}")
     delivery = Delivery(delivered=last_seq, paused=meta.paused, version=meta.pause_version)
-    return _streaming(_stream(gateway, session, delivery, turn=None, plain=False), plain=False)
+    return _stream(gateway, session, delivery, turn=None, plain=False)
 
 
 @_handle_errors

@@ -32,7 +32,6 @@ from shared.session import Delivery, LocalPause, LocalResume, Send
 from shared.subjects import new_session_id, validate_session_id
 
 from .controls import Gateway
-from .feed import SessionFeed
 from .outbox import Outbox
 
 __all__ = ["websocket_endpoint", "parse_cursor", "error_response"]
@@ -104,26 +103,28 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.send_denial_response(error_response("unavailable", "the session store is unavailable"))
         return
     await websocket.accept(subprotocol=handshake.subprotocol)
-    connection = Connection(gateway, websocket, handshake)
-    if handshake.compat:
-        # The original client tracks no seq: it gets what is generated from now on.
-        delivery = Delivery(delivered=meta.hwm, paused=meta.paused, version=meta.pause_version)
-    else:
-        await connection.send(Ready(session=handshake.session, last_seq=meta.hwm, paused=meta.paused))
-        delivery = Delivery(delivered=handshake.last_seq, paused=meta.paused, version=meta.pause_version)
-    await connection.serve(delivery)
+    # The original client tracks no seq: it gets what is generated from now on.
+    cursor = meta.hwm if handshake.compat else handshake.last_seq
+    connection = Connection(
+        gateway, websocket, handshake, Delivery(delivered=cursor, paused=meta.paused, version=meta.pause_version)
+    )
+    if not handshake.compat:
+        connection.send(Ready(session=handshake.session, last_seq=meta.hwm, paused=meta.paused))
+    await connection.serve()
 
 
 class Connection:
-    def __init__(self, gateway: Gateway, websocket: WebSocket, handshake: Handshake) -> None:
+    """One accepted WebSocket: a reader, a writer and the session feed."""
+
+    def __init__(self, gateway: Gateway, websocket: WebSocket, handshake: Handshake, delivery: Delivery) -> None:
         self.gateway = gateway
         self.websocket = websocket
         self.session = handshake.session
         self.compat = handshake.compat
         self.outbox: Outbox[str] = Outbox(gateway.settings.limits.send_queue_frames)
-        self.feed: SessionFeed | None = None
+        self.feed = gateway.open_feed(self.session, delivery, self.emit)
 
-    async def send(self, frame: protocol.ServerFrame) -> None:
+    def send(self, frame: protocol.ServerFrame) -> None:
         self.outbox.put(encode(frame).decode())
 
     def emit(self, send: Send) -> None:
@@ -135,8 +136,7 @@ class Connection:
             if isinstance(frame, Chunk):
                 self.outbox.put(frame.text)
 
-    async def serve(self, delivery: Delivery) -> None:
-        self.feed = self.gateway.open_feed(self.session, delivery, self.emit)
+    async def serve(self) -> None:
         tasks = [
             asyncio.create_task(self._write()),
             asyncio.create_task(self.feed.run()),
@@ -178,7 +178,7 @@ class Connection:
             text = message.get("text")
             if text is None:
                 if not self.compat:
-                    await self.send(Error(code="invalid", message="binary frames are not supported; send JSON text"))
+                    self.send(Error(code="invalid", message="binary frames are not supported; send JSON text"))
                 continue
             if self.compat:
                 await self._on_compat(text)
@@ -189,9 +189,9 @@ class Connection:
         action = decode_compat_frame(text)
         try:
             if action == "pause":
-                self._submit_pause(await self.gateway.pause(self.session))
+                self.feed.submit(LocalPause(await self.gateway.pause(self.session)))
             elif action == "resume":
-                self._submit_resume(await self.gateway.resume(self.session))
+                self.feed.submit(LocalResume(await self.gateway.resume(self.session)))
         except ProtocolError:
             pass  # the original client expects no answers; "resume" twice is harmless
         except BrokerUnavailable:
@@ -204,15 +204,15 @@ class Connection:
             match frame:
                 case Chat(prompt=prompt, id=client_id):
                     result = await gateway.start_turn(self.session, prompt)
-                    await self.send(Accepted(id=client_id, turn=result.turn))
+                    self.send(Accepted(id=client_id, turn=result.turn))
                 case protocol.Pause():
-                    self._submit_pause(await gateway.pause(self.session))
+                    self.feed.submit(LocalPause(await gateway.pause(self.session)))
                 case protocol.Resume():
-                    self._submit_resume(await gateway.resume(self.session))
+                    self.feed.submit(LocalResume(await gateway.resume(self.session)))
                 case protocol.Stop():
                     await gateway.stop(self.session)
                 case Ping(t=t):
-                    await self.send(Pong(t=t))
+                    self.send(Pong(t=t))
                 case protocol.Auth():
                     raise ProtocolError("authentication is not enabled on this server")
                 case protocol.Ack():
@@ -220,14 +220,6 @@ class Connection:
                 case _:
                     raise ProtocolError("unknown frame")
         except ProtocolError as exc:
-            await self.send(Error(code=exc.code, message=exc.message))  # type: ignore[arg-type]
+            self.send(Error(code=exc.code, message=exc.message))  # type: ignore[arg-type]
         except BrokerUnavailable:
-            await self.send(Error(code="unavailable", message="the service is unavailable; try again shortly"))
-
-    def _submit_pause(self, version: int) -> None:
-        assert self.feed is not None
-        self.feed.submit(LocalPause(version))
-
-    def _submit_resume(self, version: int) -> None:
-        assert self.feed is not None
-        self.feed.submit(LocalResume(version))
+            self.send(Error(code="unavailable", message="the service is unavailable; try again shortly"))

@@ -66,10 +66,6 @@ class Worker:
         self.stopping = asyncio.Event()
         self.worker_id = uuid.uuid4().hex
 
-    @property
-    def active(self) -> int:
-        return len(self.turns)
-
     async def run(self) -> None:
         """Pull requests until :meth:`stop`; then wait for running turns (bounded)."""
         psub = await self.js.pull_subscribe(
