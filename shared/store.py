@@ -5,7 +5,8 @@ them in one slot and the scripts below stay atomic):
 
 - ``meta`` (hash): ``hwm`` highest stored seq, ``seq`` last seq of the last
   finished turn, ``turns`` turn counter, ``active``/``prompt`` the generating
-  turn, ``worker`` the worker that claimed it, ``stop`` a turn asked to stop, ``paused`` and ``pv`` (pause version),
+  turn, ``worker`` the worker that claimed it, ``cid``/``cturn`` the last
+  client chat id and its turn, ``stop`` a turn asked to stop, ``paused`` and ``pv`` (pause version),
   ``ended`` last turn written to history, ``floor`` highest seq trimmed by the cap;
 - ``log`` (sorted set): encoded ``chunk``/``done`` frames scored by seq;
 - ``history`` (list): finished turns as JSON, oldest first.
@@ -30,12 +31,17 @@ from .subjects import history_key, log_key, session_key
 
 __all__ = ["SessionMeta", "Claim", "Segment", "StartResult", "HistoryTurn", "SessionStore", "connect_redis"]
 
+# ARGV: prompt, ttl, the client's chat id ('' if none). A chat whose id is
+# the last one seen is a resend after a reconnect: it gets its turn back.
 _START_TURN = """
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'cid') == ARGV[3] then
+  return {2, tonumber(redis.call('HGET', KEYS[1], 'cturn')), 0}
+end
 local active = redis.call('HGET', KEYS[1], 'active')
 if active then return {0, tonumber(active), 0} end
 local turn = redis.call('HINCRBY', KEYS[1], 'turns', 1)
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1])
+redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1], 'cid', ARGV[3], 'cturn', turn)
 redis.call('HDEL', KEYS[1], 'stop', 'worker')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {1, turn, seq}
@@ -157,9 +163,13 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class StartResult:
+    """``started`` a new turn; else ``duplicate`` (the chat id was already
+    accepted as ``turn``) or busy (``turn`` is still generating)."""
+
     started: bool
-    turn: int  # the new turn, or the one still generating when not started
+    turn: int
     base_seq: int
+    duplicate: bool = False
 
 
 class HistoryTurn(msgspec.Struct, frozen=True):
@@ -239,10 +249,13 @@ class SessionStore:
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable("the session store is unavailable") from exc
 
-    async def start_turn(self, session: str, prompt: str) -> StartResult:
-        """Claim the session for a new turn unless one is generating."""
-        started, turn, base = await self._run(self._start, session, [prompt, self.retention.retention_s])
-        return StartResult(started=bool(started), turn=int(turn), base_seq=int(base))
+    async def start_turn(self, session: str, prompt: str, *, client_id: str | None = None) -> StartResult:
+        """Claim the session for a new turn unless one is generating, or
+        return the turn already started for the same client chat id."""
+        status, turn, base = await self._run(
+            self._start, session, [prompt, self.retention.retention_s, client_id or ""]
+        )
+        return StartResult(started=status == 1, turn=int(turn), base_seq=int(base), duplicate=status == 2)
 
     async def claim_turn(self, session: str, turn: int, worker: str) -> Claim:
         """Claim the active turn for one worker; any later claim of it is refused."""

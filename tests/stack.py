@@ -114,7 +114,7 @@ class Client:
 
     async def turn(self, prompt: str, wait_s: float = WAIT_S) -> tuple[int, str, dict[str, Any]]:
         """Run one turn; return (turn, the concatenated text, the done frame)."""
-        await self.send({"type": "chat", "prompt": prompt, "id": "c"})
+        await self.send({"type": "chat", "prompt": prompt, "id": uuid.uuid4().hex})
         accepted = await self.until("accepted", wait_s)
         text = []
         while True:

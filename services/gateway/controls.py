@@ -50,15 +50,21 @@ class Gateway:
             registry=self.feeds,
         )
 
-    async def start_turn(self, session: str, prompt: str) -> StartResult:
+    async def start_turn(self, session: str, prompt: str, *, client_id: str | None = None) -> StartResult:
         """Claim the session for a turn and queue it for a worker.
+
+        A chat resent with the ``client_id`` of the last accepted one (a
+        client retrying after a reconnect) gets that turn back and starts
+        nothing.
 
         Raises:
             ProtocolError: the prompt is invalid, a turn is already generating
                 (``busy``), or the request could not be queued (``unavailable``).
         """
         validate_prompt(prompt, max_prompt_chars=self.settings.limits.max_prompt_chars)
-        result = await self.store.start_turn(session, prompt)
+        result = await self.store.start_turn(session, prompt, client_id=client_id)
+        if result.duplicate:
+            return result
         if not result.started:
             raise ProtocolError(
                 f"turn {result.turn} is still generating; wait for its done or stop it", code="busy"

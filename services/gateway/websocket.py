@@ -14,7 +14,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from shared import protocol
 from shared.errors import BrokerUnavailable, ProtocolError
 from shared.protocol import (
-    CLOSE_1008_POLICY,
+    CLOSE_1013_TRY_AGAIN_LATER,
     SUBPROTOCOL,
     Accepted,
     Chat,
@@ -151,7 +151,7 @@ class Connection:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self.outbox.overflowed.is_set():
             log.info("closing slow reader", extra={"session": self.session, "event": "slow_reader"})
-            await self._close(CLOSE_1008_POLICY, "send queue full; reconnect with last_seq")
+            await self._close(CLOSE_1013_TRY_AGAIN_LATER, "send queue full; reconnect with last_seq")
             return
         for task in done:
             if not task.cancelled() and task.exception() is not None and not isinstance(
@@ -203,7 +203,7 @@ class Connection:
             frame = decode_client_frame(text, max_prompt_chars=gateway.settings.limits.max_prompt_chars)
             match frame:
                 case Chat(prompt=prompt, id=client_id):
-                    result = await gateway.start_turn(self.session, prompt)
+                    result = await gateway.start_turn(self.session, prompt, client_id=client_id)
                     self.send(Accepted(id=client_id, turn=result.turn))
                 case protocol.Pause():
                     self.feed.submit(LocalPause(await gateway.pause(self.session)))

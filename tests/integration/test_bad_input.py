@@ -166,3 +166,19 @@ async def test_http_bad_bodies(stack: Stack) -> None:
             response = await http.post("/api/chat", content=body, headers={"Content-Type": "application/json"})
             assert response.status_code == status, (body[:20], response.text)
             assert response.json()["code"] == code
+
+
+async def test_resent_chat_starts_one_turn(clients: Clients) -> None:
+    """A chat resent with the same id (a retry after a reconnect) is accepted again as the same turn."""
+    session = new_session()
+    client, _ = await clients.open(session)
+    await client.send({"type": "chat", "prompt": "once", "id": "retry-1"})
+    first = await client.until("accepted")
+    await client.send({"type": "chat", "prompt": "once", "id": "retry-1"})
+    second = await client.until("accepted")
+    assert first == second == {"type": "accepted", "turn": 1, "id": "retry-1"}
+    await client.until("done")
+    await client.send({"type": "chat", "prompt": "once", "id": "retry-1"})
+    assert (await client.until("accepted"))["turn"] == 1
+    turn, _, _ = await client.turn("next")
+    assert turn == 2

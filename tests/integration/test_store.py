@@ -115,3 +115,17 @@ async def test_abort_releases_only_its_turn(store: SessionStore) -> None:
     await store.abort_turn(session, 1)
     assert (await store.meta(session)).active_turn is None
     assert (await store.start_turn(session, "q")).turn == 2
+
+
+async def test_resent_chat_id_gets_its_turn_back(store: SessionStore) -> None:
+    """A chat resent with the last accepted id returns that turn, even after it ended."""
+    session = new_session()
+    first = await store.start_turn(session, "p", client_id="c1")
+    assert first.started and first.turn == 1
+    again = await store.start_turn(session, "p", client_id="c1")
+    assert (again.started, again.duplicate, again.turn) == (False, True, 1)
+    await store.store_segments([Segment(session, [(1, b"d1")], turn_end=(1, 1, entry(1, 1)))])
+    assert (await store.start_turn(session, "p", client_id="c1")).duplicate
+    other = await store.start_turn(session, "q", client_id="c2")
+    assert other.started and other.turn == 2
+    assert not (await store.start_turn(session, "r")).duplicate  # no id: busy, never a duplicate
