@@ -157,6 +157,7 @@ class AuthOk(_ServerFrame, tag="auth_ok", frozen=True):
 class Error(_ServerFrame, tag="error", frozen=True):
     code: ErrorCode
     message: str
+    id: str | None = None  # extension: the chat this error answers
 
 
 ServerFrame = Ready | Accepted | Chunk | Done | Paused | Resumed | Pong | AuthOk | Error
@@ -200,19 +201,15 @@ def validate_prompt(prompt: str, *, max_prompt_chars: int) -> str:
     return prompt
 
 
-def decode_client_frame(data: str | bytes, *, max_prompt_chars: int) -> ClientFrame:
-    """Parse and validate one client text frame.
+def decode_client_frame(data: str | bytes) -> ClientFrame:
+    """Parse one client text frame and check its structure.
 
-    Args:
-        data: the frame's payload.
-        max_prompt_chars: the longest prompt a ``chat`` frame may carry.
-
-    Returns:
-        The typed frame.
+    The prompt's content (blank, too long) is checked where a turn starts,
+    by :func:`validate_prompt`, so the error can name the chat's id.
 
     Raises:
         ProtocolError: malformed JSON, unknown ``type``, missing or extra
-            fields, wrong types, or a prompt that is blank or too long.
+            fields, wrong types, an over-long chat id.
     """
     try:
         frame: ClientFrame = _client_decoder.decode(data)
@@ -220,10 +217,8 @@ def decode_client_frame(data: str | bytes, *, max_prompt_chars: int) -> ClientFr
         raise ProtocolError(f"invalid frame: {exc}") from None
     except msgspec.DecodeError:
         raise ProtocolError("malformed JSON") from None
-    if isinstance(frame, Chat):
-        validate_prompt(frame.prompt, max_prompt_chars=max_prompt_chars)
-        if frame.id is not None and len(frame.id) > MAX_CLIENT_ID_CHARS:
-            raise ProtocolError(f"chat id longer than {MAX_CLIENT_ID_CHARS} characters")
+    if isinstance(frame, Chat) and frame.id is not None and len(frame.id) > MAX_CLIENT_ID_CHARS:
+        raise ProtocolError(f"chat id longer than {MAX_CLIENT_ID_CHARS} characters")
     return frame
 
 

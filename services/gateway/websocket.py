@@ -199,12 +199,13 @@ class Connection:
 
     async def _on_frame(self, text: str) -> None:
         gateway = self.gateway
+        chat_id: str | None = None  # echoed in an error answering a chat
         try:
-            frame = decode_client_frame(text, max_prompt_chars=gateway.settings.limits.max_prompt_chars)
+            frame = decode_client_frame(text)
             match frame:
-                case Chat(prompt=prompt, id=client_id):
-                    result = await gateway.start_turn(self.session, prompt, client_id=client_id)
-                    self.send(Accepted(id=client_id, turn=result.turn))
+                case Chat(prompt=prompt, id=chat_id):
+                    result = await gateway.start_turn(self.session, prompt, client_id=chat_id)
+                    self.send(Accepted(id=chat_id, turn=result.turn))
                 case protocol.Pause():
                     self.feed.submit(LocalPause(await gateway.pause(self.session)))
                 case protocol.Resume():
@@ -220,6 +221,6 @@ class Connection:
                 case _:
                     raise ProtocolError("unknown frame")
         except ProtocolError as exc:
-            self.send(Error(code=exc.code, message=exc.message))  # type: ignore[arg-type]
+            self.send(Error(code=exc.code, message=exc.message, id=chat_id))  # type: ignore[arg-type]
         except BrokerUnavailable:
-            self.send(Error(code="unavailable", message="the service is unavailable; try again shortly"))
+            self.send(Error(code="unavailable", message="the service is unavailable; try again shortly", id=chat_id))

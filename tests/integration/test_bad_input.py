@@ -182,3 +182,12 @@ async def test_resent_chat_starts_one_turn(clients: Clients) -> None:
     assert (await client.until("accepted"))["turn"] == 1
     turn, _, _ = await client.turn("next")
     assert turn == 2
+
+
+async def test_error_answering_a_chat_carries_its_id(clients: Clients) -> None:
+    """An error that refuses a chat names the chat's id, so a client can match it."""
+    client, _ = await clients.open(new_session())
+    await client.send({"type": "chat", "prompt": " ", "id": "blank-1"})
+    assert await client.until("error") == {
+        "type": "error", "code": "invalid", "message": "prompt must not be empty", "id": "blank-1",
+    }

@@ -20,11 +20,12 @@ from shared.protocol import (
     decode_server_frame,
     encode,
     frame_seq,
+    validate_prompt,
 )
 
 
 def decode(data: str) -> protocol.ClientFrame:
-    return decode_client_frame(data, max_prompt_chars=100)
+    return decode_client_frame(data)
 
 
 @pytest.mark.parametrize(
@@ -55,9 +56,6 @@ def test_decodes_every_client_frame(data: str, expected: object) -> None:
         ('{"type":"nope"}', "invalid"),
         ('{"prompt":"x"}', "invalid"),
         ('{"type":"chat"}', "invalid"),
-        ('{"type":"chat","prompt":""}', "invalid"),
-        ('{"type":"chat","prompt":"  "}', "invalid"),
-        ('{"type":"chat","prompt":"' + "x" * 101 + '"}', "too_big"),
         ('{"type":"chat","prompt":"x","id":"' + "i" * 129 + '"}', "invalid"),
         ('{"type":"ack","seq":"3"}', "invalid"),
         ('{"type":"stop","turn":1}', "invalid"),
@@ -68,6 +66,19 @@ def test_rejects_bad_frames_with_code(data: str, code: str) -> None:
     with pytest.raises(ProtocolError) as error:
         decode(data)
     assert error.value.code == code
+
+
+@pytest.mark.parametrize(("prompt", "code"), [("", "invalid"), (" \n", "invalid"), ("x" * 101, "too_big")])
+def test_prompt_validation(prompt: str, code: str) -> None:
+    """Blank prompts are invalid; prompts over the limit are too_big."""
+    with pytest.raises(ProtocolError) as error:
+        validate_prompt(prompt, max_prompt_chars=100)
+    assert error.value.code == code
+
+
+def test_prompt_at_the_limit_is_accepted() -> None:
+    """A prompt of exactly the limit passes."""
+    assert validate_prompt("x" * 100, max_prompt_chars=100) == "x" * 100
 
 
 def test_server_frames_encode_per_protocol() -> None:

@@ -1,0 +1,32 @@
+"""The Python client: a sans-I/O session (``session``) and its asyncio
+connection (``connection``), which reconnects, resumes and deduplicates."""
+
+from __future__ import annotations
+
+from .connection import ChatClient, ClientClosed, TokenProvider
+from .session import (
+    CloseAction,
+    Connected,
+    Disconnected,
+    GaveUp,
+    OfflineQueueFull,
+    Reconnecting,
+    SessionState,
+    close_action,
+    handshake_action,
+)
+
+__all__ = [
+    "ChatClient",
+    "ClientClosed",
+    "TokenProvider",
+    "CloseAction",
+    "Connected",
+    "Disconnected",
+    "GaveUp",
+    "OfflineQueueFull",
+    "Reconnecting",
+    "SessionState",
+    "close_action",
+    "handshake_action",
+]

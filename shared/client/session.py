@@ -1,0 +1,242 @@
+"""The client's side of a session, without I/O.
+
+:class:`SessionState` keeps the resume cursor, drops frames the client
+already has, queues frames sent while offline, remembers chats not yet
+acknowledged (resent after a reconnect; the gateway deduplicates them by
+id) and the pause the user asked for. :func:`close_action` and
+:func:`handshake_action` decide, purely, what a close code or a refused
+handshake means for reconnecting.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from ..errors import ChatError
+from ..protocol import (
+    Accepted,
+    Chat,
+    Chunk,
+    ClientFrame,
+    Done,
+    Error,
+    Pause,
+    Paused,
+    Ready,
+    Resume,
+    Resumed,
+    ServerFrame,
+    decode_server_frame,
+    encode,
+)
+
+__all__ = [
+    "CloseAction",
+    "close_action",
+    "handshake_action",
+    "Connected",
+    "Disconnected",
+    "Reconnecting",
+    "GaveUp",
+    "ConnectionEvent",
+    "OfflineQueueFull",
+    "GapDetected",
+    "SessionState",
+]
+
+
+class CloseAction(enum.Enum):
+    RECONNECT = "reconnect"
+    REFRESH_TOKEN = "refresh_token"  # get a new token, then reconnect
+    STOP = "stop"
+
+
+def close_action(code: int | None) -> CloseAction:
+    """What to do when the connection closed with ``code`` (None: no close frame).
+
+    1012 (restarting), 1013 (try again later), going-away and network errors
+    reconnect; 4001 refreshes the token first; 1008 (policy), 1009 (too big),
+    4003 (forbidden) and other application codes stop.
+    """
+    if code is None or code in (1001, 1005, 1006, 1011, 1012, 1013, 1014):
+        return CloseAction.RECONNECT
+    if code == 4001:
+        return CloseAction.REFRESH_TOKEN
+    return CloseAction.STOP
+
+
+def handshake_action(status: int) -> CloseAction:
+    """What to do when the gateway refused the upgrade with HTTP ``status``."""
+    if status == 401:
+        return CloseAction.REFRESH_TOKEN
+    if status in (408, 429) or status >= 500:
+        return CloseAction.RECONNECT
+    return CloseAction.STOP  # 400, 403: retrying cannot help
+
+
+# Connection events, given to the consumer beside the server's frames.
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    session: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    code: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnecting:
+    """The client will try again in ``delay_s`` (attempt counts from 1)."""
+
+    delay_s: float
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class GaveUp:
+    """The client stopped for good; ``reason`` says why."""
+
+    reason: str
+    code: int | None = None
+
+
+ConnectionEvent = Connected | Disconnected | Reconnecting | GaveUp
+
+
+class OfflineQueueFull(ChatError):
+    """More frames were sent while offline than the queue holds."""
+
+
+class GapDetected(ChatError):
+    """The server skipped a seq: the connection is dropped and resumed."""
+
+
+class SessionState:
+    """Everything the client remembers across connections.
+
+    Args:
+        session: the session to join, or None for a new one.
+        last_seq: the highest seq the caller already has.
+        max_queue: frames held while offline.
+    """
+
+    def __init__(self, *, session: str | None = None, last_seq: int = 0, max_queue: int = 100) -> None:
+        self.session = session
+        self.last_seq = last_seq
+        self.max_queue = max_queue
+        self.ready = False
+        self.paused = False
+        self.queue: deque[ClientFrame] = deque()
+        self.unacknowledged: dict[str, Chat] = {}
+        self.want_paused: bool | None = None
+        self._to_send: list[str] = []
+
+    def url(self, base: str, *, token: str | None = None) -> str:
+        """The WebSocket URL to (re)connect to, carrying session and cursor."""
+        parts = urlsplit(base)
+        query = dict(item.split("=", 1) for item in parts.query.split("&") if "=" in item)
+        if self.session is not None:
+            query["session"] = self.session
+        query["last_seq"] = str(self.last_seq)
+        if token:
+            query["token"] = token
+        return urlunsplit(parts._replace(query=urlencode(query)))
+
+    # Sending -------------------------------------------------------------
+
+    def send(self, frame: ClientFrame) -> ClientFrame:
+        """Send now if connected and ready, else queue; return the frame sent.
+
+        A ``chat`` without an id gets one, so a resend cannot start a second turn.
+
+        Raises:
+            OfflineQueueFull: offline, with ``max_queue`` frames already queued.
+        """
+        if isinstance(frame, Chat):
+            if frame.id is None:
+                frame = Chat(prompt=frame.prompt, id=uuid.uuid4().hex)
+            assert frame.id is not None
+            self.unacknowledged[frame.id] = frame
+        elif isinstance(frame, Pause):
+            self.want_paused = True
+        elif isinstance(frame, Resume):
+            self.want_paused = False
+        if self.ready:
+            self._to_send.append(encode(frame).decode())
+        elif isinstance(frame, Chat):
+            pass  # resent from ``unacknowledged`` once ready
+        elif isinstance(frame, (Pause, Resume)):
+            pass  # reconciled from ``want_paused`` once ready
+        else:
+            if len(self.queue) >= self.max_queue:
+                raise OfflineQueueFull(f"{len(self.queue)} frames are already queued while offline (the limit)")
+            self.queue.append(frame)
+        return frame
+
+    def data_to_send(self) -> list[str]:
+        """Frames to write to the socket now, in order."""
+        out, self._to_send = self._to_send, []
+        return out
+
+    # Receiving -----------------------------------------------------------
+
+    def receive(self, data: str) -> list[ServerFrame]:
+        """Take one server frame; return it, or nothing if it is a duplicate.
+
+        Raises:
+            ProtocolError: the data is not a server frame.
+            GapDetected: the server skipped a seq (reconnect and resume).
+        """
+        frame = decode_server_frame(data)
+        match frame:
+            case Ready():
+                self._on_ready(frame)
+            case Chunk() | Done():
+                if frame.seq <= self.last_seq:
+                    return []  # already delivered before a reconnect
+                if frame.seq != self.last_seq + 1:
+                    raise GapDetected(f"got seq {frame.seq} after {self.last_seq}")
+                self.last_seq = frame.seq
+            case Accepted(id=chat_id) | Error(id=chat_id):
+                if chat_id is not None:
+                    self.unacknowledged.pop(chat_id, None)
+            case Paused():
+                self.paused = True
+                if self.want_paused:
+                    self.want_paused = None
+            case Resumed():
+                self.paused = False
+                if self.want_paused is False:
+                    self.want_paused = None
+            case _:
+                pass
+        return [frame]
+
+    def _on_ready(self, ready: Ready) -> None:
+        self.session = ready.session
+        self.paused = ready.paused
+        self.ready = True
+        # Chats the server may not have seen, then the pause the user wants,
+        # then what was queued offline, in the order it was sent.
+        for chat in self.unacknowledged.values():
+            self._to_send.append(encode(chat).decode())
+        if self.want_paused is not None and self.want_paused != ready.paused:
+            self._to_send.append(encode(Pause() if self.want_paused else Resume()).decode())
+        else:
+            self.want_paused = None
+        while self.queue:
+            self._to_send.append(encode(self.queue.popleft()).decode())
+
+    def connection_lost(self) -> None:
+        """The socket is gone: queue from now on until the next ``ready``."""
+        self.ready = False
+        self._to_send.clear()

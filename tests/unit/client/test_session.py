@@ -1,0 +1,175 @@
+"""The client's sans-I/O session: dedupe, offline queue, chat resends, pause intent, close codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared.client.session import (
+    CloseAction,
+    GapDetected,
+    OfflineQueueFull,
+    SessionState,
+    close_action,
+    handshake_action,
+)
+from shared.protocol import Chat, Chunk, Done, Pause, Ping, Ready, Resume, Stop, encode
+
+
+def ready(session: str = "s1", paused: bool = False) -> str:
+    return encode(Ready(session=session, last_seq=0, paused=paused)).decode()
+
+
+def chunk(seq: int) -> str:
+    return encode(Chunk(seq=seq, turn=1, text=f"w{seq}")).decode()
+
+
+def sent(state: SessionState) -> list[dict[str, object]]:
+    return [json.loads(data) for data in state.data_to_send()]
+
+
+def test_url_carries_session_and_cursor() -> None:
+    """Reconnect URLs name the session and the last seq, keeping other parameters."""
+    state = SessionState()
+    assert state.url("ws://h/ws") == "ws://h/ws?last_seq=0"
+    state.receive(ready("abc"))
+    state.receive(chunk(1))
+    assert state.url("ws://h/ws?x=1") == "ws://h/ws?x=1&session=abc&last_seq=1"
+
+
+def test_duplicates_dropped_and_cursor_advances() -> None:
+    """Frames at or below last_seq (replayed after a reconnect) are dropped."""
+    state = SessionState(last_seq=2)
+    state.receive(ready())
+    assert state.receive(chunk(2)) == []
+    assert [f.seq for f in state.receive(chunk(3))] == [3]  # type: ignore[union-attr]
+    assert state.receive(chunk(3)) == []
+    assert state.last_seq == 3
+
+
+def test_gap_is_detected() -> None:
+    """A skipped seq raises, so the connection is replaced and resumed."""
+    state = SessionState()
+    state.receive(ready())
+    state.receive(chunk(1))
+    with pytest.raises(GapDetected, match="got seq 3 after 1"):
+        state.receive(chunk(3))
+
+
+def test_offline_frames_go_out_in_order_after_ready() -> None:
+    """Frames sent while offline are sent in order once the next connection is ready."""
+    state = SessionState()
+    state.send(Stop())
+    state.send(Ping(t=1))
+    state.send(Ping(t=2))
+    assert state.data_to_send() == []
+    state.receive(ready())
+    assert sent(state) == [{"type": "stop"}, {"type": "ping", "t": 1}, {"type": "ping", "t": 2}]
+
+
+def test_offline_queue_is_bounded() -> None:
+    """More frames than max_queue while offline is an error, not unbounded memory."""
+    state = SessionState(max_queue=2)
+    state.send(Ping(t=1))
+    state.send(Ping(t=2))
+    with pytest.raises(OfflineQueueFull):
+        state.send(Ping(t=3))
+
+
+def test_chat_gets_an_id_and_is_resent_until_acknowledged() -> None:
+    """A chat without id gets one; it is resent on every reconnect until accepted."""
+    state = SessionState()
+    state.receive(ready())
+    frame = state.send(Chat(prompt="hi"))
+    assert isinstance(frame, Chat) and frame.id
+    assert sent(state) == [{"type": "chat", "prompt": "hi", "id": frame.id}]
+    state.connection_lost()
+    state.receive(ready())
+    assert sent(state) == [{"type": "chat", "prompt": "hi", "id": frame.id}]
+    state.receive(json.dumps({"type": "accepted", "turn": 1, "id": frame.id}))
+    state.connection_lost()
+    state.receive(ready())
+    assert sent(state) == []
+
+
+def test_refused_chat_is_not_resent() -> None:
+    """An error naming the chat's id settles it."""
+    state = SessionState()
+    state.receive(ready())
+    frame = state.send(Chat(prompt=" ", id="c9"))
+    state.data_to_send()
+    state.receive(json.dumps({"type": "error", "code": "invalid", "message": "x", "id": "c9"}))
+    assert frame.id not in state.unacknowledged  # type: ignore[union-attr]
+
+
+def test_chat_sent_offline_goes_once() -> None:
+    """A chat sent while offline is sent once on reconnect, not twice."""
+    state = SessionState()
+    state.send(Chat(prompt="offline", id="c1"))
+    state.receive(ready())
+    assert sent(state) == [{"type": "chat", "prompt": "offline", "id": "c1"}]
+
+
+@pytest.mark.parametrize(
+    ("want", "server_paused", "expected"),
+    [(Pause(), False, [{"type": "pause"}]), (Pause(), True, []), (Resume(), True, [{"type": "resume"}]), (Resume(), False, [])],
+)
+def test_pause_intent_reconciled_on_reconnect(want: object, server_paused: bool, expected: list[object]) -> None:
+    """A pause or resume asked while offline is sent only if the session is not already so."""
+    state = SessionState()
+    state.send(want)  # type: ignore[arg-type]
+    state.receive(ready(paused=server_paused))
+    assert sent(state) == expected
+
+
+def test_answered_pause_is_not_resent() -> None:
+    """Once the server answers paused, a reconnect does not pause again."""
+    state = SessionState()
+    state.receive(ready())
+    state.send(Pause())
+    state.data_to_send()
+    state.receive(json.dumps({"type": "paused", "seq": 0}))
+    state.connection_lost()
+    state.receive(ready(paused=True))
+    assert sent(state) == [] and state.paused
+
+
+def test_done_advances_cursor() -> None:
+    """done counts in the seq like chunk."""
+    state = SessionState()
+    state.receive(ready())
+    state.receive(chunk(1))
+    state.receive(encode(Done(seq=2, turn=1, reason="stop")).decode())
+    assert state.last_seq == 2
+
+
+@pytest.mark.parametrize(
+    ("code", "action"),
+    [
+        (None, CloseAction.RECONNECT),
+        (1001, CloseAction.RECONNECT),
+        (1006, CloseAction.RECONNECT),
+        (1011, CloseAction.RECONNECT),
+        (1012, CloseAction.RECONNECT),
+        (1013, CloseAction.RECONNECT),
+        (4001, CloseAction.REFRESH_TOKEN),
+        (1000, CloseAction.STOP),
+        (1008, CloseAction.STOP),
+        (1009, CloseAction.STOP),
+        (4003, CloseAction.STOP),
+        (4999, CloseAction.STOP),
+    ],
+)
+def test_close_codes(code: int | None, action: CloseAction) -> None:
+    """1012, 1013 and network errors reconnect; 4001 refreshes; 1008 and 4003 stop."""
+    assert close_action(code) is action
+
+
+@pytest.mark.parametrize(
+    ("status", "action"),
+    [(400, CloseAction.STOP), (401, CloseAction.REFRESH_TOKEN), (403, CloseAction.STOP), (429, CloseAction.RECONNECT), (503, CloseAction.RECONNECT)],
+)
+def test_handshake_refusals(status: int, action: CloseAction) -> None:
+    """A refused upgrade: 401 refreshes the token, 429/5xx retry, 400/403 stop."""
+    assert handshake_action(status) is action
