@@ -17,7 +17,7 @@ __all__ = ["ServiceProcess", "READY_MARKERS"]
 
 # The line each service logs once it can do its job.
 READY_MARKERS = {
-    "services.gateway": "Uvicorn running on",
+    "services.gateway": "Application startup complete",
     "services.llm_worker": '"event": "ready"',
     "services.buffer": '"event": "ready"',
 }

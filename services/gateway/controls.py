@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -16,10 +17,11 @@ from shared.errors import BrokerUnavailable, ProtocolError, SessionStateError
 from shared.messages import Control, TurnRequest
 from shared.protocol import encode, validate_prompt
 from shared.session import Delivery, Send
-from shared.store import SessionStore, StartResult
+from shared.store import SessionMeta, SessionStore, StartResult
 from shared.subjects import SUBJECT_REQUESTS, control_subject
 
 from .feed import SessionFeed
+from .outbox import Outbox
 from .settings import Settings
 
 __all__ = ["Gateway"]
@@ -37,8 +39,21 @@ class Gateway:
     store: SessionStore
     feeds: set[SessionFeed] = field(default_factory=set)
 
-    def open_feed(self, session: str, delivery: Delivery, emit: Callable[[Send], None]) -> SessionFeed:
-        """A feed for one connection, with this gateway's limits."""
+    def open_feed(
+        self, session: str, last_seq: int, meta: SessionMeta, emit: Callable[[Send], None], outbox: Outbox[Any]
+    ) -> SessionFeed:
+        """A feed for one connection from ``last_seq``, with this gateway's limits.
+
+        Frames held ahead of a gap are capped at a quarter of the send queue,
+        and replays fill at most what is free, so a client that keeps reading
+        always catches up, however small the queue.
+        """
+        delivery = Delivery(
+            delivered=last_seq,
+            paused=meta.paused,
+            version=meta.pause_version,
+            max_pending=max(1, min(1024, outbox.maxsize // 4)),
+        )
         return SessionFeed(
             nc=self.nc,
             session=session,
@@ -48,6 +63,7 @@ class Gateway:
             gap_timeout_s=self.settings.timeouts.gap_timeout_s,
             replay_timeout_s=self.settings.timeouts.replay_timeout_s,
             registry=self.feeds,
+            room=outbox.room,
         )
 
     async def start_turn(self, session: str, prompt: str, *, client_id: str | None = None) -> StartResult:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -51,6 +51,8 @@ class SessionFeed:
     Args:
         emit: called with each frame to send, in order; it must not block.
         registry: the set of open feeds this feed joins while it runs.
+        room: waits for space in the connection's send queue and returns it;
+            replays are sized to fit.
         inbox_frames: live frames held before the feed stops taking them and
             catches up by replay instead (memory stays bounded).
     """
@@ -66,6 +68,7 @@ class SessionFeed:
         gap_timeout_s: float,
         replay_timeout_s: float,
         registry: set[SessionFeed] | None = None,
+        room: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self.nc = nc
         self.session = session
@@ -77,6 +80,7 @@ class SessionFeed:
         self.replay_timeout_s = replay_timeout_s
         self.overflowed = False
         self.registry: set[SessionFeed] = registry if registry is not None else set()
+        self.room = room
         self._replay_task: asyncio.Task[None] | None = None
 
     def submit(self, event: Event) -> None:
@@ -148,7 +152,11 @@ class SessionFeed:
             self.inbox.put_nowait(RemoteResume(control.version))
 
     async def _replay(self, after: int) -> None:
-        request = encode(ReplayRequest(session=self.session, after=after, limit=REPLAY_LIMIT))
+        limit = REPLAY_LIMIT
+        if self.room is not None:
+            # Leave space for the frames held ahead of a gap, released after the batch.
+            limit = max(1, min(limit, await self.room() - self.delivery.max_pending))
+        request = encode(ReplayRequest(session=self.session, after=after, limit=limit))
         try:
             reply = await self.nc.request(SUBJECT_REPLAY, request, timeout=self.replay_timeout_s)
         except Exception as exc:  # timeout, no buffer running, reconnecting

@@ -13,8 +13,9 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 
 from shared.errors import BrokerUnavailable, ProtocolError, SessionStateError
 from shared.protocol import Chunk, Done, decode_server_frame
-from shared.session import Delivery, Send
+from shared.session import Send
 from shared.sse import encode_event
+from shared.store import SessionMeta
 from shared.subjects import new_session_id, validate_session_id
 
 from .controls import Gateway
@@ -72,7 +73,8 @@ def _handle_errors(handler: Handler) -> Handler:
 def _stream(
     gateway: Gateway,
     session: str,
-    delivery: Delivery,
+    last_seq: int,
+    meta: SessionMeta,
     *,
     turn: int | None,
     plain: bool,
@@ -84,7 +86,7 @@ def _stream(
     # A reader too slow for the outbox has its response ended; it resumes
     # with Last-Event-ID.
     outbox: Outbox[Send] = Outbox(settings.limits.send_queue_frames)
-    feed = gateway.open_feed(session, delivery, outbox.put)
+    feed = gateway.open_feed(session, last_seq, meta, outbox.put, outbox)
 
     async def body() -> AsyncIterator[bytes]:
         task = asyncio.create_task(feed.run())
@@ -135,9 +137,8 @@ async def chat(request: Request) -> Response:
     meta = await gateway.store.meta(session)
     result = await gateway.start_turn(session, prompt)
     # The turn's frames are numbered after base_seq; pause applies here too.
-    delivery = Delivery(delivered=result.base_seq, paused=meta.paused, version=meta.pause_version)
     headers = {"X-Chat-Session": session, "X-Chat-Turn": str(result.turn)}
-    return _stream(gateway, session, delivery, turn=result.turn, plain=compat, headers=headers)
+    return _stream(gateway, session, result.base_seq, meta, turn=result.turn, plain=compat, headers=headers)
 
 
 @_handle_errors
@@ -149,8 +150,7 @@ async def events(request: Request) -> Response:
     meta = await gateway.store.meta(session)
     if last_seq > meta.hwm:
         raise ProtocolError(f"last_seq {last_seq} is beyond the session's last seq {meta.hwm}")
-    delivery = Delivery(delivered=last_seq, paused=meta.paused, version=meta.pause_version)
-    return _stream(gateway, session, delivery, turn=None, plain=False)
+    return _stream(gateway, session, last_seq, meta, turn=None, plain=False)
 
 
 @_handle_errors

@@ -24,6 +24,8 @@ class Outbox(Generic[T]):
         self.items: deque[T] = deque()
         self.ready = asyncio.Event()
         self.overflowed = asyncio.Event()
+        self.half_empty = asyncio.Event()
+        self.half_empty.set()
 
     def put(self, item: T) -> None:
         """Queue ``item``, or mark the outbox overflowed (and drop everything)."""
@@ -33,9 +35,12 @@ class Outbox(Generic[T]):
             self.items.clear()
             self.overflowed.set()
             self.ready.set()
+            self.half_empty.set()
             return
         self.items.append(item)
         self.ready.set()
+        if len(self.items) > self.maxsize // 2:
+            self.half_empty.clear()
 
     async def get(self) -> T | None:
         """The next item, or None once overflowed."""
@@ -44,4 +49,16 @@ class Outbox(Generic[T]):
                 return None
             self.ready.clear()
             await self.ready.wait()
-        return self.items.popleft()
+        item = self.items.popleft()
+        if len(self.items) <= self.maxsize // 2:
+            self.half_empty.set()
+        return item
+
+    async def room(self) -> int:
+        """Wait until the outbox is at most half full; return its free slots.
+
+        Replays ask for no more than this, so catching up is paced by the
+        client instead of overflowing a reader that is merely behind.
+        """
+        await self.half_empty.wait()
+        return self.maxsize - len(self.items)

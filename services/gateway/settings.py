@@ -23,6 +23,7 @@ class Limits:
     max_prompt_chars: int = 16_000
     send_queue_frames: int = 2048
     inbox_frames: int = 4096
+    send_buffer_bytes: int = 0  # kernel send buffer per connection; 0 = the OS default
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Settings:
                 max_prompt_chars=env_int(environ, "CHAT_MAX_PROMPT_CHARS", Limits.max_prompt_chars, minimum=1),
                 send_queue_frames=env_int(environ, "CHAT_SEND_QUEUE_FRAMES", Limits.send_queue_frames, minimum=8),
                 inbox_frames=env_int(environ, "CHAT_INBOX_FRAMES", Limits.inbox_frames, minimum=8),
+                send_buffer_bytes=env_int(environ, "CHAT_SEND_BUFFER_BYTES", Limits.send_buffer_bytes, minimum=0),
             ),
             timeouts=Timeouts(
                 ping_interval_s=env_float(environ, "CHAT_PING_INTERVAL_S", Timeouts.ping_interval_s, minimum=0.1),

@@ -28,7 +28,8 @@ from shared.protocol import (
     decode_server_frame,
     encode,
 )
-from shared.session import Delivery, LocalPause, LocalResume, Send
+from shared.session import LocalPause, LocalResume, Send
+from shared.store import SessionMeta
 from shared.subjects import new_session_id, validate_session_id
 
 from .controls import Gateway
@@ -103,11 +104,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.send_denial_response(error_response("unavailable", "the session store is unavailable"))
         return
     await websocket.accept(subprotocol=handshake.subprotocol)
-    # The original client tracks no seq: it gets what is generated from now on.
-    cursor = meta.hwm if handshake.compat else handshake.last_seq
-    connection = Connection(
-        gateway, websocket, handshake, Delivery(delivered=cursor, paused=meta.paused, version=meta.pause_version)
-    )
+    connection = Connection(gateway, websocket, handshake, meta)
     if not handshake.compat:
         connection.send(Ready(session=handshake.session, last_seq=meta.hwm, paused=meta.paused))
     await connection.serve()
@@ -116,13 +113,15 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 class Connection:
     """One accepted WebSocket: a reader, a writer and the session feed."""
 
-    def __init__(self, gateway: Gateway, websocket: WebSocket, handshake: Handshake, delivery: Delivery) -> None:
+    def __init__(self, gateway: Gateway, websocket: WebSocket, handshake: Handshake, meta: SessionMeta) -> None:
         self.gateway = gateway
         self.websocket = websocket
         self.session = handshake.session
         self.compat = handshake.compat
         self.outbox: Outbox[str] = Outbox(gateway.settings.limits.send_queue_frames)
-        self.feed = gateway.open_feed(self.session, delivery, self.emit)
+        # The original client tracks no seq: it gets what is generated from now on.
+        cursor = meta.hwm if handshake.compat else handshake.last_seq
+        self.feed = gateway.open_feed(self.session, cursor, meta, self.emit, self.outbox)
 
     def send(self, frame: protocol.ServerFrame) -> None:
         self.outbox.put(encode(frame).decode())

@@ -22,3 +22,19 @@ async def test_overflow_drops_everything_and_ends() -> None:
     assert not outbox.items
     outbox.put(4)
     assert await outbox.get() is None
+
+
+async def test_room_waits_until_half_empty() -> None:
+    """room() returns at once when at most half full, else once the writer drained it."""
+    import asyncio
+
+    outbox: Outbox[int] = Outbox(4)
+    outbox.put(1)
+    assert await outbox.room() == 3
+    for item in (2, 3):
+        outbox.put(item)
+    waiting = asyncio.create_task(outbox.room())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await outbox.get()
+    assert await waiting == 2

@@ -1,0 +1,295 @@
+"""The Python client against real services through a fault proxy.
+
+Each run checks the client's consumer saw every seq exactly once, in order,
+and that the text equals the answer the session stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from devstack.servers import Server
+from shared.backoff import Backoff
+from shared.client import ChatClient, Connected, Disconnected, GaveUp, Reconnecting
+from shared.protocol import Accepted, Chunk, Done
+from tests.faultproxy import FaultProxy
+from tests.stack import TIMEOUT_FACTOR, WAIT_S, Stack, history, isolated_stack, new_session
+
+# Long streams: 1,000 tokens at 200 tokens/s, five seconds a turn.
+LONG = {"CHAT_DEMO_TOKENS_PER_S": "200", "CHAT_DEMO_ANSWER_TOKENS": "1000"}
+
+
+@pytest.fixture(scope="module")
+def long_stack(redis_server: Server) -> Iterator[Stack]:
+    with isolated_stack(redis_server.url, LONG) as stack:
+        yield stack
+
+
+@pytest.fixture
+async def proxy(long_stack: Stack) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy("127.0.0.1", long_stack.port) as running:
+        yield running
+
+
+def fast_client(url: str, **kwargs: object) -> ChatClient:
+    """Reconnects quickly and notices silence within a second."""
+    return ChatClient(
+        url,
+        backoff=Backoff(initial_s=0.02, cap_s=0.2, healthy_after_s=1.0),
+        ping_interval_s=0.25,
+        ping_timeout_s=1.0 * TIMEOUT_FACTOR,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+@dataclass
+class Transcript:
+    """What a consumer saw, checked as it arrives."""
+
+    seqs: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    accepted: list[Accepted] = field(default_factory=list)
+    disconnects: int = 0
+    done: Done | None = None
+
+    def take(self, event: object) -> None:
+        if isinstance(event, (Chunk, Done)):
+            expected = self.seqs[-1] + 1 if self.seqs else 1
+            assert event.seq == expected, f"got seq {event.seq}, expected {expected}"
+            self.seqs.append(event.seq)
+        if isinstance(event, Chunk):
+            self.text.append(event.text)
+        elif isinstance(event, Done):
+            self.done = event
+        elif isinstance(event, Accepted):
+            self.accepted.append(event)
+        elif isinstance(event, Disconnected):
+            self.disconnects += 1
+        elif isinstance(event, GaveUp):
+            raise AssertionError(f"client gave up: {event.reason}")
+
+
+async def run_turn(client: ChatClient, prompt: str, transcript: Transcript, *, turn_started: asyncio.Event | None = None) -> Done:
+    """Consume events until the done of the turn the prompt started."""
+    await client.chat(prompt)
+    async with asyncio.timeout(6 * WAIT_S):
+        async for event in client.events():
+            transcript.take(event)
+            if isinstance(event, Chunk) and turn_started is not None:
+                turn_started.set()
+            if isinstance(event, Done):
+                return event
+    raise AssertionError("the client stopped before the turn's done")
+
+
+async def test_fifty_random_cuts(long_stack: Stack, proxy: FaultProxy) -> None:
+    """Open connections cut at 50 random moments over long streams: every seq once, texts equal history."""
+    rng = random.Random(2026)
+    session = new_session()
+    transcript = Transcript()
+    started = asyncio.Event()
+
+    async def cutter() -> int:
+        await started.wait()
+        hits = 0
+        for _ in range(50):
+            await proxy.next_connection()
+            await asyncio.sleep(rng.uniform(0.02, 0.12))
+            hits += proxy.cut_all()
+        return hits
+
+    async with fast_client(proxy.url(), session=session) as client:
+        cutting = asyncio.create_task(cutter())
+        turns = 0
+        while not cutting.done() or turns == 0:
+            done = await run_turn(client, f"survive the cuts, part {turns + 1}", transcript, turn_started=started)
+            assert done.reason == "length"
+            turns += 1
+        hits = await cutting
+    assert hits == 50
+    assert transcript.disconnects >= 40  # a cut during the handshake is a failed connect instead
+    record = await history(long_stack, session)
+    assert len(record["turns"]) == turns
+    assert "".join(transcript.text) == "".join(t["answer"] for t in record["turns"])
+
+
+async def test_half_open_connection_is_detected(long_stack: Stack, proxy: FaultProxy) -> None:
+    """Traffic black-holed without a close: the heartbeat notices, the client reconnects and completes."""
+    session = new_session()
+    transcript = Transcript()
+    started = asyncio.Event()
+
+    async def blackhole() -> None:
+        await started.wait()
+        await asyncio.sleep(0.3)
+        assert proxy.blackhole_existing() == 1
+
+    async with fast_client(proxy.url(), session=session) as client:
+        holing = asyncio.create_task(blackhole())
+        done = await run_turn(client, "half open", transcript, turn_started=started)
+        await holing
+    assert done.reason == "length"
+    assert transcript.disconnects >= 1
+    assert proxy.connections >= 2
+    assert "".join(transcript.text) == (await history(long_stack, session))["turns"][0]["answer"]
+
+
+async def test_delayed_and_split_traffic(long_stack: Stack, proxy: FaultProxy) -> None:
+    """Every read delayed and split into 7-byte writes: frames reassemble, every seq once."""
+    proxy.delay_s = 0.002
+    proxy.split_bytes = 7
+    session = new_session()
+    transcript = Transcript()
+    async with fast_client(proxy.url(), session=session) as client:
+        done = await run_turn(client, "slow and fragmented", transcript)
+    assert done.reason == "length"
+    assert "".join(transcript.text) == (await history(long_stack, session))["turns"][0]["answer"]
+
+
+async def test_chat_sent_during_outage_starts_one_turn(long_stack: Stack, proxy: FaultProxy) -> None:
+    """A chat sent while the gateway is unreachable goes out once on reconnect and starts one turn."""
+    session = new_session()
+    transcript = Transcript()
+    async with fast_client(proxy.url(), session=session) as client:
+        events = client.events()
+        while not isinstance(event := await anext(events), Connected):
+            transcript.take(event)
+        proxy.refuse = True
+        proxy.cut_all()
+        while not isinstance(event := await anext(events), Reconnecting):
+            transcript.take(event)
+        await client.chat("sent while offline")
+        proxy.refuse = False
+        async with asyncio.timeout(6 * WAIT_S):
+            async for event in events:
+                transcript.take(event)
+                if isinstance(event, Done):
+                    break
+    record = await history(long_stack, session)
+    assert [t["prompt"] for t in record["turns"]] == ["sent while offline"]
+    assert [a.turn for a in transcript.accepted] == [1]
+    assert "".join(transcript.text) == record["turns"][0]["answer"]
+
+
+async def test_chat_resent_after_cut_starts_one_turn(long_stack: Stack, proxy: FaultProxy) -> None:
+    """A connection cut right after a chat is sent: the resend is deduplicated by id."""
+    session = new_session()
+    transcript = Transcript()
+    async with fast_client(proxy.url(), session=session) as client:
+        events = client.events()
+        while not isinstance(event := await anext(events), Connected):
+            transcript.take(event)
+        await client.chat("cut right after sending")
+        proxy.cut_all()  # the accepted frame, if any, is lost with the connection
+        async with asyncio.timeout(6 * WAIT_S):
+            async for event in events:
+                transcript.take(event)
+                if isinstance(event, Done):
+                    break
+    record = await history(long_stack, session)
+    assert len(record["turns"]) == 1
+    assert {a.turn for a in transcript.accepted} <= {1}
+    assert "".join(transcript.text) == record["turns"][0]["answer"]
+
+
+async def test_gives_up_on_policy_close(long_stack: Stack) -> None:
+    """A refused handshake (400: bad session id) ends the client with GaveUp, no retries."""
+    async with ChatClient(f"ws://127.0.0.1:{long_stack.port}/ws", session="bad.id") as client:
+        events = [event async for event in client.events()]
+    assert len(events) == 1 and isinstance(events[0], GaveUp)
+    assert "HTTP 400" in events[0].reason
+
+
+async def test_gives_up_after_max_attempts(proxy: FaultProxy) -> None:
+    """With the gateway unreachable, the client stops after max_attempts with a clear reason."""
+    proxy.refuse = True
+    client = ChatClient(proxy.url(), backoff=Backoff(initial_s=0.01, cap_s=0.02, max_attempts=3))
+    async with client:
+        events = [event async for event in client.events()]
+    assert [type(e) for e in events] == [Reconnecting, Reconnecting, Reconnecting, GaveUp]
+    assert isinstance(events[-1], GaveUp) and "gave up after 3 attempts" in events[-1].reason
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def flood_stack(redis_server: Server) -> Iterator[Stack]:
+    """A fast stream (4,000 tokens/s, 8,000 tokens) behind a gateway with small send bounds."""
+    with isolated_stack(redis_server.url, {"CHAT_DEMO_TOKENS_PER_S": "4000", "CHAT_DEMO_ANSWER_TOKENS": "8000"}) as stack:
+        stack.gateways[0].stop()
+        stack.processes.remove(stack.gateways[0])
+        stack.gateways.clear()
+        stack.port = 0
+        stack.start_gateway({"CHAT_SEND_QUEUE_FRAMES": "64", "CHAT_SEND_BUFFER_BYTES": "16384"})
+        yield stack
+
+
+async def slow_then_fast_reader(stack: Stack) -> tuple[int | None, int, str]:
+    """Read slowly through a small socket until closed, then reconnect and read the rest.
+
+    Returns the first connection's close code, the frames it got, and the whole text.
+    """
+    session = new_session()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", stack.port))
+    seqs: list[int] = []
+    text: list[str] = []
+
+    def take(raw: str | bytes) -> dict[str, object]:
+        frame: dict[str, object] = json.loads(raw)
+        if frame["type"] in ("chunk", "done"):
+            assert frame["seq"] == len(seqs) + 1
+            seqs.append(frame["seq"])  # type: ignore[arg-type]
+            if frame["type"] == "chunk":
+                text.append(frame["text"])  # type: ignore[arg-type]
+        return frame
+
+    url = stack.ws_url(session=session)
+    async with connect(url, subprotocols=["chat.v1"], sock=sock, max_queue=4) as ws:  # type: ignore[list-item]
+        take(await ws.recv())
+        await ws.send(json.dumps({"type": "chat", "prompt": "flood me"}))
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                take(await ws.recv())
+                await asyncio.sleep(0.002)  # about 500 frames/s, slower than the stream
+        first_code = ws.close_code
+    first_frames = len(seqs)
+    url = stack.ws_url(session=session, last_seq=len(seqs))
+    async with connect(url, subprotocols=["chat.v1"]) as ws:  # type: ignore[list-item]
+        async with asyncio.timeout(WAIT_S):
+            while take(await ws.recv())["type"] != "done":
+                pass
+    answer = (await history(stack, session))["turns"][0]["answer"]
+    assert "".join(text) == answer
+    return first_code, first_frames, answer
+
+
+async def test_slow_reader_is_disconnected_and_catches_up(flood_stack: Stack) -> None:
+    """Readers slower than the stream are closed with 1013, resume by last_seq, and the gateway's memory stays bounded."""
+    pid = flood_stack.gateways[0].process.pid  # type: ignore[union-attr]
+    before = rss_kib(pid)
+    results = await asyncio.gather(*(slow_then_fast_reader(flood_stack) for _ in range(4)))
+    grown_kib = rss_kib(pid) - before
+    for code, first_frames, _ in results:
+        assert code == 1013
+        assert first_frames < 8001  # closed mid-stream
+    # Loose: four 8,000-frame streams (about 2 MB) went to readers that fell
+    # behind; the gateway held at most its bounded queues for them.
+    assert grown_kib < 20 * 1024, f"gateway grew by {grown_kib} KiB"
