@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test unit lint system-deps clean
+.PHONY: run test unit lint system-deps node-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,14 @@ system-deps:
 run: system-deps $(VENV)/.run-deps
 	$(BIN)/python -m devstack
 
-test: system-deps $(VENV)/.test-deps lint
+# Node runs the browser client's unit tests.
+node-deps:
+	@command -v node >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q nodejs; }
+
+test: system-deps node-deps $(VENV)/.test-deps lint
+	node --test tests/js/
 	$(BIN)/python -m pytest
 
 unit: $(VENV)/.test-deps

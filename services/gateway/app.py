@@ -8,7 +8,8 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 
 from shared.runner import open_connections
 from shared.store import SessionStore
@@ -56,5 +57,6 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/sessions/{session}/history", h["history"]),
         Route("/healthz", h["healthz"]),
         Route("/readyz", h["readyz"]),
+        Mount("/static", StaticFiles(directory=http.STATIC_DIR), name="static"),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -24,7 +25,8 @@ from .websocket import error_response, parse_cursor
 
 __all__ = ["routes_handlers"]
 
-PAGE = __file__.rsplit("/", 1)[0] + "/static/index.html"
+STATIC_DIR = Path(__file__).parent / "static"
+PAGE = STATIC_DIR / "index.html"
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
