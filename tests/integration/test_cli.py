@@ -85,3 +85,18 @@ async def test_unreachable_gateway_gives_up(stack: Stack) -> None:
     assert code == 2
     assert out == ""
     assert "gave up after 2 attempts" in err
+
+
+async def test_interactive_mode_reads_prompts_from_stdin(stack: Stack) -> None:
+    """Without a prompt, each stdin line is a turn; EOF ends the session."""
+    session = new_session()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shared.client.cli", "chat", "--url", stack.ws_url(), "--session", session,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(3 * WAIT_S):
+        out, err = await process.communicate(b"first line\n\nsecond line\n")
+    assert process.returncode == 0, err.decode()
+    turns = (await history(stack, session))["turns"]
+    assert [t["prompt"] for t in turns] == ["first line", "second line"]
+    assert out.decode() == "".join(t["answer"] + "\n" for t in turns)
