@@ -89,13 +89,14 @@ class DemoModel:
         yield words[0]
         for word in words[1:]:
             yield " " + word
-        previous = ""
         while True:
-            separator = "\n\n" if rng.random() < 0.2 else " "
-            sentence = rng.choice([s for s in _SENTENCES if s != previous])
-            previous = sentence
-            for index, word in enumerate(sentence.split(" ")):
-                yield (separator if index == 0 else " ") + word
+            # Walk a shuffled deck, so no sentence repeats until all were used.
+            deck = list(_SENTENCES)
+            rng.shuffle(deck)
+            for sentence in deck:
+                separator = "\n\n" if rng.random() < 0.2 else " "
+                for index, word in enumerate(sentence.split(" ")):
+                    yield (separator if index == 0 else " ") + word
 
     async def stream(self, messages: Sequence[Message]) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()

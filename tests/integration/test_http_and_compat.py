@@ -106,10 +106,11 @@ async def test_health_and_readiness(stack: Stack) -> None:
         assert (await http.get("/readyz")).json() == {"ready": True, "nats": True, "redis": True}
         page = await http.get("/")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-        assert "/static/chat-client.js" in page.text
-        module = await http.get("/static/chat-client.js")
-        assert module.status_code == 200 and "javascript" in module.headers["content-type"]
-        assert "export class ChatClient" in module.text
+        assert "/static/chat-page.js" in page.text
+        for name, export in [("chat-page.js", "import { ChatClient }"), ("chat-client.js", "export class ChatClient"), ("markdown.js", "export function renderMarkdown")]:
+            module = await http.get(f"/static/{name}")
+            assert module.status_code == 200 and "javascript" in module.headers["content-type"]
+            assert export in module.text
 
 
 async def test_original_design_client(stack: Stack) -> None:

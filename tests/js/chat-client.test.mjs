@@ -234,3 +234,17 @@ test("4001 asks the token provider again before reconnecting", async () => {
   assert.equal(calls, 2);
   assert.match(FakeSocket.last().url, /token=t2/);
 });
+
+test("networkLost drops the socket at once and schedules a reconnect; retryNow connects", () => {
+  const { client, states } = makeClient();
+  client.start();
+  const ws = FakeSocket.last();
+  ws.open();
+  ws.deliver(ready());
+  client.networkLost();
+  assert.equal(ws.readyState, 3);
+  assert.equal(states.at(-1).state, "reconnecting");
+  client.retryNow();
+  assert.equal(FakeSocket.all.length, 2);
+  assert.equal(states.at(-1).state, "connecting");
+});

@@ -237,6 +237,14 @@ export class ChatClient extends EventTarget {
     return sent;
   }
 
+  /** The browser reports the network gone (window "offline"): drop the socket now, not after the heartbeat. */
+  networkLost() {
+    if (this.closed || !this.ws) return;
+    const ws = this.ws;
+    ws.close(4000, "offline");
+    this.onClose(ws, null, "the browser is offline");
+  }
+
   /** The page saw the network come back (window "online"): retry now instead of waiting. */
   retryNow() {
     if (this.closed || this.ws) return;
