@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test unit lint system-deps node-deps clean
+.PHONY: run test unit lint system-deps browser-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,13 +32,19 @@ system-deps:
 run: system-deps $(VENV)/.run-deps
 	$(BIN)/python -m devstack
 
-# Node runs the browser client's unit tests.
-node-deps:
-	@command -v node >/dev/null || { \
+# Node runs the browser client's unit tests; Debian's chromium runs the page
+# tests (Playwright drives it; `playwright install` cannot download here).
+browser-deps:
+	@missing=""; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q nodejs; }
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q $$missing; \
+	fi
 
-test: system-deps node-deps $(VENV)/.test-deps lint
+test: system-deps browser-deps $(VENV)/.test-deps lint
 	node --test tests/js/
 	$(BIN)/python -m pytest
 
@@ -50,4 +56,4 @@ lint: $(VENV)/.test-deps
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache
+	rm -rf $(VENV) .run .pytest_cache test-output
