@@ -47,6 +47,12 @@ def page_stack(redis_server: Server) -> Iterator[Stack]:
 
 
 @pytest.fixture
+def output_dir() -> Path:
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    return OUTPUT
+
+
+@pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
@@ -189,7 +195,7 @@ async def test_model_output_with_script_is_text(page_stack: Stack, context: Brow
     await assert_matches_history(page, page_stack)
 
 
-async def test_phone_width_and_finished_conversation_screenshot(page_stack: Stack, browser: Browser) -> None:
+async def test_phone_width_and_finished_conversation_screenshot(page_stack: Stack, browser: Browser, output_dir: Path) -> None:
     """At 390 px nothing scrolls sideways; a finished two-turn conversation is saved as a screenshot."""
     phone = await browser.new_context(viewport={"width": 390, "height": 780})
     try:
@@ -207,7 +213,6 @@ async def test_phone_width_and_finished_conversation_screenshot(page_stack: Stac
         await send(page, "And what if I lose the network?")
         await wait_done(page, turn=2)
         await assert_matches_history(page, page_stack, turn=2)
-        OUTPUT.mkdir(parents=True, exist_ok=True)
-        await page.screenshot(path=str(OUTPUT / "chat-page.png"))
+        await page.screenshot(path=str(output_dir / "chat-page.png"))
     finally:
         await desktop.close()
