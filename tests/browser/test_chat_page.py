@@ -216,3 +216,24 @@ async def test_phone_width_and_finished_conversation_screenshot(page_stack: Stac
         await page.screenshot(path=str(output_dir / "chat-page.png"))
     finally:
         await desktop.close()
+
+
+async def test_controls_have_roles_and_names_and_work_by_keyboard(page_stack: Stack, context: BrowserContext) -> None:
+    """Every control is reachable by role and accessible name; a turn can be sent and paused by keyboard alone."""
+    page = await open_page(context, page_stack)
+    assert await page.get_by_role("status").count() == 1
+    prompt = page.get_by_label("Your message")
+    for name in ("Send", "Pause", "Stop", "New chat"):
+        assert await page.get_by_role("button", name=name).count() == 1, name
+    await prompt.focus()
+    await page.keyboard.type("by keyboard only")
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector('.answer[data-turn="1"][data-status="streaming"]')
+    pause = page.get_by_role("button", name="Pause")
+    await pause.focus()
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector('#pause[aria-pressed="true"]')
+    await page.keyboard.press("Enter")  # focus stays on the toggle, now "Resume"
+    await page.wait_for_selector('#pause[aria-pressed="false"]')
+    await wait_done(page)
+    await assert_matches_history(page, page_stack)
