@@ -23,23 +23,18 @@ RUN_DIR = Path(".run")
 
 
 def _infra(env: dict[str, str]) -> list[Server]:
+    """Reuse NATS and Redis where they answer; start the local binaries where not."""
     started: list[Server] = []
-    if "CHAT_NATS_URL" not in env:
-        if not port_open("127.0.0.1", 4222):
-            (RUN_DIR / "nats").mkdir(parents=True, exist_ok=True)
-            nats = LocalNats(port=4222, store_dir=str(RUN_DIR / "nats"))
-            nats.start()
-            started.append(nats)
-            print("started nats-server on 127.0.0.1:4222", flush=True)
-        env["CHAT_NATS_URL"] = "nats://127.0.0.1:4222"
-    if "CHAT_REDIS_URL" not in env:
-        if not port_open("127.0.0.1", 6379):
-            (RUN_DIR / "redis").mkdir(parents=True, exist_ok=True)
-            redis = LocalRedis(port=6379, data_dir=str(RUN_DIR / "redis"))
-            redis.start()
-            started.append(redis)
-            print("started redis-server on 127.0.0.1:6379", flush=True)
-        env["CHAT_REDIS_URL"] = "redis://127.0.0.1:6379/0"
+    for variable, server in (("CHAT_NATS_URL", LocalNats(port=4222)), ("CHAT_REDIS_URL", LocalRedis(port=6379))):
+        if variable in env:
+            continue
+        if not port_open("127.0.0.1", server.port):
+            server.data_dir = str(RUN_DIR / server.binary)
+            Path(server.data_dir).mkdir(parents=True, exist_ok=True)
+            server.start()
+            started.append(server)
+            print(f"started {server.binary} on 127.0.0.1:{server.port}", flush=True)
+        env[variable] = server.url
     return started
 
 

@@ -18,10 +18,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 __all__ = [
     "Server",
+    "LocalServer",
     "LocalNats",
     "LocalRedis",
     "ContainerServer",
@@ -94,25 +95,34 @@ def wait_for_line(process: subprocess.Popen[bytes], marker: bytes, *, what: str)
 
 
 @dataclass
-class LocalNats:
-    """``nats-server -js`` on a fixed loopback port, its store in a temp dir."""
+class LocalServer:
+    """A local server binary on a fixed loopback port, its data in ``data_dir``.
+
+    Subclasses name the binary, its arguments, its ready line and URL scheme;
+    stopping and starting again reuses the port and the data (restart tests).
+    """
 
     port: int = field(default_factory=free_port)
-    store_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="nats-"))
-    binary: str = "nats-server"
+    data_dir: str = ""  # a new temporary directory on first start when empty
+    binary: str = ""
     process: subprocess.Popen[bytes] | None = None
+    ready_line: ClassVar[bytes] = b""
+    url_format: ClassVar[str] = ""
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return self.url_format.format(port=self.port)
+
+    def arguments(self) -> list[str]:
+        raise NotImplementedError
 
     def start(self) -> None:
+        if not self.data_dir:
+            self.data_dir = tempfile.mkdtemp(prefix=f"{self.binary}-")
         self.process = subprocess.Popen(
-            [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", self.store_dir],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            [self.binary, *self.arguments()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
-        wait_for_line(self.process, b"Server is ready", what="nats-server")
+        wait_for_line(self.process, self.ready_line, what=self.binary)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -122,39 +132,34 @@ class LocalNats:
 
 
 @dataclass
-class LocalRedis:
-    """``redis-server`` on a fixed loopback port with AOF in a temp dir."""
+class LocalNats(LocalServer):
+    """``nats-server -js``, its JetStream store in ``data_dir``."""
 
-    port: int = field(default_factory=free_port)
-    data_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="redis-"))
+    binary: str = "nats-server"
+    ready_line: ClassVar[bytes] = b"Server is ready"
+    url_format: ClassVar[str] = "nats://127.0.0.1:{port}"
+
+    def arguments(self) -> list[str]:
+        return ["-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", self.data_dir]
+
+
+@dataclass
+class LocalRedis(LocalServer):
+    """``redis-server`` with AOF in ``data_dir``."""
+
     binary: str = "redis-server"
-    process: subprocess.Popen[bytes] | None = None
+    ready_line: ClassVar[bytes] = b"Ready to accept connections"
+    url_format: ClassVar[str] = "redis://127.0.0.1:{port}/0"
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--bind", "127.0.0.1",
-                "--port", str(self.port),
-                "--dir", self.data_dir,
-                "--save", "",
-                "--appendonly", "yes",
-                "--protected-mode", "yes",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for_line(self.process, b"Ready to accept connections", what="redis-server")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
+    def arguments(self) -> list[str]:
+        return [
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", self.data_dir,
+            "--save", "",
+            "--appendonly", "yes",
+            "--protected-mode", "yes",
+        ]
 
 
 @dataclass
@@ -196,7 +201,7 @@ def start_nats(*, prefer_docker: bool | None = None) -> Server:
     if use_docker:
         server = ContainerServer("nats:2.10-alpine", 4222, "-js", "nats", "Server is ready")
     else:
-        server = LocalNats(binary=os.environ.get("NATS_SERVER_BIN", "nats-server"))
+        server = LocalNats(binary=os.environ.get("NATS_SERVER_BIN", LocalNats.binary))
     server.start()
     return server
 
@@ -207,7 +212,7 @@ def start_redis(*, prefer_docker: bool | None = None) -> Server:
     if use_docker:
         server = ContainerServer("redis:7-alpine", 6379, "redis-server --appendonly yes", "redis", "Ready to accept connections", "/0")
     else:
-        server = LocalRedis(binary=os.environ.get("REDIS_SERVER_BIN", "redis-server"))
+        server = LocalRedis(binary=os.environ.get("REDIS_SERVER_BIN", LocalRedis.binary))
     server.start()
     return server
 

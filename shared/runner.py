@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from .broker import connect_nats, ensure_streams
 from .health import serve_health
-from .settings import BrokerSettings
+from .settings import BrokerSettings, HealthSettings
 from .store import connect_redis
 
 __all__ = ["Connections", "open_connections", "Service", "run_service"]
@@ -66,23 +66,22 @@ def run_service(
     broker: BrokerSettings,
     build: Callable[[Connections], Service],
     *,
-    health_host: str,
-    health_port: int,
+    health: HealthSettings,
 ) -> None:
     """Open connections, build the service, run it until a signal, clean up."""
 
     async def main() -> None:
         connections = await open_connections(broker, name=name)
         service = build(connections)
-        health = await serve_health(health_host, health_port, connections.checks) if health_port else None
+        server = await serve_health(health.host, health.port, connections.checks) if health.port else None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, service.stop)
         try:
             await service.run()
         finally:
-            if health is not None:
-                health.close()
+            if server is not None:
+                server.close()
             await connections.close()
 
     try:

@@ -22,6 +22,8 @@ __all__ = [
     "env_float",
     "env_bool",
     "env_choice",
+    "env_log_level",
+    "HealthSettings",
 ]
 
 
@@ -96,6 +98,25 @@ def env_choice(environ: Mapping[str, str], name: str, default: str, choices: tup
     if raw not in choices:
         raise ConfigError(f"Config '{name}' has value '{raw}'. Expected one of {', '.join(choices)}.")
     return raw
+
+
+def env_log_level(environ: Mapping[str, str]) -> str:
+    return env_choice(environ, "CHAT_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Where a service without a web framework serves /healthz and /readyz (port 0: nowhere)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> HealthSettings:
+        return cls(
+            host=env_str(environ, "CHAT_HEALTH_HOST", cls.host),
+            port=env_int(environ, "CHAT_HEALTH_PORT", cls.port, minimum=0),
+        )
 
 
 def _masked_url(url: str) -> str:

@@ -69,11 +69,8 @@ def stack(nats_server: Server, redis_server: Server) -> Iterator[Stack]:
 
 @pytest.fixture
 async def clients(stack: Stack) -> AsyncIterator[Clients]:
-    opened = Clients(stack)
-    try:
+    async with Clients(stack) as opened:
         yield opened
-    finally:
-        await opened.close()
 
 
 @pytest.fixture(scope="session")
@@ -86,8 +83,17 @@ def paced_stack(redis_server: Server) -> Iterator[Stack]:
 
 @pytest.fixture
 async def paced(paced_stack: Stack) -> AsyncIterator[Clients]:
-    opened = Clients(paced_stack)
-    try:
+    async with Clients(paced_stack) as opened:
         yield opened
-    finally:
-        await opened.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """On a failure, attach the logs of the stacks the test used."""
+    report = yield
+    if report.when == "call" and report.failed:
+        for name in ("stack", "paced_stack", "page_stack", "openai_stack", "long_stack", "flood_stack", "short_stack", "slow_stack"):
+            running = item.funcargs.get(name) if hasattr(item, "funcargs") else None
+            if isinstance(running, Stack):
+                report.sections.append((f"service logs ({name})", running.logs()))
+    return report

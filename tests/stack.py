@@ -156,6 +156,12 @@ class Clients:
         self.stack = stack
         self.opened: list[Client] = []
 
+    async def __aenter__(self) -> Clients:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def open(
         self, session: str | None, *, last_seq: int | None = None, path: str = "/ws", port: int | None = None
     ) -> tuple[Client, dict[str, Any]]:

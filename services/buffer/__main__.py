@@ -25,7 +25,7 @@ def main() -> None:
         store = SessionStore(connections.redis, settings.retention)
         return Buffer(settings, nc=connections.nc, js=connections.js, store=store)
 
-    run_service("buffer", settings.broker, build, health_host=settings.health_host, health_port=settings.health_port)
+    run_service("buffer", settings.broker, build, health=settings.health)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shared.settings import BrokerSettings, RetentionSettings, env_choice, env_int, env_str
+from shared.settings import BrokerSettings, HealthSettings, RetentionSettings, env_int, env_log_level
 
 
 @dataclass(frozen=True)
@@ -15,8 +15,7 @@ class Settings:
     batch_size: int = 256
     replay_max_frames: int = 1000
     replay_max_bytes: int = 512 * 1024
-    health_host: str = "127.0.0.1"
-    health_port: int = 0
+    health: HealthSettings = field(default_factory=HealthSettings)
     log_level: str = "INFO"
 
     @classmethod
@@ -27,7 +26,6 @@ class Settings:
             batch_size=env_int(environ, "CHAT_BUFFER_BATCH", 256, minimum=1),
             replay_max_frames=env_int(environ, "CHAT_REPLAY_MAX_FRAMES", 1000, minimum=1),
             replay_max_bytes=env_int(environ, "CHAT_REPLAY_MAX_BYTES", 512 * 1024, minimum=1024),
-            health_host=env_str(environ, "CHAT_HEALTH_HOST", "127.0.0.1"),
-            health_port=env_int(environ, "CHAT_HEALTH_PORT", 0, minimum=0),
-            log_level=env_choice(environ, "CHAT_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            health=HealthSettings.from_env(environ),
+            log_level=env_log_level(environ),
         )

@@ -64,7 +64,12 @@ class Gateway:
             replay_timeout_s=self.settings.timeouts.replay_timeout_s,
             registry=self.feeds,
             room=outbox.room,
+            pause_state=lambda: self._pause_state(session),
         )
+
+    async def _pause_state(self, session: str) -> tuple[bool, int]:
+        meta = await self.store.meta(session)
+        return meta.paused, meta.pause_version
 
     async def start_turn(self, session: str, prompt: str, *, client_id: str | None = None) -> StartResult:
         """Claim the session for a turn and queue it for a worker.
@@ -107,17 +112,17 @@ class Gateway:
             await self.nc.publish(control_subject(session), encode(Control("pause", version)))
         return version
 
-    async def resume(self, session: str) -> int:
-        """Clear the pause flag; return its version.
+    async def resume(self, session: str) -> tuple[bool, int]:
+        """Clear the pause flag; return (whether it was set, its version).
 
-        Raises:
-            SessionStateError: the session is not paused.
+        A connection may still be paused when the flag is already clear (it
+        missed the broadcast while NATS reconnected), so callers resume their
+        own delivery either way and report "not paused" only if it was not.
         """
         changed, version = await self.store.set_paused(session, False)
-        if not changed:
-            raise SessionStateError("the session is not paused")
-        await self.nc.publish(control_subject(session), encode(Control("resume", version)))
-        return version
+        if changed:
+            await self.nc.publish(control_subject(session), encode(Control("resume", version)))
+        return changed, version
 
     async def stop(self, session: str) -> int:
         """Ask the worker to cancel the generating turn; return the turn.

@@ -53,6 +53,7 @@ class SessionFeed:
         registry: the set of open feeds this feed joins while it runs.
         room: waits for space in the connection's send queue and returns it;
             replays are sized to fit.
+        pause_state: reads the session's (paused, version) from the record.
         inbox_frames: live frames held before the feed stops taking them and
             catches up by replay instead (memory stays bounded).
     """
@@ -69,6 +70,7 @@ class SessionFeed:
         replay_timeout_s: float,
         registry: set[SessionFeed] | None = None,
         room: Callable[[], Awaitable[int]] | None = None,
+        pause_state: Callable[[], Awaitable[tuple[bool, int]]] | None = None,
     ) -> None:
         self.nc = nc
         self.session = session
@@ -81,14 +83,29 @@ class SessionFeed:
         self.overflowed = False
         self.registry: set[SessionFeed] = registry if registry is not None else set()
         self.room = room
+        self.pause_state = pause_state
         self._replay_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     def submit(self, event: Event) -> None:
         """Queue an event from the connection (the client's pause or resume)."""
         self.inbox.put_nowait(event)
 
     def resync(self) -> None:
-        """Catch up from the log: live frames may have been missed (NATS reconnect)."""
+        """Catch up after a NATS reconnect: live frames and pause broadcasts may
+        have been missed, so re-read the pause flag and replay from the log."""
+        task = asyncio.create_task(self._resync())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _resync(self) -> None:
+        if self.pause_state is not None:
+            try:
+                paused, version = await self.pause_state()
+            except Exception as exc:  # Redis down too: the replay below still runs
+                log.warning("resync could not read the pause flag: %s", exc, extra={"session": self.session})
+            else:
+                self.inbox.put_nowait(RemotePause(version) if paused else RemoteResume(version))
         self.inbox.put_nowait(GapTimeout())
 
     async def run(self) -> None:

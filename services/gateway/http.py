@@ -156,19 +156,16 @@ async def events(request: Request) -> Response:
 
 
 @_handle_errors
-async def pause(request: Request) -> Response:
+async def pause_or_resume(request: Request) -> Response:
+    """POST .../pause and .../resume: set the session's pause flag."""
     gateway: Gateway = request.app.state.gateway
     session = _session_param(request)
-    await gateway.pause(session)
-    return JSONResponse({"session": session, "paused": True})
-
-
-@_handle_errors
-async def resume(request: Request) -> Response:
-    gateway: Gateway = request.app.state.gateway
-    session = _session_param(request)
-    await gateway.resume(session)
-    return JSONResponse({"session": session, "paused": False})
+    paused = request.url.path.endswith("/pause")
+    if paused:
+        await gateway.pause(session)
+    elif not (await gateway.resume(session))[0]:
+        raise SessionStateError("the session is not paused")
+    return JSONResponse({"session": session, "paused": paused})
 
 
 @_handle_errors
@@ -219,8 +216,8 @@ async def page(request: Request) -> Response:
 routes_handlers = {
     "chat": chat,
     "events": events,
-    "pause": pause,
-    "resume": resume,
+    "pause": pause_or_resume,
+    "resume": pause_or_resume,
     "stop": stop,
     "history": history,
     "healthz": healthz,

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from shared.settings import (
     BrokerSettings,
     RetentionSettings,
-    env_choice,
     env_float,
     env_int,
+    env_log_level,
     env_str,
 )
 
@@ -66,5 +66,5 @@ class Settings:
             ),
             host=env_str(environ, "CHAT_HOST", cls.host),
             port=env_int(environ, "CHAT_PORT", cls.port, minimum=0),
-            log_level=env_choice(environ, "CHAT_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            log_level=env_log_level(environ),
         )

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from shared import protocol
-from shared.errors import BrokerUnavailable, ProtocolError
+from shared.errors import BrokerUnavailable, ProtocolError, SessionStateError
 from shared.protocol import (
     CLOSE_1013_TRY_AGAIN_LATER,
     SUBPROTOCOL,
@@ -190,7 +190,8 @@ class Connection:
             if action == "pause":
                 self.feed.submit(LocalPause(await self.gateway.pause(self.session)))
             elif action == "resume":
-                self.feed.submit(LocalResume(await self.gateway.resume(self.session)))
+                _, version = await self.gateway.resume(self.session)
+                self.feed.submit(LocalResume(version))
         except ProtocolError:
             pass  # the original client expects no answers; "resume" twice is harmless
         except BrokerUnavailable:
@@ -208,7 +209,10 @@ class Connection:
                 case protocol.Pause():
                     self.feed.submit(LocalPause(await gateway.pause(self.session)))
                 case protocol.Resume():
-                    self.feed.submit(LocalResume(await gateway.resume(self.session)))
+                    changed, version = await gateway.resume(self.session)
+                    if not changed and not self.feed.delivery.paused:
+                        raise SessionStateError("the session is not paused")
+                    self.feed.submit(LocalResume(version))
                 case protocol.Stop():
                     await gateway.stop(self.session)
                 case Ping(t=t):

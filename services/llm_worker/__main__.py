@@ -30,7 +30,7 @@ def main() -> None:
         return Worker(settings, nc=connections.nc, js=connections.js, store=store, provider=provider)
 
     run_service(
-        "llm_worker", settings.broker, build, health_host=settings.health_host, health_port=settings.health_port
+        "llm_worker", settings.broker, build, health=settings.health
     )
 
 

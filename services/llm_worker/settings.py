@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 
 from shared.settings import (
     BrokerSettings,
+    HealthSettings,
     Secret,
     env_choice,
     env_float,
     env_int,
+    env_log_level,
     env_str,
 )
 
@@ -41,8 +43,7 @@ class Settings:
     context_turns: int = 20
     queue_timeout_s: float = 30.0
     drain_timeout_s: float = 20.0
-    health_host: str = "127.0.0.1"
-    health_port: int = 0
+    health: HealthSettings = field(default_factory=HealthSettings)
     log_level: str = "INFO"
 
     @classmethod
@@ -66,7 +67,6 @@ class Settings:
             context_turns=env_int(environ, "CHAT_CONTEXT_TURNS", 20, minimum=0),
             queue_timeout_s=env_float(environ, "CHAT_QUEUE_TIMEOUT_S", 30.0, minimum=0.1),
             drain_timeout_s=env_float(environ, "CHAT_DRAIN_TIMEOUT_S", 20.0, minimum=0.0),
-            health_host=env_str(environ, "CHAT_HEALTH_HOST", "127.0.0.1"),
-            health_port=env_int(environ, "CHAT_HEALTH_PORT", 0, minimum=0),
-            log_level=env_choice(environ, "CHAT_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            health=HealthSettings.from_env(environ),
+            log_level=env_log_level(environ),
         )

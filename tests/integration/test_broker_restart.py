@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
 from devstack.servers import LocalNats, Server, docker_available
@@ -20,11 +21,8 @@ async def restartable(redis_server: Server) -> AsyncIterator[tuple[LocalNats, St
     env = {"CHAT_DEMO_TOKENS_PER_S": "100", "CHAT_DEMO_ANSWER_TOKENS": "150"}
     try:
         with isolated_stack(redis_server.url, env, nats=nats) as stack:
-            clients = Clients(stack)
-            try:
+            async with Clients(stack) as clients:
                 yield nats, stack, clients
-            finally:
-                await clients.close()
     finally:
         nats.stop()
 
@@ -68,4 +66,30 @@ async def test_gateway_catches_up_after_missing_a_whole_turn_end(
     # the gateway's reconnect can deliver the rest.
     done = await client.until("done", wait_s=3 * WAIT_S)
     assert done["reason"] == "length"
+    assert client.texts() == (await history(stack, session))["turns"][0]["answer"]
+
+
+async def test_resume_missed_during_reconnect_is_recovered(restartable: tuple[LocalNats, Stack, Clients]) -> None:
+    """A resume broadcast a gateway missed while reconnecting to NATS is read back from Redis."""
+    nats, stack, clients = restartable
+    session = new_session()
+    client, _ = await clients.open(session)
+    await client.send({"type": "chat", "prompt": "pause, then resume elsewhere"})
+    await client.until("chunk")
+    await client.send({"type": "pause"})
+    paused = await client.until("paused")
+    other = stack.start_gateway()
+    frozen = stack.gateways[0]
+    frozen.signal(signal.SIGSTOP)
+    try:
+        nats.stop()
+        nats.start()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{other.env['CHAT_PORT']}") as http:
+            response = await http.post(f"/api/sessions/{session}/resume")
+        assert response.status_code == 200
+    finally:
+        frozen.signal(signal.SIGCONT)
+    resumed = await client.until("resumed", wait_s=3 * WAIT_S)
+    assert resumed["seq"] == paused["seq"]
+    await client.until("done", wait_s=3 * WAIT_S)
     assert client.texts() == (await history(stack, session))["turns"][0]["answer"]

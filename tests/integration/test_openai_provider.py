@@ -34,11 +34,8 @@ def openai_stack(fake: tuple[FakeOpenAI, str], redis_server: Server) -> Iterator
 
 @pytest.fixture
 async def oclients(openai_stack: Stack) -> AsyncIterator[Clients]:
-    opened = Clients(openai_stack)
-    try:
+    async with Clients(openai_stack) as opened:
         yield opened
-    finally:
-        await opened.close()
 
 
 async def test_streams_answer_and_sends_history(openai_stack: Stack, oclients: Clients, fake: tuple[FakeOpenAI, str]) -> None:

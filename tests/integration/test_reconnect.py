@@ -79,6 +79,12 @@ class Transcript:
             raise AssertionError(f"client gave up: {event.reason}")
 
 
+async def until_connected(events: AsyncIterator[object], transcript: Transcript) -> None:
+    """Consume events up to the next Connected."""
+    while not isinstance(event := await anext(events), Connected):  # type: ignore[call-overload]
+        transcript.take(event)
+
+
 async def run_turn(client: ChatClient, prompt: str, transcript: Transcript, *, turn_started: asyncio.Event | None = None) -> Done:
     """Consume events until the done of the turn the prompt started."""
     await client.chat(prompt)
@@ -162,8 +168,7 @@ async def test_chat_sent_during_outage_starts_one_turn(long_stack: Stack, proxy:
     transcript = Transcript()
     async with fast_client(proxy.url(), session=session) as client:
         events = client.events()
-        while not isinstance(event := await anext(events), Connected):
-            transcript.take(event)
+        await until_connected(events, transcript)
         proxy.refuse = True
         proxy.cut_all()
         while not isinstance(event := await anext(events), Reconnecting):
@@ -187,8 +192,7 @@ async def test_chat_resent_after_cut_starts_one_turn(long_stack: Stack, proxy: F
     transcript = Transcript()
     async with fast_client(proxy.url(), session=session) as client:
         events = client.events()
-        while not isinstance(event := await anext(events), Connected):
-            transcript.take(event)
+        await until_connected(events, transcript)
         await client.chat("cut right after sending")
         proxy.cut_all()  # the accepted frame, if any, is lost with the connection
         async with asyncio.timeout(6 * WAIT_S):

@@ -53,8 +53,8 @@ async def test_sessions_expire_after_retention(short_stack: Stack, redis_server:
     await redis.config_set("notify-keyspace-events", "Ex")
     pubsub = redis.pubsub()
     await pubsub.subscribe("__keyevent@0__:expired")
-    clients = Clients(short_stack)
     try:
+        clients = Clients(short_stack)
         client, _ = await clients.open(session)
         await client.turn("short-lived")
         last_seq = client.last_seq

@@ -31,11 +31,8 @@ async def test_health_endpoints(stack: Stack, kind: str) -> None:
 async def workerless(redis_server: Server) -> AsyncIterator[tuple[Stack, Clients]]:
     """A stack on its own NATS with a gateway and a buffer but no worker yet."""
     with isolated_stack(redis_server.url, worker=False) as stack:
-        clients = Clients(stack)
-        try:
+        async with Clients(stack) as clients:
             yield stack, clients
-        finally:
-            await clients.close()
 
 
 async def test_turn_waits_for_the_first_worker(workerless: tuple[Stack, Clients]) -> None:
