@@ -57,9 +57,12 @@ local stop = redis.call('HGET', KEYS[1], 'stop') == ARGV[1]
 return {1, stop and 1 or 0}
 """
 
+# A turn that never reached a worker: free the session, and forget its chat
+# id so the client's resend starts a turn instead of waiting for this one.
 _ABORT_TURN = """
 if redis.call('HGET', KEYS[1], 'active') == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'active', 'prompt', 'stop', 'worker')
+  if redis.call('HGET', KEYS[1], 'cturn') == ARGV[1] then redis.call('HDEL', KEYS[1], 'cid', 'cturn') end
   return 1
 end
 return 0

@@ -129,3 +129,12 @@ async def test_resent_chat_id_gets_its_turn_back(store: SessionStore) -> None:
     other = await store.start_turn(session, "q", client_id="c2")
     assert other.started and other.turn == 2
     assert not (await store.start_turn(session, "r")).duplicate  # no id: busy, never a duplicate
+
+
+async def test_aborted_turn_forgets_its_chat_id(store: SessionStore) -> None:
+    """A resend of a chat whose turn was aborted starts a new turn instead of pointing at the dead one."""
+    session = new_session()
+    assert (await store.start_turn(session, "p", client_id="c1")).turn == 1
+    await store.abort_turn(session, 1)
+    again = await store.start_turn(session, "p", client_id="c1")
+    assert (again.started, again.duplicate, again.turn) == (True, False, 2)
