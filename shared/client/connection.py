@@ -193,16 +193,20 @@ class ChatClient:
         need_token = self.token_provider is not None
         try:
             while not self._closing:
-                if need_token and self.token_provider is not None:
-                    token = await self.token_provider()
-                    need_token = False
-                action, code, reason = await self._connect_once(token, loop)
+                try:
+                    if need_token and self.token_provider is not None:
+                        token = await self.token_provider()
+                        need_token = False
+                except Exception as exc:  # a failed attempt like any other: back off, ask again
+                    action, code, reason = CloseAction.RECONNECT, None, f"the token provider failed: {exc}"
+                else:
+                    action, code, reason = await self._connect_once(token, loop)
                 if self._closing:
                     break
                 if action is CloseAction.STOP:
                     await self._give_up(GaveUp(reason=reason, code=code))
                     break
-                need_token = action is CloseAction.REFRESH_TOKEN
+                need_token = need_token or action is CloseAction.REFRESH_TOKEN
                 delay = self.backoff.next_delay(self.rng())
                 if delay is None:
                     await self._give_up(GaveUp(reason=f"gave up after {self.backoff.attempt} attempts: {reason}", code=code))
