@@ -5,8 +5,8 @@ them in one slot and the scripts below stay atomic):
 
 - ``meta`` (hash): ``hwm`` highest stored seq, ``seq`` last seq of the last
   finished turn, ``turns`` turn counter, ``active``/``prompt`` the generating
-  turn, ``worker`` the worker that claimed it, ``cid``/``cturn`` the last
-  client chat id and its turn, ``stop`` a turn asked to stop, ``paused`` and ``pv`` (pause version),
+  turn, ``worker`` the worker that claimed it, ``cid``/``cdigest``/``cturn`` the
+  last client chat's id, prompt digest and turn, ``stop`` a turn asked to stop, ``paused`` and ``pv`` (pause version),
   ``ended`` last turn written to history, ``floor`` highest seq trimmed by the cap;
 - ``log`` (sorted set): encoded ``chunk``/``done`` frames scored by seq;
 - ``history`` (list): finished turns as JSON, oldest first.
@@ -17,6 +17,7 @@ frames takes one script per session per batch, never one per frame.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,17 +32,20 @@ from .subjects import history_key, log_key, session_key
 
 __all__ = ["SessionMeta", "Claim", "Segment", "StartResult", "HistoryTurn", "SessionStore", "connect_redis"]
 
-# ARGV: prompt, ttl, the client's chat id ('' if none). A chat whose id is
-# the last one seen is a resend after a reconnect: it gets its turn back.
+# ARGV: prompt, ttl, the client's chat id ('' if none), the prompt's digest.
+# A chat with the last accepted chat's id and prompt is a resend after a
+# reconnect: it gets its turn back. A reused id with another prompt is a new
+# chat (clients that number chats "c1" each time still get new turns).
 _START_TURN = """
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'cid') == ARGV[3] then
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'cid') == ARGV[3]
+    and redis.call('HGET', KEYS[1], 'cdigest') == ARGV[4] then
   return {2, tonumber(redis.call('HGET', KEYS[1], 'cturn')), 0}
 end
 local active = redis.call('HGET', KEYS[1], 'active')
 if active then return {0, tonumber(active), 0} end
 local turn = redis.call('HINCRBY', KEYS[1], 'turns', 1)
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1], 'cid', ARGV[3], 'cturn', turn)
+redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1], 'cid', ARGV[3], 'cdigest', ARGV[4], 'cturn', turn)
 redis.call('HDEL', KEYS[1], 'stop', 'worker')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {1, turn, seq}
@@ -62,7 +66,7 @@ return {1, stop and 1 or 0}
 _ABORT_TURN = """
 if redis.call('HGET', KEYS[1], 'active') == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'active', 'prompt', 'stop', 'worker')
-  if redis.call('HGET', KEYS[1], 'cturn') == ARGV[1] then redis.call('HDEL', KEYS[1], 'cid', 'cturn') end
+  if redis.call('HGET', KEYS[1], 'cturn') == ARGV[1] then redis.call('HDEL', KEYS[1], 'cid', 'cdigest', 'cturn') end
   return 1
 end
 return 0
@@ -254,9 +258,11 @@ class SessionStore:
 
     async def start_turn(self, session: str, prompt: str, *, client_id: str | None = None) -> StartResult:
         """Claim the session for a new turn unless one is generating, or
-        return the turn already started for the same client chat id."""
+        return the turn already started for the same chat (same client id
+        and prompt: a resend after a reconnect)."""
+        digest = hashlib.blake2b(prompt.encode(), digest_size=16).hexdigest()
         status, turn, base = await self._run(
-            self._start, session, [prompt, self.retention.retention_s, client_id or ""]
+            self._start, session, [prompt, self.retention.retention_s, client_id or "", digest]
         )
         return StartResult(started=status == 1, turn=int(turn), base_seq=int(base), duplicate=status == 2)
 

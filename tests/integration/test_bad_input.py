@@ -184,6 +184,19 @@ async def test_resent_chat_starts_one_turn(clients: Clients) -> None:
     assert turn == 2
 
 
+async def test_reused_chat_id_with_new_prompt_is_a_new_turn(paced: Clients) -> None:
+    """Clients that give every chat the id "c1" still get a turn per prompt, and busy while generating."""
+    client, _ = await paced.open(new_session())
+    for number, prompt in enumerate(["one", "two"], start=1):
+        await client.send({"type": "chat", "prompt": prompt, "id": "c1"})
+        assert (await client.until("accepted")) == {"type": "accepted", "turn": number, "id": "c1"}
+        await client.until("done")
+    await client.send({"type": "chat", "prompt": "three", "id": "c1"})
+    await client.until("accepted")
+    await client.send({"type": "chat", "prompt": "four", "id": "c1"})
+    assert (await client.until("error"))["code"] == "busy"
+
+
 async def test_error_answering_a_chat_carries_its_id(clients: Clients) -> None:
     """An error that refuses a chat names the chat's id, so a client can match it."""
     client, _ = await clients.open(new_session())

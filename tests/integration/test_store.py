@@ -126,8 +126,11 @@ async def test_resent_chat_id_gets_its_turn_back(store: SessionStore) -> None:
     assert (again.started, again.duplicate, again.turn) == (False, True, 1)
     await store.store_segments([Segment(session, [(1, b"d1")], turn_end=(1, 1, entry(1, 1)))])
     assert (await store.start_turn(session, "p", client_id="c1")).duplicate
+    reused = await store.start_turn(session, "a different prompt", client_id="c1")
+    assert reused.started and reused.turn == 2  # same id, new prompt: a new chat
+    await store.store_segments([Segment(session, [(2, b"d2")], turn_end=(2, 2, entry(2, 2)))])
     other = await store.start_turn(session, "q", client_id="c2")
-    assert other.started and other.turn == 2
+    assert other.started and other.turn == 3
     assert not (await store.start_turn(session, "r")).duplicate  # no id: busy, never a duplicate
 
 
