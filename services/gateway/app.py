@@ -57,6 +57,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/sessions/{session}/history", h["history"]),
         Route("/healthz", h["healthz"]),
         Route("/readyz", h["readyz"]),
+        Route("/metrics", h["metrics"]),
         Mount("/static", StaticFiles(directory=http.STATIC_DIR), name="static"),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

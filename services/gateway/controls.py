@@ -21,6 +21,7 @@ from shared.store import SessionMeta, SessionStore, StartResult
 from shared.subjects import SUBJECT_REQUESTS, control_subject
 
 from .feed import SessionFeed
+from .metrics import GatewayMetrics
 from .outbox import Outbox
 from .settings import Settings
 
@@ -38,6 +39,7 @@ class Gateway:
     js: JetStreamContext
     store: SessionStore
     feeds: set[SessionFeed] = field(default_factory=set)
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
 
     def open_feed(
         self, session: str, last_seq: int, meta: SessionMeta, emit: Callable[[Send], None], outbox: Outbox[Any]
@@ -63,6 +65,7 @@ class Gateway:
             gap_timeout_s=self.settings.timeouts.gap_timeout_s,
             replay_timeout_s=self.settings.timeouts.replay_timeout_s,
             registry=self.feeds,
+            metrics=self.metrics,
             room=outbox.room,
             pause_state=lambda: self._pause_state(session),
         )
@@ -102,6 +105,7 @@ class Gateway:
             log.warning("could not queue turn: %s", exc, extra={"session": session, "turn": result.turn})
             await self.store.abort_turn(session, result.turn)
             raise BrokerUnavailable("the message broker is unavailable") from exc
+        self.metrics.turns_started.inc()
         log.info("turn queued", extra={"session": session, "turn": result.turn, "event": "turn_queued"})
         return result
 
@@ -109,6 +113,7 @@ class Gateway:
         """Set the session's pause flag; return its version."""
         changed, version = await self.store.set_paused(session, True)
         if changed:
+            self.metrics.pauses.inc()
             await self.nc.publish(control_subject(session), encode(Control("pause", version)))
         return version
 

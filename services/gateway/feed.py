@@ -37,6 +37,8 @@ from shared.session import (
 )
 from shared.subjects import SUBJECT_REPLAY, control_subject, delivery_subject
 
+from .metrics import GatewayMetrics
+
 __all__ = ["SessionFeed", "resync"]
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class SessionFeed:
         gap_timeout_s: float,
         replay_timeout_s: float,
         registry: set[SessionFeed] | None = None,
+        metrics: GatewayMetrics | None = None,
         room: Callable[[], Awaitable[int]] | None = None,
         pause_state: Callable[[], Awaitable[tuple[bool, int]]] | None = None,
     ) -> None:
@@ -82,6 +85,7 @@ class SessionFeed:
         self.replay_timeout_s = replay_timeout_s
         self.overflowed = False
         self.registry: set[SessionFeed] = registry if registry is not None else set()
+        self.metrics = metrics or GatewayMetrics()
         self.room = room
         self.pause_state = pause_state
         self._replay_task: asyncio.Task[None] | None = None
@@ -142,6 +146,8 @@ class SessionFeed:
     def _execute(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Send):
+                if action.seq is not None:
+                    self.metrics.frames_delivered.inc()
                 self.emit(action)
             elif isinstance(action, RequestReplay):
                 self._replay_task = asyncio.create_task(self._replay(action.after))
@@ -174,6 +180,7 @@ class SessionFeed:
             # Leave space for the frames held ahead of a gap, released after the batch.
             limit = max(1, min(limit, await self.room() - self.delivery.max_pending))
         request = encode(ReplayRequest(session=self.session, after=after, limit=limit))
+        self.metrics.replays.inc()
         try:
             reply = await self.nc.request(SUBJECT_REPLAY, request, timeout=self.replay_timeout_s)
         except Exception as exc:  # timeout, no buffer running, reconnecting
@@ -183,6 +190,7 @@ class SessionFeed:
             return
         headers = reply.headers or {}
         frames = [(frame_seq(data), data) for data in reply.data.split(b"\n") if data]
+        self.metrics.replayed_frames.inc(len(frames))
         self.inbox.put_nowait(
             ReplayBatch(
                 frames=frames,

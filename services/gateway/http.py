@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
@@ -92,6 +93,9 @@ def _stream(
 
     async def body() -> AsyncIterator[bytes]:
         task = asyncio.create_task(feed.run())
+        kind = "text" if plain else "sse"
+        gateway.metrics.connections_total.labels(kind).inc()
+        gateway.metrics.connections.labels(kind).inc()
         try:
             if not plain:
                 yield b"retry: 1000\n\n"
@@ -116,6 +120,7 @@ def _stream(
                     return
         finally:
             task.cancel()
+            gateway.metrics.connections.labels(kind).dec()
 
     media = "text/plain; charset=utf-8" if plain else "text/event-stream"
     all_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
@@ -209,6 +214,11 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"ready": all(checks.values()), **checks}, status_code=200 if all(checks.values()) else 503)
 
 
+async def metrics(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
 async def page(request: Request) -> Response:
     return FileResponse(PAGE, media_type="text/html; charset=utf-8")
 
@@ -222,5 +232,6 @@ routes_handlers = {
     "history": history,
     "healthz": healthz,
     "readyz": readyz,
+    "metrics": metrics,
     "page": page,
 }

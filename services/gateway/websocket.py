@@ -136,6 +136,16 @@ class Connection:
                 self.outbox.put(frame.text)
 
     async def serve(self) -> None:
+        kind = "compat" if self.compat else "ws"
+        metrics = self.gateway.metrics
+        metrics.connections_total.labels(kind).inc()
+        metrics.connections.labels(kind).inc()
+        try:
+            await self._serve()
+        finally:
+            metrics.connections.labels(kind).dec()
+
+    async def _serve(self) -> None:
         tasks = [
             asyncio.create_task(self._write()),
             asyncio.create_task(self.feed.run()),
@@ -149,6 +159,7 @@ class Connection:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         if self.outbox.overflowed.is_set():
+            self.gateway.metrics.slow_readers.inc()
             log.info("closing slow reader", extra={"session": self.session, "event": "slow_reader"})
             await self._close(CLOSE_1013_TRY_AGAIN_LATER, "send queue full; reconnect with last_seq")
             return

@@ -156,3 +156,31 @@ async def test_original_client_pause_and_resume(stack: Stack) -> None:
         while len("".join(received)) < len(answer):
             received.append(await asyncio.wait_for(ws.recv(), WAIT_S))  # type: ignore[arg-type]
         assert "".join(received) == answer
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            key = line.split(" ")[0]
+            if key == name or key.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_metrics_move_with_a_turn(stack: Stack, clients: Clients) -> None:
+    """GET /metrics is Prometheus text; turns, frames and connections counters move as a turn runs."""
+    names = ["chat_gateway_turns_started_total", "chat_gateway_frames_delivered_total", "chat_gateway_connections_total", "chat_gateway_replays_total"]
+    async with httpx.AsyncClient(base_url=stack.http_url) as http:
+        response = await http.get("/metrics")
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        before = {name: _metric(response.text, name) for name in names}
+        client, _ = await clients.open(new_session())
+        _, _, done = await client.turn("count me")
+        after_text = (await http.get("/metrics")).text
+    after = {name: _metric(after_text, name) for name in names}
+    assert after["chat_gateway_turns_started_total"] == before["chat_gateway_turns_started_total"] + 1
+    assert after["chat_gateway_frames_delivered_total"] >= before["chat_gateway_frames_delivered_total"] + done["seq"]
+    assert after["chat_gateway_connections_total"] >= before["chat_gateway_connections_total"] + 1
+    assert after["chat_gateway_replays_total"] >= before["chat_gateway_replays_total"] + 1
+    assert 'chat_gateway_open_connections{kind="ws"}' in after_text

@@ -1,0 +1,28 @@
+"""The gateway's Prometheus metrics, on a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+__all__ = ["GatewayMetrics"]
+
+
+@dataclass
+class GatewayMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.connections = Gauge("chat_gateway_open_connections", "Open client connections.", ["kind"], registry=r)
+        self.connections_total = Counter("chat_gateway_connections_total", "Client connections accepted.", ["kind"], registry=r)
+        self.turns_started = Counter("chat_gateway_turns_started_total", "Turns queued for a worker.", registry=r)
+        self.frames_delivered = Counter("chat_gateway_frames_delivered_total", "chunk and done frames sent to clients.", registry=r)
+        self.replays = Counter("chat_gateway_replays_total", "Replay requests sent to buffers.", registry=r)
+        self.replayed_frames = Counter("chat_gateway_replayed_frames_total", "Frames received by replay.", registry=r)
+        self.pauses = Counter("chat_gateway_pauses_total", "Pause requests that paused a session.", registry=r)
+        self.slow_readers = Counter("chat_gateway_slow_readers_total", "Connections closed because their send queue filled.", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
