@@ -10,6 +10,7 @@ page's URL, restarts a service that dies, and stops everything on Ctrl-C.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -40,6 +41,9 @@ def _infra(env: dict[str, str]) -> list[Server]:
 
 def main() -> None:
     env = dict(os.environ)
+    # Dev mode: tokens optional, anonymous users; one secret shared by this run's gateways.
+    env.setdefault("CHAT_AUTH_MODE", "dev")
+    env.setdefault("CHAT_AUTH_SECRET", secrets.token_urlsafe(32))
     servers = _infra(env)
     workers = int(env.get("CHAT_WORKERS", "2"))
     services = [ServiceProcess("services.buffer", env, echo=sys.stdout)]

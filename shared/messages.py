@@ -40,6 +40,7 @@ class TurnRequest(msgspec.Struct, frozen=True):
     prompt: str
     base_seq: int
     enqueued_at: float
+    user: str | None = None
 
 
 class TurnEnd(msgspec.Struct, tag_field="type", tag="turn_end", frozen=True):
@@ -48,6 +49,7 @@ class TurnEnd(msgspec.Struct, tag_field="type", tag="turn_end", frozen=True):
     done: Done
     prompt: str
     answer: str
+    user: str | None = None  # whose turn count to release
 
 
 Generated = Chunk | TurnEnd

@@ -6,7 +6,7 @@ them in one slot and the scripts below stay atomic):
 - ``meta`` (hash): ``hwm`` highest stored seq, ``seq`` last seq of the last
   finished turn, ``turns`` turn counter, ``active``/``prompt`` the generating
   turn, ``worker`` the worker that claimed it, ``cid``/``cdigest``/``cturn`` the
-  last client chat's id, prompt digest and turn, ``stop`` a turn asked to stop, ``paused`` and ``pv`` (pause version),
+  last client chat's id, prompt digest and turn, ``owner`` the user who owns it, ``stop`` a turn asked to stop, ``paused`` and ``pv`` (pause version),
   ``ended`` last turn written to history, ``floor`` highest seq trimmed by the cap;
 - ``log`` (sorted set): encoded ``chunk``/``done`` frames scored by seq;
 - ``history`` (list): finished turns as JSON, oldest first.
@@ -28,11 +28,13 @@ from redis.exceptions import RedisError
 
 from .errors import BrokerUnavailable
 from .settings import BrokerSettings, RetentionSettings
-from .subjects import history_key, log_key, session_key
+from .subjects import history_key, log_key, session_key, user_turns_key
 
 __all__ = ["SessionMeta", "Claim", "Segment", "StartResult", "HistoryTurn", "SessionStore", "connect_redis"]
 
-# ARGV: prompt, ttl, the client's chat id ('' if none), the prompt's digest.
+# KEYS: meta, the user's turns set (meta again when anonymous).
+# ARGV: prompt, ttl, the client's chat id ('' if none), the prompt's digest,
+#       user ('' if anonymous), turns allowed per user, now, session.
 # A chat with the last accepted chat's id and prompt is a resend after a
 # reconnect: it gets its turn back. A reused id with another prompt is a new
 # chat (clients that number chats "c1" each time still get new turns).
@@ -43,12 +45,35 @@ if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'cid') == ARGV[3]
 end
 local active = redis.call('HGET', KEYS[1], 'active')
 if active then return {0, tonumber(active), 0} end
+if ARGV[5] ~= '' then
+  -- Entries older than an hour are from turns whose end was lost: let them go.
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[7]) - 3600)
+  local running = redis.call('ZCARD', KEYS[2])
+  if running >= tonumber(ARGV[6]) then return {3, running, 0} end
+  redis.call('ZADD', KEYS[2], ARGV[7], ARGV[8])
+  redis.call('EXPIRE', KEYS[2], 3600)
+end
 local turn = redis.call('HINCRBY', KEYS[1], 'turns', 1)
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1], 'cid', ARGV[3], 'cdigest', ARGV[4], 'cturn', turn)
 redis.call('HDEL', KEYS[1], 'stop', 'worker')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {1, turn, seq}
+"""
+
+# The first user to use a session owns it; anonymous callers (dev mode)
+# claim nothing and may use only sessions nobody owns.
+_CHECK_OWNER = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner then
+  if ARGV[1] ~= '' then
+    redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+    redis.call('EXPIRE', KEYS[1], ARGV[2])
+  end
+  return 1
+end
+if owner == ARGV[1] then return 1 end
+return 0
 """
 
 # A request may be delivered twice (JetStream is at-least-once); only the
@@ -66,14 +91,16 @@ return {1, stop and 1 or 0}
 _ABORT_TURN = """
 if redis.call('HGET', KEYS[1], 'active') == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'active', 'prompt', 'stop', 'worker')
+  if KEYS[2] ~= KEYS[1] then redis.call('ZREM', KEYS[2], ARGV[2]) end
   if redis.call('HGET', KEYS[1], 'cturn') == ARGV[1] then redis.call('HDEL', KEYS[1], 'cid', 'cdigest', 'cturn') end
   return 1
 end
 return 0
 """
 
+# KEYS: meta, log, history, the turn's user's turns set (meta when none).
 # ARGV: ttl, cap, max_turns, n, seq1, frame1, ..., seqn, framen,
-#       [turn, done_seq, history_entry] when the batch ends a turn.
+#       [turn, done_seq, history_entry, session] when the batch ends a turn.
 _STORE_FRAMES = """
 local meta, log, hist = KEYS[1], KEYS[2], KEYS[3]
 local ttl, cap, max_turns, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -98,6 +125,7 @@ if ARGV[rest] then
   if tonumber(redis.call('HGET', meta, 'active') or '0') == turn then
     redis.call('HDEL', meta, 'active', 'prompt', 'stop', 'worker')
   end
+  if KEYS[4] ~= meta then redis.call('ZREM', KEYS[4], ARGV[rest + 3]) end
   redis.call('EXPIRE', hist, ttl)
 end
 local size = redis.call('ZCARD', log)
@@ -154,6 +182,7 @@ class Segment:
     session: str
     frames: list[tuple[int, bytes]]
     turn_end: tuple[int, int, bytes] | None = None
+    user: str | None = None  # the ended turn's user, whose turn count is released
 
 
 _CLAIM_STATUS = {1: "claimed", 0: "taken", -1: "inactive"}
@@ -174,9 +203,10 @@ class StartResult:
     accepted as ``turn``) or busy (``turn`` is still generating)."""
 
     started: bool
-    turn: int
+    turn: int  # with too_many: how many turns the user has generating
     base_seq: int
     duplicate: bool = False
+    too_many: bool = False
 
 
 class HistoryTurn(msgspec.Struct, frozen=True):
@@ -218,6 +248,7 @@ class SessionStore:
         self.retention = retention
         self._start = redis.register_script(_START_TURN)
         self._claim = redis.register_script(_CLAIM_TURN)
+        self._owner = redis.register_script(_CHECK_OWNER)
         self._abort = redis.register_script(_ABORT_TURN)
         self._store = redis.register_script(_STORE_FRAMES)
         self._pause = redis.register_script(_SET_PAUSED)
@@ -226,6 +257,11 @@ class SessionStore:
     @staticmethod
     def _keys(session: str) -> list[str]:
         return [session_key(session), log_key(session), history_key(session)]
+
+    @staticmethod
+    def _user_key(session: str, user: str | None) -> str:
+        # Scripts take the meta key again for "no user" (a key must be named, not built in Lua).
+        return user_turns_key(user) if user else session_key(session)
 
     async def ping(self) -> bool:
         try:
@@ -256,24 +292,48 @@ class SessionStore:
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable("the session store is unavailable") from exc
 
-    async def start_turn(self, session: str, prompt: str, *, client_id: str | None = None) -> StartResult:
+    async def start_turn(
+        self,
+        session: str,
+        prompt: str,
+        *,
+        client_id: str | None = None,
+        user: str | None = None,
+        max_turns_per_user: int = 0,
+        now: float = 0.0,
+    ) -> StartResult:
         """Claim the session for a new turn unless one is generating, or
         return the turn already started for the same chat (same client id
-        and prompt: a resend after a reconnect)."""
+        and prompt: a resend after a reconnect). A user with
+        ``max_turns_per_user`` turns generating gets ``too_many``."""
         digest = hashlib.blake2b(prompt.encode(), digest_size=16).hexdigest()
-        status, turn, base = await self._run(
-            self._start, session, [prompt, self.retention.retention_s, client_id or "", digest]
+        keys = [session_key(session), self._user_key(session, user)]
+        args: list[Any] = [
+            prompt, self.retention.retention_s, client_id or "", digest, user or "", max_turns_per_user, now, session
+        ]
+        try:
+            status, turn, base = await self._start(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("the session store is unavailable") from exc
+        return StartResult(
+            started=status == 1, turn=int(turn), base_seq=int(base), duplicate=status == 2, too_many=status == 3
         )
-        return StartResult(started=status == 1, turn=int(turn), base_seq=int(base), duplicate=status == 2)
+
+    async def check_owner(self, session: str, user: str | None) -> bool:
+        """Whether ``user`` may use the session; the first user to use it owns it."""
+        return bool(await self._run(self._owner, session, [user or "", self.retention.retention_s]))
 
     async def claim_turn(self, session: str, turn: int, worker: str) -> Claim:
         """Claim the active turn for one worker; any later claim of it is refused."""
         status, stop = await self._run(self._claim, session, [turn, worker])
         return Claim(status=_CLAIM_STATUS[int(status)], stop_requested=bool(stop))
 
-    async def abort_turn(self, session: str, turn: int) -> None:
+    async def abort_turn(self, session: str, turn: int, *, user: str | None = None) -> None:
         """Release a turn that was never handed to a worker."""
-        await self._run(self._abort, session, [turn])
+        try:
+            await self._abort(keys=[session_key(session), self._user_key(session, user)], args=[turn, session])
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("the session store is unavailable") from exc
 
     async def set_paused(self, session: str, paused: bool) -> tuple[bool, int]:
         """Set the pause flag; return (whether it changed, the flag's version)."""
@@ -307,8 +367,9 @@ class SessionStore:
                     for seq, data in segment.frames:
                         args += (seq, data)
                     if segment.turn_end is not None:
-                        args += segment.turn_end
-                    await self._store(keys=self._keys(segment.session), args=args, client=pipe)
+                        args += (*segment.turn_end, segment.session)
+                    keys = [*self._keys(segment.session), self._user_key(segment.session, segment.user)]
+                    await self._store(keys=keys, args=args, client=pipe)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable("the session store is unavailable") from exc

@@ -30,6 +30,7 @@ __all__ = [
     "session_key",
     "log_key",
     "history_key",
+    "user_turns_key",
 ]
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -97,3 +98,8 @@ def log_key(session: str) -> str:
 def history_key(session: str) -> str:
     """Redis list of the session's finished turns (JSON, oldest first)."""
     return f"{KEY_PREFIX}:{{{validate_session_id(session)}}}:history"
+
+
+def user_turns_key(user: str) -> str:
+    """Redis sorted set of the sessions where a user has a turn generating."""
+    return f"{KEY_PREFIX}:user:{{{validate_session_id(user)}}}:turns"

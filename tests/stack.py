@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -38,6 +39,9 @@ class Stack:
             "CHAT_NATS_URL": nats_url,
             "CHAT_REDIS_URL": redis_url,
             "CHAT_LOG_LEVEL": "INFO",
+            # Dev mode, as make run: tokens optional; one secret for the stack's gateways.
+            "CHAT_AUTH_MODE": "dev",
+            "CHAT_AUTH_SECRET": secrets.token_urlsafe(32),
             **FAST_DEMO,
             **(env or {}),
         }

@@ -84,6 +84,7 @@ def segments_of(msgs: Sequence[tuple[str, bytes]]) -> list[Segment]:
                 last_seq=done.seq,
             )
             segment.turn_end = (done.turn, done.seq, msgspec.json.encode(entry))
+            segment.user = item.user
             del open_segments[session]
         else:
             segment.frames.append((item.seq, data))  # already the client's frame

@@ -11,6 +11,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
+from shared.auth import TokenService
 from shared.runner import open_connections
 from shared.store import SessionStore
 
@@ -35,10 +36,11 @@ def create_app(settings: Settings) -> Starlette:
             nc=connections.nc,
             js=connections.js,
             store=SessionStore(connections.redis, settings.retention),
+            tokens=TokenService(settings.auth),
             feeds=feeds,
         )
         app.state.gateway = gateway
-        log.info("gateway ready", extra={"event": "ready", **settings.broker.describe()})
+        log.info("gateway ready", extra={"event": "ready", "auth": settings.auth.mode, **settings.broker.describe()})
         try:
             yield
         finally:
@@ -50,6 +52,8 @@ def create_app(settings: Settings) -> Starlette:
         WebSocketRoute("/", websocket_endpoint),
         WebSocketRoute("/ws", websocket_endpoint),
         Route("/api/chat", h["chat"], methods=["POST"]),
+        Route("/api/token", h["issue_token"], methods=["POST"]),
+        Route("/api/token/refresh", h["refresh_token"], methods=["POST"]),
         Route("/api/sessions/{session}/events", h["events"]),
         Route("/api/sessions/{session}/pause", h["pause"], methods=["POST"]),
         Route("/api/sessions/{session}/resume", h["resume"], methods=["POST"]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from shared.auth import Principal, TokenService
 from shared.errors import BrokerUnavailable, ProtocolError, SessionStateError
 from shared.messages import Control, TurnRequest
 from shared.protocol import encode, validate_prompt
@@ -25,9 +27,49 @@ from .metrics import GatewayMetrics
 from .outbox import Outbox
 from .settings import Settings
 
-__all__ = ["Gateway"]
+__all__ = ["Gateway", "ConnectionLimits"]
 
 log = logging.getLogger(__name__)
+
+
+class ConnectionLimits:
+    """Open connections of this process, in total and per user (decided before the upgrade)."""
+
+    def __init__(self, max_total: int, max_per_user: int) -> None:
+        self.max_total = max_total
+        self.max_per_user = max_per_user
+        self.total = 0
+        self.per_user: Counter[str] = Counter()
+
+    def acquire(self, user: str | None) -> None:
+        """Take a slot for a new connection; pair with :meth:`release`.
+
+        Raises:
+            ProtocolError: ``unavailable`` (this process is full) or
+                ``rate_limited`` (the user is at the limit).
+        """
+        self.check(user)
+        self.take(user)
+
+    def take(self, user: str | None) -> None:
+        """Take a slot without checking (after :meth:`check`, once a response has started)."""
+        self.total += 1
+        if user is not None:
+            self.per_user[user] += 1
+
+    def check(self, user: str | None) -> None:
+        """Raise as :meth:`acquire` would, without taking a slot."""
+        if self.total >= self.max_total:
+            raise ProtocolError("this gateway is at its connection limit; try another or later", code="unavailable")
+        if user is not None and self.per_user[user] >= self.max_per_user:
+            raise ProtocolError(f"too many connections for this user (the limit is {self.max_per_user})", code="rate_limited")
+
+    def release(self, user: str | None) -> None:
+        self.total -= 1
+        if user is not None:
+            self.per_user[user] -= 1
+            if not self.per_user[user]:
+                del self.per_user[user]
 
 
 @dataclass
@@ -38,8 +80,23 @@ class Gateway:
     nc: NATS
     js: JetStreamContext
     store: SessionStore
+    tokens: TokenService
     feeds: set[SessionFeed] = field(default_factory=set)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    connections: ConnectionLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        limits = self.settings.limits
+        self.connections = ConnectionLimits(limits.max_connections, limits.max_connections_per_user)
+
+    async def authorize(self, session: str, principal: Principal) -> None:
+        """Let ``principal`` use the session, claiming it if nobody owns it yet.
+
+        Raises:
+            ProtocolError: ``forbidden``, the session belongs to another user.
+        """
+        if not await self.store.check_owner(session, principal.user):
+            raise ProtocolError("this session belongs to another user", code="forbidden")
 
     def open_feed(
         self, session: str, last_seq: int, meta: SessionMeta, emit: Callable[[Send], None], outbox: Outbox[Any]
@@ -74,7 +131,9 @@ class Gateway:
         meta = await self.store.meta(session)
         return meta.paused, meta.pause_version
 
-    async def start_turn(self, session: str, prompt: str, *, client_id: str | None = None) -> StartResult:
+    async def start_turn(
+        self, session: str, prompt: str, *, client_id: str | None = None, user: str | None = None
+    ) -> StartResult:
         """Claim the session for a turn and queue it for a worker.
 
         A chat resent with the ``client_id`` of the last accepted one (a
@@ -86,15 +145,31 @@ class Gateway:
                 (``busy``), or the request could not be queued (``unavailable``).
         """
         validate_prompt(prompt, max_prompt_chars=self.settings.limits.max_prompt_chars)
-        result = await self.store.start_turn(session, prompt, client_id=client_id)
+        result = await self.store.start_turn(
+            session,
+            prompt,
+            client_id=client_id,
+            user=user,
+            max_turns_per_user=self.settings.limits.max_turns_per_user,
+            now=time.time(),
+        )
         if result.duplicate:
             return result
+        if result.too_many:
+            raise ProtocolError(
+                f"you have {result.turn} answers generating (the limit); wait for one to finish", code="rate_limited"
+            )
         if not result.started:
             raise ProtocolError(
                 f"turn {result.turn} is still generating; wait for its done or stop it", code="busy"
             )
         request = TurnRequest(
-            session=session, turn=result.turn, prompt=prompt, base_seq=result.base_seq, enqueued_at=time.time()
+            session=session,
+            turn=result.turn,
+            prompt=prompt,
+            base_seq=result.base_seq,
+            enqueued_at=time.time(),
+            user=user,
         )
         try:
             # The message id makes a retried publish start one turn, not two.
@@ -103,7 +178,7 @@ class Gateway:
             )
         except Exception as exc:
             log.warning("could not queue turn: %s", exc, extra={"session": session, "turn": result.turn})
-            await self.store.abort_turn(session, result.turn)
+            await self.store.abort_turn(session, result.turn, user=user)
             raise BrokerUnavailable("the message broker is unavailable") from exc
         self.metrics.turns_started.inc()
         log.info("turn queued", extra={"session": session, "turn": result.turn, "event": "turn_queued"})

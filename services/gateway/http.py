@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
+from shared.auth import Principal
 from shared.errors import BrokerUnavailable, ProtocolError, SessionStateError
 from shared.protocol import Chunk, Done, decode_server_frame
 from shared.session import Send
@@ -22,7 +23,7 @@ from shared.subjects import new_session_id, validate_session_id
 
 from .controls import Gateway
 from .outbox import Outbox
-from .websocket import error_response, parse_cursor
+from .websocket import error_response, parse_cursor, token_from
 
 __all__ = ["routes_handlers"]
 
@@ -53,6 +54,20 @@ def _session_param(request: Request) -> str:
     return validate_session_id(request.path_params["session"])
 
 
+def _principal(request: Request) -> Principal:
+    gateway: Gateway = request.app.state.gateway
+    return gateway.tokens.principal(token_from(request.headers, request.query_params))
+
+
+async def _session_access(request: Request) -> tuple[Gateway, str, Principal]:
+    """The gateway, the path's session and the caller, once the caller may use the session."""
+    gateway: Gateway = request.app.state.gateway
+    session = _session_param(request)
+    principal = _principal(request)
+    await gateway.authorize(session, principal)
+    return gateway, session, principal
+
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -78,6 +93,7 @@ def _stream(
     session: str,
     last_seq: int,
     meta: SessionMeta,
+    principal: Principal,
     *,
     turn: int | None,
     plain: bool,
@@ -88,10 +104,12 @@ def _stream(
     settings = gateway.settings
     # A reader too slow for the outbox has its response ended; it resumes
     # with Last-Event-ID.
+    gateway.connections.check(principal.user)  # refused with 429/503 before the response starts
     outbox: Outbox[Send] = Outbox(settings.limits.send_queue_frames)
     feed = gateway.open_feed(session, last_seq, meta, outbox.put, outbox)
 
     async def body() -> AsyncIterator[bytes]:
+        gateway.connections.take(principal.user)
         task = asyncio.create_task(feed.run())
         kind = "text" if plain else "sse"
         gateway.metrics.connections_total.labels(kind).inc()
@@ -121,6 +139,7 @@ def _stream(
         finally:
             task.cancel()
             gateway.metrics.connections.labels(kind).dec()
+            gateway.connections.release(principal.user)
 
     media = "text/plain; charset=utf-8" if plain else "text/event-stream"
     all_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
@@ -130,6 +149,7 @@ def _stream(
 @_handle_errors
 async def chat(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
+    principal = _principal(request)
     body = await read_json(request, gateway.settings.limits.max_frame_bytes)
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
@@ -137,34 +157,35 @@ async def chat(request: Request) -> Response:
     compat = "sessionId" in body and "session" not in body
     raw_session = body.get("sessionId") if compat else body.get("session")
     session = new_session_id() if raw_session is None else validate_session_id(raw_session)
+    await gateway.authorize(session, principal)
     wants_sse = "text/event-stream" in request.headers.get("accept", "")
     if not compat and not wants_sse:
-        result = await gateway.start_turn(session, prompt)
+        result = await gateway.start_turn(session, prompt, user=principal.user)
         return JSONResponse({"session": session, "turn": result.turn}, status_code=202)
     meta = await gateway.store.meta(session)
-    result = await gateway.start_turn(session, prompt)
+    result = await gateway.start_turn(session, prompt, user=principal.user)
     # The turn's frames are numbered after base_seq; pause applies here too.
     headers = {"X-Chat-Session": session, "X-Chat-Turn": str(result.turn)}
-    return _stream(gateway, session, result.base_seq, meta, turn=result.turn, plain=compat, headers=headers)
+    return _stream(
+        gateway, session, result.base_seq, meta, principal, turn=result.turn, plain=compat, headers=headers
+    )
 
 
 @_handle_errors
 async def events(request: Request) -> Response:
-    gateway: Gateway = request.app.state.gateway
-    session = _session_param(request)
+    gateway, session, principal = await _session_access(request)
     cursor = request.headers.get("last-event-id") or request.query_params.get("last_seq")
     last_seq = parse_cursor(cursor)
     meta = await gateway.store.meta(session)
     if last_seq > meta.hwm:
         raise ProtocolError(f"last_seq {last_seq} is beyond the session's last seq {meta.hwm}")
-    return _stream(gateway, session, last_seq, meta, turn=None, plain=False)
+    return _stream(gateway, session, last_seq, meta, principal, turn=None, plain=False)
 
 
 @_handle_errors
 async def pause_or_resume(request: Request) -> Response:
     """POST .../pause and .../resume: set the session's pause flag."""
-    gateway: Gateway = request.app.state.gateway
-    session = _session_param(request)
+    gateway, session, _ = await _session_access(request)
     paused = request.url.path.endswith("/pause")
     if paused:
         await gateway.pause(session)
@@ -175,16 +196,14 @@ async def pause_or_resume(request: Request) -> Response:
 
 @_handle_errors
 async def stop(request: Request) -> Response:
-    gateway: Gateway = request.app.state.gateway
-    session = _session_param(request)
+    gateway, session, _ = await _session_access(request)
     turn = await gateway.stop(session)
     return JSONResponse({"session": session, "turn": turn, "stopping": True}, status_code=202)
 
 
 @_handle_errors
 async def history(request: Request) -> Response:
-    gateway: Gateway = request.app.state.gateway
-    session = _session_param(request)
+    gateway, session, _ = await _session_access(request)
     turns = await gateway.store.history(session)
     meta = await gateway.store.meta(session)
     active = None
@@ -202,6 +221,40 @@ async def history(request: Request) -> Response:
             "active": active,
         }
     )
+
+
+@_handle_errors
+async def issue_token(request: Request) -> Response:
+    """POST /api/token: in dev mode, to anyone; otherwise against an API key (``X-API-Key``)."""
+    gateway: Gateway = request.app.state.gateway
+    if not gateway.tokens.can_issue:
+        raise ProtocolError("this deployment's tokens come from its identity provider", code="forbidden")
+    body = await read_json(request, 4096) if int(request.headers.get("content-length") or 0) else {}
+    user = body.get("user")
+    if gateway.settings.auth.required:
+        if not gateway.tokens.api_key_valid(request.headers.get("x-api-key")):
+            raise ProtocolError("a valid X-API-Key header is required to issue tokens", code="unauthorized")
+        if not isinstance(user, str):
+            raise ProtocolError("'user' is required")
+    elif user is None:
+        user = "anon-" + new_session_id()[:16]  # a new anonymous user
+    if not isinstance(user, str):
+        raise ProtocolError("'user' must be a string")
+    token, exp = gateway.tokens.issue(user)
+    return JSONResponse({"token": token, "exp": exp, "user": user, "token_type": "Bearer"})
+
+
+@_handle_errors
+async def refresh_token(request: Request) -> Response:
+    """POST /api/token/refresh: a valid (unexpired) token buys a new one for the same user."""
+    gateway: Gateway = request.app.state.gateway
+    token = token_from(request.headers, request.query_params)
+    if token is None:
+        raise ProtocolError("send the token to refresh as Authorization: Bearer …", code="unauthorized")
+    principal = gateway.tokens.verify(token)
+    assert principal.user is not None
+    new_token, exp = gateway.tokens.issue(principal.user)
+    return JSONResponse({"token": new_token, "exp": exp, "user": principal.user, "token_type": "Bearer"})
 
 
 async def healthz(request: Request) -> Response:
@@ -233,5 +286,7 @@ routes_handlers = {
     "healthz": healthz,
     "readyz": readyz,
     "metrics": metrics,
+    "issue_token": issue_token,
+    "refresh_token": refresh_token,
     "page": page,
 }

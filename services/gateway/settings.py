@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from shared.auth import AuthSettings
 from shared.settings import (
     BrokerSettings,
     RetentionSettings,
@@ -24,6 +25,11 @@ class Limits:
     send_queue_frames: int = 2048
     inbox_frames: int = 4096
     send_buffer_bytes: int = 0  # kernel send buffer per connection; 0 = the OS default
+    max_connections: int = 10_000  # per gateway process (503 past it)
+    max_connections_per_user: int = 32  # per gateway process (429 past it)
+    frames_per_s: float = 20.0  # client frames, token bucket per connection
+    frame_burst: int = 40
+    max_turns_per_user: int = 4  # generating at once, across gateways
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class Settings:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    allowed_origins: tuple[str, ...] = ()  # empty: any Origin
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
@@ -56,6 +64,13 @@ class Settings:
                 send_queue_frames=env_int(environ, "CHAT_SEND_QUEUE_FRAMES", Limits.send_queue_frames, minimum=8),
                 inbox_frames=env_int(environ, "CHAT_INBOX_FRAMES", Limits.inbox_frames, minimum=8),
                 send_buffer_bytes=env_int(environ, "CHAT_SEND_BUFFER_BYTES", Limits.send_buffer_bytes, minimum=0),
+                max_connections=env_int(environ, "CHAT_MAX_CONNECTIONS", Limits.max_connections, minimum=1),
+                max_connections_per_user=env_int(
+                    environ, "CHAT_MAX_CONNECTIONS_PER_USER", Limits.max_connections_per_user, minimum=1
+                ),
+                frames_per_s=env_float(environ, "CHAT_FRAMES_PER_S", Limits.frames_per_s, minimum=0.1),
+                frame_burst=env_int(environ, "CHAT_FRAME_BURST", Limits.frame_burst, minimum=1),
+                max_turns_per_user=env_int(environ, "CHAT_MAX_TURNS_PER_USER", Limits.max_turns_per_user, minimum=1),
             ),
             timeouts=Timeouts(
                 ping_interval_s=env_float(environ, "CHAT_PING_INTERVAL_S", Timeouts.ping_interval_s, minimum=0.1),
@@ -63,6 +78,10 @@ class Settings:
                 gap_timeout_s=env_float(environ, "CHAT_GAP_TIMEOUT_S", Timeouts.gap_timeout_s, minimum=0.01),
                 replay_timeout_s=env_float(environ, "CHAT_REPLAY_TIMEOUT_S", Timeouts.replay_timeout_s, minimum=0.1),
                 sse_keepalive_s=env_float(environ, "CHAT_SSE_KEEPALIVE_S", Timeouts.sse_keepalive_s, minimum=0.1),
+            ),
+            auth=AuthSettings.from_env(environ),
+            allowed_origins=tuple(
+                o.strip().rstrip("/") for o in env_str(environ, "CHAT_ALLOWED_ORIGINS", "").split(",") if o.strip()
             ),
             host=env_str(environ, "CHAT_HOST", cls.host),
             port=env_int(environ, "CHAT_PORT", cls.port, minimum=0),

@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from shared import protocol
+from shared.auth import Principal
 from shared.errors import BrokerUnavailable, ProtocolError, SessionStateError
 from shared.protocol import (
+    CLOSE_1008_POLICY,
     CLOSE_1013_TRY_AGAIN_LATER,
+    CLOSE_4001_TOKEN_EXPIRED,
+    CLOSE_4003_FORBIDDEN,
     SUBPROTOCOL,
     Accepted,
+    AuthOk,
     Chat,
     Chunk,
     Error,
@@ -28,6 +35,7 @@ from shared.protocol import (
     decode_server_frame,
     encode,
 )
+from shared.ratelimit import TokenBucket
 from shared.session import LocalPause, LocalResume, Send
 from shared.store import SessionMeta
 from shared.subjects import new_session_id, validate_session_id
@@ -35,7 +43,7 @@ from shared.subjects import new_session_id, validate_session_id
 from .controls import Gateway
 from .outbox import Outbox
 
-__all__ = ["websocket_endpoint", "parse_cursor", "error_response"]
+__all__ = ["websocket_endpoint", "parse_cursor", "error_response", "token_from", "check_origin"]
 
 log = logging.getLogger(__name__)
 
@@ -89,35 +97,66 @@ def parse_handshake(websocket: WebSocket) -> Handshake:
     )
 
 
+def token_from(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    """The request's token: ``Authorization: Bearer …`` or ``?token=`` (browsers cannot set headers)."""
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return query.get("token") or None
+
+
+def check_origin(origin: str | None, allowed: tuple[str, ...]) -> None:
+    """Refuse a browser page from an origin not in the allowlist (non-browsers send none)."""
+    if allowed and origin is not None and origin.rstrip("/") not in allowed:
+        raise ProtocolError("this origin is not allowed", code="forbidden")
+
+
 async def websocket_endpoint(websocket: WebSocket) -> None:
     gateway: Gateway = websocket.app.state.gateway
-    # Decide before the upgrade, so a refusal is an HTTP status (PROTOCOL.md).
+    # Decide before the upgrade, so a refusal is an HTTP status (PROTOCOL.md):
+    # 400 parameters, 401 token, 403 origin or owner, 429/503 limits.
     try:
         handshake = parse_handshake(websocket)
+        principal = gateway.tokens.principal(token_from(websocket.headers, websocket.query_params))
+        check_origin(websocket.headers.get("origin"), gateway.settings.allowed_origins)
+        await gateway.authorize(handshake.session, principal)
         meta = await gateway.store.meta(handshake.session)
         if handshake.last_seq > meta.hwm:
             raise ProtocolError(f"last_seq {handshake.last_seq} is beyond the session's last seq {meta.hwm}")
+        gateway.connections.acquire(principal.user)
     except ProtocolError as exc:
         await websocket.send_denial_response(error_response(exc.code, exc.message))
         return
     except BrokerUnavailable:
         await websocket.send_denial_response(error_response("unavailable", "the session store is unavailable"))
         return
-    await websocket.accept(subprotocol=handshake.subprotocol)
-    connection = Connection(gateway, websocket, handshake, meta)
-    if not handshake.compat:
-        connection.send(Ready(session=handshake.session, last_seq=meta.hwm, paused=meta.paused))
-    await connection.serve()
+    try:
+        await websocket.accept(subprotocol=handshake.subprotocol)
+        connection = Connection(gateway, websocket, handshake, meta, principal)
+        if not handshake.compat:
+            ready = Ready(session=handshake.session, last_seq=meta.hwm, paused=meta.paused, exp=principal.exp)
+            connection.send(ready)
+        await connection.serve()
+    finally:
+        gateway.connections.release(principal.user)
 
 
 class Connection:
     """One accepted WebSocket: a reader, a writer and the session feed."""
 
-    def __init__(self, gateway: Gateway, websocket: WebSocket, handshake: Handshake, meta: SessionMeta) -> None:
+    def __init__(
+        self, gateway: Gateway, websocket: WebSocket, handshake: Handshake, meta: SessionMeta, principal: Principal
+    ) -> None:
         self.gateway = gateway
         self.websocket = websocket
         self.session = handshake.session
         self.compat = handshake.compat
+        self.principal = principal
+        self.renewed = asyncio.Event()
+        limits = gateway.settings.limits
+        self.bucket = TokenBucket(rate_per_s=limits.frames_per_s, burst=limits.frame_burst)
+        self.over_limit = 0
+        self.close_with: tuple[int, str] | None = None  # set by a task that ends the connection
         self.outbox: Outbox[str] = Outbox(gateway.settings.limits.send_queue_frames)
         # The original client tracks no seq: it gets what is generated from now on.
         cursor = meta.hwm if handshake.compat else handshake.last_seq
@@ -150,6 +189,7 @@ class Connection:
             asyncio.create_task(self._write()),
             asyncio.create_task(self.feed.run()),
             asyncio.create_task(self._read()),
+            asyncio.create_task(self._expire()),
             asyncio.create_task(self.outbox.overflowed.wait()),
         ]
         try:
@@ -161,14 +201,47 @@ class Connection:
         if self.outbox.overflowed.is_set():
             self.gateway.metrics.slow_readers.inc()
             log.info("closing slow reader", extra={"session": self.session, "event": "slow_reader"})
-            await self._close(CLOSE_1013_TRY_AGAIN_LATER, "send queue full; reconnect with last_seq")
-            return
+            self.close_with = (CLOSE_1013_TRY_AGAIN_LATER, "send queue full; reconnect with last_seq")
         for task in done:
             if not task.cancelled() and task.exception() is not None and not isinstance(
                 task.exception(), WebSocketDisconnect
             ):
                 log.error("connection failed", exc_info=task.exception(), extra={"session": self.session})
-                await self._close(protocol.CLOSE_1011_INTERNAL, "internal error")
+                self.close_with = (protocol.CLOSE_1011_INTERNAL, "internal error")
+        if self.close_with is not None:
+            await self._close(*self.close_with)
+
+    async def _expire(self) -> None:
+        """Close with 4001 when the token expires and is not renewed within the grace."""
+        grace = self.gateway.settings.auth.grace_s
+        while True:
+            self.renewed.clear()
+            if self.principal.exp is None:
+                await self.renewed.wait()  # anonymous: nothing expires
+                continue
+            remaining = self.principal.exp + grace - time.time()
+            try:
+                await asyncio.wait_for(self.renewed.wait(), max(0.0, remaining))
+            except TimeoutError:
+                self.close_with = (CLOSE_4001_TOKEN_EXPIRED, "token expired")
+                return
+
+    def _renew(self, token: str) -> None:
+        """The auth frame: replace the connection's token with a fresh one for the same user."""
+        if self.principal.user is None:
+            raise ProtocolError("this connection has no token to renew; reconnect with one", code="unauthorized")
+        try:
+            principal = self.gateway.tokens.verify(token)
+        except ProtocolError:
+            self.close_with = (CLOSE_4001_TOKEN_EXPIRED, "token not valid")
+            raise
+        if principal.user != self.principal.user:
+            self.close_with = (CLOSE_4003_FORBIDDEN, "token of another user")
+            raise ProtocolError("the token is for another user", code="forbidden")
+        self.principal = principal
+        self.renewed.set()
+        assert principal.exp is not None
+        self.send(AuthOk(exp=principal.exp))
 
     async def _close(self, code: int, reason: str) -> None:
         try:
@@ -185,6 +258,16 @@ class Connection:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
+            if not self.bucket.take(time.monotonic()):
+                # Over the rate: refuse the frame; past a burst of refusals, close.
+                self.over_limit += 1
+                if self.over_limit > self.gateway.settings.limits.frame_burst:
+                    self.close_with = (CLOSE_1008_POLICY, "rate limit exceeded")
+                    return
+                if not self.compat:
+                    self.send(Error(code="rate_limited", message="too many frames; slow down"))
+                continue
+            self.over_limit = 0
             text = message.get("text")
             if text is None:
                 if not self.compat:
@@ -194,6 +277,8 @@ class Connection:
                 await self._on_compat(text)
             else:
                 await self._on_frame(text)
+            if self.close_with is not None:
+                return
 
     async def _on_compat(self, text: str) -> None:
         action = decode_compat_frame(text)
@@ -215,7 +300,9 @@ class Connection:
             frame = decode_client_frame(text)
             match frame:
                 case Chat(prompt=prompt, id=chat_id):
-                    result = await gateway.start_turn(self.session, prompt, client_id=chat_id)
+                    result = await gateway.start_turn(
+                        self.session, prompt, client_id=chat_id, user=self.principal.user
+                    )
                     self.send(Accepted(id=chat_id, turn=result.turn))
                 case protocol.Pause():
                     self.feed.submit(LocalPause(await gateway.pause(self.session)))
@@ -228,8 +315,8 @@ class Connection:
                     await gateway.stop(self.session)
                 case Ping(t=t):
                     self.send(Pong(t=t))
-                case protocol.Auth():
-                    raise ProtocolError("authentication is not enabled on this server")
+                case protocol.Auth(token=token):
+                    self._renew(token)
                 case protocol.Ack():
                     pass
                 case _:

@@ -227,7 +227,7 @@ class Worker:
         request = turn.request
         turn.seq += 1
         done = protocol.Done(seq=turn.seq, turn=request.turn, reason=reason, message=message)  # type: ignore[arg-type]
-        end = TurnEnd(done=done, prompt=request.prompt, answer="".join(turn.parts))
+        end = TurnEnd(done=done, prompt=request.prompt, answer="".join(turn.parts), user=request.user)
         await self._publish(turn, protocol.encode(end))
         log.info(
             "turn finished",

@@ -13,8 +13,9 @@ from shared.settings import BrokerSettings, Secret
 
 def test_defaults_serve_make_run() -> None:
     """With no environment the services use local NATS/Redis and the demo model."""
-    gateway = GatewaySettings.from_env({})
+    gateway = GatewaySettings.from_env({"CHAT_AUTH_MODE": "dev"})  # what make run sets
     assert (gateway.host, gateway.port) == ("127.0.0.1", 8000)
+    assert not gateway.auth.required
     assert gateway.broker.nats_url == "nats://127.0.0.1:4222"
     worker = WorkerSettings.from_env({})
     assert worker.provider == "demo"
@@ -36,7 +37,13 @@ def test_defaults_serve_make_run() -> None:
 def test_bad_values_name_variable_and_value(env: dict[str, str], message: str) -> None:
     """A bad value fails at start-up with the variable's name and value."""
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        GatewaySettings.from_env(env)
+        GatewaySettings.from_env({"CHAT_AUTH_MODE": "dev", **env})
+
+
+def test_gateway_requires_a_secret_by_default() -> None:
+    """Out of the box the gateway requires tokens, so it needs a signing secret."""
+    with pytest.raises(ConfigError, match="CHAT_AUTH_SECRET"):
+        GatewaySettings.from_env({})
 
 
 def test_worker_rejects_unknown_provider() -> None:
