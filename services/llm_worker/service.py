@@ -97,9 +97,18 @@ class Worker:
                     task.add_done_callback(self._finished)
         finally:
             await psub.unsubscribe()
-            if self.turns:
-                await asyncio.wait(self.turns, timeout=self.settings.drain_timeout_s or None)
+            await self._drain()
             await self.provider.aclose()
+
+    async def _drain(self) -> None:
+        """Let running turns finish for the drain timeout, then end the rest with done/error."""
+        if not self.turns:
+            return
+        log.info("draining %d turns", len(self.turns), extra={"event": "draining"})
+        _, unfinished = await asyncio.wait(self.turns, timeout=self.settings.drain_timeout_s)
+        for task in unfinished:
+            task.cancel()  # generate() publishes the turn's done/error before it ends
+        await asyncio.gather(*unfinished, return_exceptions=True)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.turns.discard(task)
@@ -160,12 +169,19 @@ class Worker:
 
         sub = await self.nc.subscribe(control_subject(request.session), cb=on_control)
         log.info("turn started", extra={**extra, "event": "turn_started", "queued_s": round(waited, 3)})
+        cancelled = False
         try:
             reason, message = await self._relay(turn, deltas)
+        except asyncio.CancelledError:
+            # The worker is shutting down: end the turn cleanly rather than leave it open.
+            cancelled = True
+            reason, message = "error", "The model worker restarted before the answer finished. Please send it again."
         finally:
             producer.cancel()
             await sub.unsubscribe()
         await self._end(turn, reason, message)
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def _relay(self, turn: Turn, deltas: asyncio.Queue[Delta | BaseException | None]) -> tuple[str, str | None]:
         """Publish deltas as chunks until the stream ends; return (reason, message)."""

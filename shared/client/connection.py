@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from ..backoff import Backoff
 from ..errors import ChatError, ProtocolError
-from ..protocol import SUBPROTOCOL, Ack, Chat, Pause, Ping, Ready, Resume, ServerFrame, Stop, encode
+from ..protocol import SUBPROTOCOL, Ack, Auth, AuthOk, Chat, Pause, Ping, Ready, Resume, ServerFrame, Stop, encode
 from .session import (
     CloseAction,
     Connected,
@@ -61,8 +61,9 @@ class ChatClient:
         url: the gateway's WebSocket URL, e.g. ``ws://127.0.0.1:8000/ws``.
         session: the session to continue; None starts a new one.
         last_seq: the highest seq the caller already has (0: replay everything).
-        token_provider: called for a token before connecting and after a 4001
-            or HTTP 401; None when authentication is off.
+        token_provider: called for a token before connecting, after a 4001 or
+            HTTP 401, and ahead of the token's expiry (sent as an ``auth`` frame:
+            the connection stays open); None when no token is needed.
         backoff: the reconnect schedule (default: 0.5 s doubling to 30 s, forever).
         ping_interval_s: how often to send an application ping.
         ping_timeout_s: silence after which the connection is considered dead.
@@ -270,7 +271,31 @@ class ChatClient:
                 except ConnectionClosed:
                     return
 
+        exp: list[int | None] = [None]
+        renewed = asyncio.Event()
+
+        async def renew() -> None:
+            """Send a fresh token before the current one expires (the auth frame)."""
+            assert self.token_provider is not None
+            while True:
+                while exp[0] is None:
+                    renewed.clear()
+                    await renewed.wait()
+                remaining = exp[0] - time.time()
+                await asyncio.sleep(max(0.0, remaining - min(60.0, remaining / 4)))
+                renewed.clear()
+                try:
+                    token = await self.token_provider()
+                except Exception as exc:  # try again shortly; the server closes with 4001 if it is too late
+                    log.warning("token renewal failed: %s", exc)
+                    await asyncio.sleep(min(5.0, max(0.1, (exp[0] - time.time()) / 4)))
+                    continue
+                if token:
+                    await ws.send(encode(Auth(token=token)).decode())
+                await renewed.wait()  # the auth_ok with the new expiry
+
         beat = asyncio.create_task(heartbeat())
+        renewing = asyncio.create_task(renew()) if self.token_provider is not None else None
         try:
             async for message in ws:
                 heard_at[0] = loop.time()
@@ -289,10 +314,15 @@ class ChatClient:
                     if isinstance(frame, Ready):
                         await self._emit(Connected(session=frame.session, attempt=self.backoff.attempt))
                         await self._flush()
+                    if isinstance(frame, (Ready, AuthOk)) and frame.exp is not None:
+                        exp[0] = frame.exp
+                        renewed.set()
                     await self._emit(frame)
         except ConnectionClosed:
             pass
         finally:
             beat.cancel()
+            if renewing is not None:
+                renewing.cancel()
         code = ws.close_code
         return (None if code == 1006 else code), ws.close_reason or ""

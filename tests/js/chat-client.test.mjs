@@ -248,3 +248,21 @@ test("networkLost drops the socket at once and schedules a reconnect; retryNow c
   assert.equal(FakeSocket.all.length, 2);
   assert.equal(states.at(-1).state, "connecting");
 });
+
+test("the token is renewed on the live connection before it expires", async () => {
+  let calls = 0;
+  const { client, clock } = makeClient({ tokenProvider: async () => `t${++calls}`, pingTimeoutMs: 1e9 });
+  client.start();
+  await Promise.resolve();
+  const ws = FakeSocket.last();
+  ws.open();
+  ws.deliver({ ...ready(), exp: 100 }); // expires at t = 100 s; the clock is at 0
+  clock.advance(74000);
+  assert.equal(calls, 1);
+  clock.advance(2000); // 75% of the remaining life
+  await Promise.resolve();
+  await Promise.resolve();
+  assert.equal(calls, 2);
+  assert.deepEqual(ws.sent.filter((f) => f.type === "auth"), [{ type: "auth", token: "t2" }]);
+  assert.equal(FakeSocket.all.length, 1); // no reconnect
+});

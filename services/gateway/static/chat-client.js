@@ -189,6 +189,7 @@ export class ChatClient extends EventTarget {
     this.heardAt = 0;
     this.heartbeat = null;
     this.retry = null;
+    this.renewal = null;
     this.token = null;
     this.needToken = this.tokenProvider !== null;
   }
@@ -309,6 +310,7 @@ export class ChatClient extends EventTarget {
         this.emitState("connected", { session: frame.session, attempt: this.backoff.attempt });
         this.flush();
       }
+      if ((frame.type === "ready" || frame.type === "auth_ok") && frame.exp) this.scheduleRenewal(ws, frame.exp);
       this.dispatchEvent(Object.assign(new Event("frame"), { detail: frame }));
     }
   }
@@ -317,6 +319,7 @@ export class ChatClient extends EventTarget {
     if (ws !== this.ws) return;
     this.ws = null;
     this.stopHeartbeat();
+    this.clearTimer(this.renewal);
     this.state.connectionLost();
     if (this.connectedAt) this.backoff.connectionEnded(this.now() - this.connectedAt);
     this.connectedAt = 0;
@@ -340,6 +343,24 @@ export class ChatClient extends EventTarget {
     const offline = globalThis.navigator?.onLine === false;
     this.emitState(offline ? "offline" : "reconnecting", { delayMs, attempt: this.backoff.attempt, code, reason });
     this.retry = this.setTimer(() => this.connect(), delayMs);
+  }
+
+  /** Renew the token on this connection before it expires (the auth frame), at 75% of its remaining life. */
+  scheduleRenewal(ws, exp) {
+    if (!this.tokenProvider) return;
+    this.clearTimer(this.renewal);
+    const remainingMs = exp * 1000 - this.now();
+    const leadMs = Math.min(60000, remainingMs / 4);
+    this.renewal = this.setTimer(async () => {
+      if (ws !== this.ws) return;
+      try {
+        this.token = await this.tokenProvider();
+      } catch {
+        this.scheduleRenewal(ws, exp); // try again; the server closes with 4001 if it is too late
+        return;
+      }
+      if (ws === this.ws && ws.readyState === 1) ws.send(JSON.stringify({ type: "auth", token: this.token }));
+    }, Math.max(0, remainingMs - leadMs));
   }
 
   startHeartbeat(ws) {
