@@ -167,10 +167,16 @@ class Clients:
         await self.close()
 
     async def open(
-        self, session: str | None, *, last_seq: int | None = None, path: str = "/ws", port: int | None = None
+        self,
+        session: str | None,
+        *,
+        last_seq: int | None = None,
+        path: str = "/ws",
+        port: int | None = None,
+        **params: str,
     ) -> tuple[Client, dict[str, Any]]:
         """Connect with the chat.v1 subprotocol; return the client and its ready frame."""
-        url = self.stack.ws_url(path, session=session, last_seq=last_seq)
+        url = self.stack.ws_url(path, session=session, last_seq=last_seq, **params)
         if port is not None:
             url = url.replace(f":{self.stack.port}/", f":{port}/", 1)
         ws = await connect(url, subprotocols=["chat.v1"])  # type: ignore[list-item]

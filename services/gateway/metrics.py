@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -23,6 +24,9 @@ class GatewayMetrics:
         self.replayed_frames = Counter("chat_gateway_replayed_frames_total", "Frames received by replay.", registry=r)
         self.pauses = Counter("chat_gateway_pauses_total", "Pause requests that paused a session.", registry=r)
         self.slow_readers = Counter("chat_gateway_slow_readers_total", "Connections closed because their send queue filled.", registry=r)
+        # Tasks alive in the gateway's event loop, read at scrape time: a leak shows as growth.
+        self.tasks = Gauge("chat_gateway_tasks", "asyncio tasks alive in the gateway.", registry=r)
+        self.tasks.set_function(lambda: len(asyncio.all_tasks()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

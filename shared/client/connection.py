@@ -277,10 +277,14 @@ class ChatClient:
         async def renew() -> None:
             """Send a fresh token before the current one expires (the auth frame)."""
             assert self.token_provider is not None
+            renewed_exp = 0
             while True:
                 while exp[0] is None:
                     renewed.clear()
                     await renewed.wait()
+                if exp[0] <= renewed_exp:
+                    await asyncio.sleep(1.0)  # the new token expires no later (whole seconds): do not spin
+                renewed_exp = exp[0]
                 remaining = exp[0] - time.time()
                 await asyncio.sleep(max(0.0, remaining - min(60.0, remaining / 4)))
                 renewed.clear()

@@ -190,6 +190,7 @@ export class ChatClient extends EventTarget {
     this.heartbeat = null;
     this.retry = null;
     this.renewal = null;
+    this.renewedExp = 0;
     this.token = null;
     this.needToken = this.tokenProvider !== null;
   }
@@ -349,6 +350,9 @@ export class ChatClient extends EventTarget {
   scheduleRenewal(ws, exp) {
     if (!this.tokenProvider) return;
     this.clearTimer(this.renewal);
+    // A renewal that did not move the expiry (whole seconds) waits a second, instead of spinning.
+    const floorMs = exp <= this.renewedExp ? 1000 : 0;
+    this.renewedExp = exp;
     const remainingMs = exp * 1000 - this.now();
     const leadMs = Math.min(60000, remainingMs / 4);
     this.renewal = this.setTimer(async () => {
@@ -360,7 +364,7 @@ export class ChatClient extends EventTarget {
         return;
       }
       if (ws === this.ws && ws.readyState === 1) ws.send(JSON.stringify({ type: "auth", token: this.token }));
-    }, Math.max(0, remainingMs - leadMs));
+    }, Math.max(floorMs, remainingMs - leadMs));
   }
 
   startHeartbeat(ws) {
