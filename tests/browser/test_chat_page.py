@@ -15,6 +15,7 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from devstack.servers import Server
+from shared.auth import AuthSettings, TokenService
 from tests.stack import WAIT_S, Bus, Stack, history, isolated_stack
 
 # Answers of about 3 s (60 tokens/s, 200 tokens): time to pause, go offline or reload mid-answer.
@@ -237,3 +238,24 @@ async def test_controls_have_roles_and_names_and_work_by_keyboard(page_stack: St
     await page.wait_for_selector('#pause[aria-pressed="false"]')
     await wait_done(page)
     await assert_matches_history(page, page_stack)
+
+
+async def test_page_with_a_token_when_auth_is_required(redis_server: Server, browser: Browser) -> None:
+    """With tokens required, the page opened with ?token= connects, chats, and keeps the token."""
+    env = {**PACED, "CHAT_AUTH_MODE": "required", "CHAT_DEMO_ANSWER_TOKENS": "40"}
+    with isolated_stack(redis_server.url, env) as stack:
+        tokens = TokenService(AuthSettings.from_env(stack.env))
+        context = await browser.new_context()
+        context.set_default_timeout(TIMEOUT_MS)
+        try:
+            page = await context.new_page()
+            await page.goto(stack.http_url + "/?token=" + tokens.issue("page-user")[0])
+            await page.wait_for_selector('#status[data-state="connected"]')
+            await send(page, "hello with a token")
+            await wait_done(page)
+            assert await page.evaluate("localStorage.getItem('chatrelay.token')")
+            second = await context.new_page()
+            await second.goto(stack.http_url + "/")  # same browser, no ?token=: the kept token is used
+            await second.wait_for_selector('#status[data-state="connected"]')
+        finally:
+            await context.close()

@@ -18,6 +18,23 @@ const stopButton = $("stop");
 const notice = $("notice");
 
 const SESSION_KEY = "chatrelay.session";
+const TOKEN_KEY = "chatrelay.token";
+
+// With auth required, the page needs a token: given once as ?token=… (by the
+// deployment's sign-in), kept, and renewed through /api/token/refresh.
+let token = new URLSearchParams(location.search).get("token") || localStorage.getItem(TOKEN_KEY);
+if (token) localStorage.setItem(TOKEN_KEY, token);
+const authHeaders = () => (token ? { Authorization: `Bearer ${token}` } : {});
+const tokenProvider = token
+  ? async () => {
+      const response = await fetch("/api/token/refresh", { method: "POST", headers: authHeaders() });
+      if (response.ok) {
+        token = (await response.json()).token;
+        localStorage.setItem(TOKEN_KEY, token);
+      }
+      return token;
+    }
+  : null;
 const turns = new Map(); // turn number -> {item, answer, text, status}
 const waiting = new Map(); // chat id -> entry not yet accepted
 let generating = false;
@@ -112,7 +129,7 @@ let session = localStorage.getItem(SESSION_KEY);
 let lastSeq = 0;
 if (session) {
   try {
-    const response = await fetch(`/api/sessions/${encodeURIComponent(session)}/history`);
+    const response = await fetch(`/api/sessions/${encodeURIComponent(session)}/history`, { headers: authHeaders() });
     if (!response.ok) throw new Error(`history: HTTP ${response.status}`);
     const record = await response.json();
     for (const turn of record.turns) {
@@ -133,7 +150,7 @@ if (session) {
 
 const url = new URL("/ws", location.href);
 url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-const client = new ChatClient(url.toString(), { session, lastSeq });
+const client = new ChatClient(url.toString(), { session, lastSeq, tokenProvider });
 
 client.addEventListener("frame", ({ detail: frame }) => {
   switch (frame.type) {
