@@ -136,6 +136,7 @@ class Done(_ServerFrame, tag="done", frozen=True):
     turn: int
     reason: DoneReason
     message: str | None = None
+    code: ErrorCode | None = None  # extension: with reason error, e.g. unavailable (no worker in time)
 
 
 class Paused(_ServerFrame, tag="paused", frozen=True):

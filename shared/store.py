@@ -28,13 +28,14 @@ from redis.exceptions import RedisError
 
 from .errors import BrokerUnavailable
 from .settings import BrokerSettings, RetentionSettings
-from .subjects import history_key, log_key, session_key, user_turns_key
+from .subjects import LEASES_KEY, history_key, log_key, session_key, user_turns_key
 
 __all__ = ["SessionMeta", "Claim", "Segment", "StartResult", "HistoryTurn", "SessionStore", "connect_redis"]
 
-# KEYS: meta, the user's turns set (meta again when anonymous).
+# KEYS: meta, the user's turns set (meta again when anonymous), the leases.
 # ARGV: prompt, ttl, the client's chat id ('' if none), the prompt's digest,
-#       user ('' if anonymous), turns allowed per user, now, session.
+#       user ('' if anonymous), turns allowed per user, now, session,
+#       the time by which a worker must have claimed the turn.
 # A chat with the last accepted chat's id and prompt is a resend after a
 # reconnect: it gets its turn back. A reused id with another prompt is a new
 # chat (clients that number chats "c1" each time still get new turns).
@@ -55,9 +56,11 @@ if ARGV[5] ~= '' then
 end
 local turn = redis.call('HINCRBY', KEYS[1], 'turns', 1)
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1], 'cid', ARGV[3], 'cdigest', ARGV[4], 'cturn', turn)
+redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1], 'cid', ARGV[3], 'cdigest', ARGV[4], 'cturn', turn,
+  'tuser', ARGV[5])
 redis.call('HDEL', KEYS[1], 'stop', 'worker')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[9], ARGV[8])
 return {1, turn, seq}
 """
 
@@ -78,12 +81,25 @@ return 0
 
 # A request may be delivered twice (JetStream is at-least-once); only the
 # first worker to claim the active turn generates it.
+# KEYS: meta, leases. ARGV: turn, worker, lease deadline, session.
 _CLAIM_TURN = """
 if redis.call('HGET', KEYS[1], 'active') ~= ARGV[1] then return {-1, 0} end
 if redis.call('HGET', KEYS[1], 'worker') then return {0, 0} end
 redis.call('HSET', KEYS[1], 'worker', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 local stop = redis.call('HGET', KEYS[1], 'stop') == ARGV[1]
 return {1, stop and 1 or 0}
+"""
+
+# The claiming worker extends its lease; 0 means the turn is no longer its
+# (it ended, or a reaper ended it after the lease ran out): stop generating.
+_RENEW_LEASE = """
+if redis.call('HGET', KEYS[1], 'active') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
+  return 0
+end
+if not redis.call('ZSCORE', KEYS[2], ARGV[4]) then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return 1
 """
 
 # A turn that never reached a worker: free the session, and forget its chat
@@ -92,13 +108,14 @@ _ABORT_TURN = """
 if redis.call('HGET', KEYS[1], 'active') == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'active', 'prompt', 'stop', 'worker')
   if KEYS[2] ~= KEYS[1] then redis.call('ZREM', KEYS[2], ARGV[2]) end
+  redis.call('ZREM', KEYS[3], ARGV[2])
   if redis.call('HGET', KEYS[1], 'cturn') == ARGV[1] then redis.call('HDEL', KEYS[1], 'cid', 'cdigest', 'cturn') end
   return 1
 end
 return 0
 """
 
-# KEYS: meta, log, history, the turn's user's turns set (meta when none).
+# KEYS: meta, log, history, the turn's user's turns set (meta when none), leases.
 # ARGV: ttl, cap, max_turns, n, seq1, frame1, ..., seqn, framen,
 #       [turn, done_seq, history_entry, session] when the batch ends a turn.
 _STORE_FRAMES = """
@@ -126,6 +143,7 @@ if ARGV[rest] then
     redis.call('HDEL', meta, 'active', 'prompt', 'stop', 'worker')
   end
   if KEYS[4] ~= meta then redis.call('ZREM', KEYS[4], ARGV[rest + 3]) end
+  redis.call('ZREM', KEYS[5], ARGV[rest + 3])
   redis.call('EXPIRE', hist, ttl)
 end
 local size = redis.call('ZCARD', log)
@@ -172,6 +190,9 @@ class SessionMeta:
     active_turn: int | None
     active_prompt: str | None
     stop_turn: int | None
+    base_seq: int = 0  # the last seq of the last finished turn
+    worker: str | None = None  # the worker that claimed the active turn
+    turn_user: str | None = None  # the user who started it
 
 
 @dataclass(slots=True)
@@ -249,6 +270,7 @@ class SessionStore:
         self._start = redis.register_script(_START_TURN)
         self._claim = redis.register_script(_CLAIM_TURN)
         self._owner = redis.register_script(_CHECK_OWNER)
+        self._renew = redis.register_script(_RENEW_LEASE)
         self._abort = redis.register_script(_ABORT_TURN)
         self._store = redis.register_script(_STORE_FRAMES)
         self._pause = redis.register_script(_SET_PAUSED)
@@ -272,11 +294,11 @@ class SessionStore:
     async def meta(self, session: str) -> SessionMeta:
         try:
             raw = await self.redis.hmget(
-                session_key(session), ["hwm", "paused", "pv", "active", "prompt", "stop"]
+                session_key(session), ["hwm", "paused", "pv", "active", "prompt", "stop", "seq", "worker", "tuser"]
             )
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable("the session store is unavailable") from exc
-        hwm, paused, version, active, prompt, stop = raw
+        hwm, paused, version, active, prompt, stop, base, worker, turn_user = raw
         return SessionMeta(
             hwm=_int(hwm) or 0,
             paused=paused == b"1",
@@ -284,6 +306,9 @@ class SessionStore:
             active_turn=_int(active),
             active_prompt=prompt.decode() if isinstance(prompt, bytes) else prompt,
             stop_turn=_int(stop),
+            base_seq=_int(base) or 0,
+            worker=worker.decode() if isinstance(worker, bytes) else worker,
+            turn_user=(turn_user.decode() if isinstance(turn_user, bytes) else turn_user) or None,
         )
 
     async def _run(self, script: Any, session: str, args: Sequence[Any]) -> Any:
@@ -301,15 +326,17 @@ class SessionStore:
         user: str | None = None,
         max_turns_per_user: int = 0,
         now: float = 0.0,
+        claim_within_s: float = 3600.0,
     ) -> StartResult:
         """Claim the session for a new turn unless one is generating, or
         return the turn already started for the same chat (same client id
         and prompt: a resend after a reconnect). A user with
         ``max_turns_per_user`` turns generating gets ``too_many``."""
         digest = hashlib.blake2b(prompt.encode(), digest_size=16).hexdigest()
-        keys = [session_key(session), self._user_key(session, user)]
+        keys = [session_key(session), self._user_key(session, user), LEASES_KEY]
         args: list[Any] = [
-            prompt, self.retention.retention_s, client_id or "", digest, user or "", max_turns_per_user, now, session
+            prompt, self.retention.retention_s, client_id or "", digest, user or "", max_turns_per_user, now, session,
+            now + claim_within_s,
         ]
         try:
             status, turn, base = await self._start(keys=keys, args=args)
@@ -323,15 +350,46 @@ class SessionStore:
         """Whether ``user`` may use the session; the first user to use it owns it."""
         return bool(await self._run(self._owner, session, [user or "", self.retention.retention_s]))
 
-    async def claim_turn(self, session: str, turn: int, worker: str) -> Claim:
-        """Claim the active turn for one worker; any later claim of it is refused."""
-        status, stop = await self._run(self._claim, session, [turn, worker])
+    async def claim_turn(self, session: str, turn: int, worker: str, *, lease_until: float) -> Claim:
+        """Claim the active turn for one worker, leased until ``lease_until``;
+        any later claim of it is refused."""
+        try:
+            status, stop = await self._claim(
+                keys=[session_key(session), LEASES_KEY], args=[turn, worker, lease_until, session]
+            )
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("the session store is unavailable") from exc
         return Claim(status=_CLAIM_STATUS[int(status)], stop_requested=bool(stop))
+
+    async def renew_lease(self, session: str, turn: int, worker: str, *, lease_until: float) -> bool:
+        """Extend the worker's lease on its turn; False if the turn is no longer its."""
+        try:
+            renewed = await self._renew(keys=[session_key(session), LEASES_KEY], args=[turn, worker, lease_until, session])
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("the session store is unavailable") from exc
+        return bool(renewed)
+
+    async def expired_leases(self, now: float, *, limit: int = 100) -> list[str]:
+        """Sessions whose turn lease ended before ``now``."""
+        try:
+            rows = await self.redis.zrangebyscore(LEASES_KEY, "-inf", now, start=0, num=limit)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("the session store is unavailable") from exc
+        return [row.decode() if isinstance(row, bytes) else str(row) for row in rows]
+
+    async def take_expired_lease(self, session: str) -> bool:
+        """Remove an expired lease; True for the one caller that removed it (it ends the turn)."""
+        try:
+            return bool(await self.redis.zrem(LEASES_KEY, session))
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("the session store is unavailable") from exc
 
     async def abort_turn(self, session: str, turn: int, *, user: str | None = None) -> None:
         """Release a turn that was never handed to a worker."""
         try:
-            await self._abort(keys=[session_key(session), self._user_key(session, user)], args=[turn, session])
+            await self._abort(
+                keys=[session_key(session), self._user_key(session, user), LEASES_KEY], args=[turn, session]
+            )
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable("the session store is unavailable") from exc
 
@@ -368,7 +426,7 @@ class SessionStore:
                         args += (seq, data)
                     if segment.turn_end is not None:
                         args += (*segment.turn_end, segment.session)
-                    keys = [*self._keys(segment.session), self._user_key(segment.session, segment.user)]
+                    keys = [*self._keys(segment.session), self._user_key(segment.session, segment.user), LEASES_KEY]
                     await self._store(keys=keys, args=args, client=pipe)
                 await pipe.execute()
         except (RedisError, OSError) as exc:

@@ -31,6 +31,7 @@ __all__ = [
     "log_key",
     "history_key",
     "user_turns_key",
+    "LEASES_KEY",
 ]
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -47,6 +48,9 @@ CONSUMER_BUFFERS = "buffers"
 SUBJECT_REPLAY = f"{PREFIX}.replay"
 
 KEY_PREFIX = "chat"
+# Redis sorted set: sessions with a turn queued or generating, scored by the
+# time its lease ends (queue deadline, then the worker's renewed lease).
+LEASES_KEY = f"{KEY_PREFIX}:leases"
 
 
 def validate_session_id(value: object) -> str:

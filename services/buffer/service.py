@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 
 import msgspec
@@ -21,6 +22,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import NotFoundError
 
 from shared import protocol
 from shared.errors import BrokerUnavailable, ProtocolError
@@ -38,6 +40,7 @@ from shared.subjects import (
     STREAM_GENERATED,
     SUBJECT_REPLAY,
     delivery_subject,
+    generated_subject,
     generated_wildcard,
     validate_session_id,
 )
@@ -110,6 +113,7 @@ class Buffer:
             stream=STREAM_GENERATED,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=-1),
         )
+        reaper = asyncio.create_task(self.reap())
         log.info("buffer ready", extra={"event": "ready"})
         try:
             while not self.stopping.is_set():
@@ -124,8 +128,57 @@ class Buffer:
                 await self.handle_batch(msgs)
         finally:
             # Finish what we hold: the current batch is done; stop answering.
+            reaper.cancel()
             await replay_sub.unsubscribe()
             await psub.unsubscribe()
+
+    async def reap(self) -> None:
+        """End turns whose lease ran out: never claimed by a worker in time, or
+        claimed by one that stopped renewing (it died). Every buffer reaps; the
+        lease's removal decides which one ends a given turn."""
+        while True:
+            await asyncio.sleep(self.settings.reap_interval_s)
+            try:
+                for session in await self.store.expired_leases(time.time()):
+                    if await self.store.take_expired_lease(session):
+                        await self.end_abandoned_turn(session)
+            except BrokerUnavailable:
+                log.warning("reaper: redis unavailable", extra={"event": "reap_failed"})
+            except Exception:
+                log.exception("reaper failed", extra={"event": "reap_failed"})
+
+    async def end_abandoned_turn(self, session: str) -> None:
+        """Publish the turn's done/error after the last frame its worker published."""
+        meta = await self.store.meta(session)
+        if meta.active_turn is None or meta.active_prompt is None:
+            return
+        last = meta.hwm
+        try:
+            # Frames the worker published may still wait in the stream, unstored.
+            stored = await self.js.get_last_msg(STREAM_GENERATED, generated_subject(session))
+            newest = decode_generated(stored.data or b"")
+        except (NotFoundError, msgspec.DecodeError):
+            newest = None
+        if isinstance(newest, TurnEnd) and newest.done.turn == meta.active_turn:
+            return  # the worker did end it; the buffer is about to store that
+        if isinstance(newest, protocol.Chunk):
+            last = max(last, newest.seq)
+        frames, _, _ = await self.store.read_frames(session, after=meta.base_seq, limit=100_000)
+        answer = "".join(
+            f.text for _, data in frames if isinstance(f := decode_generated(data), protocol.Chunk) and f.turn == meta.active_turn
+        )
+        if meta.worker is None:
+            message, code = "No model worker was free in time. Please try again.", "unavailable"
+        else:
+            message, code = "The model worker stopped responding. Please send your message again.", None
+        done = protocol.Done(seq=last + 1, turn=meta.active_turn, reason="error", message=message, code=code)  # type: ignore[arg-type]
+        end = TurnEnd(done=done, prompt=meta.active_prompt, answer=answer, user=meta.turn_user)
+        headers = {"Nats-Msg-Id": f"{session}:{last + 1}"}
+        await self.js.publish(generated_subject(session), protocol.encode(end), headers=headers, timeout=5)
+        log.warning(
+            "ended an abandoned turn",
+            extra={"session": session, "turn": meta.active_turn, "event": "turn_reaped", "claimed": meta.worker is not None},
+        )
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         segments = segments_of([(m.subject, m.data) for m in msgs])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shared.settings import BrokerSettings, HealthSettings, RetentionSettings, env_int, env_log_level
+from shared.settings import BrokerSettings, HealthSettings, RetentionSettings, env_float, env_int, env_log_level
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,7 @@ class Settings:
     batch_size: int = 256
     replay_max_frames: int = 1000
     replay_max_bytes: int = 512 * 1024
+    reap_interval_s: float = 1.0
     health: HealthSettings = field(default_factory=HealthSettings)
     log_level: str = "INFO"
 
@@ -26,6 +27,7 @@ class Settings:
             batch_size=env_int(environ, "CHAT_BUFFER_BATCH", 256, minimum=1),
             replay_max_frames=env_int(environ, "CHAT_REPLAY_MAX_FRAMES", 1000, minimum=1),
             replay_max_bytes=env_int(environ, "CHAT_REPLAY_MAX_BYTES", 512 * 1024, minimum=1024),
+            reap_interval_s=env_float(environ, "CHAT_REAP_INTERVAL_S", 1.0, minimum=0.05),
             health=HealthSettings.from_env(environ),
             log_level=env_log_level(environ),
         )

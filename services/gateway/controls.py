@@ -152,6 +152,7 @@ class Gateway:
             user=user,
             max_turns_per_user=self.settings.limits.max_turns_per_user,
             now=time.time(),
+            claim_within_s=self.settings.timeouts.queue_timeout_s,
         )
         if result.duplicate:
             return result

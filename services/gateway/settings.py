@@ -39,6 +39,7 @@ class Timeouts:
     gap_timeout_s: float = 0.25
     replay_timeout_s: float = 2.0
     sse_keepalive_s: float = 15.0
+    queue_timeout_s: float = 30.0  # a turn no worker claims by then ends with done/error, code unavailable
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class Settings:
                 gap_timeout_s=env_float(environ, "CHAT_GAP_TIMEOUT_S", Timeouts.gap_timeout_s, minimum=0.01),
                 replay_timeout_s=env_float(environ, "CHAT_REPLAY_TIMEOUT_S", Timeouts.replay_timeout_s, minimum=0.1),
                 sse_keepalive_s=env_float(environ, "CHAT_SSE_KEEPALIVE_S", Timeouts.sse_keepalive_s, minimum=0.1),
+                queue_timeout_s=env_float(environ, "CHAT_QUEUE_TIMEOUT_S", Timeouts.queue_timeout_s, minimum=0.1),
             ),
             auth=AuthSettings.from_env(environ),
             allowed_origins=tuple(

@@ -52,6 +52,7 @@ class Turn:
     seq: int
     parts: list[str] = field(default_factory=list)
     stop_requested: bool = False
+    reaped: bool = False  # the lease ran out and a buffer ended the turn: publish nothing more
 
 
 class Worker:
@@ -128,7 +129,9 @@ class Worker:
             return
         extra = {"session": request.session, "turn": request.turn}
         try:
-            claim = await self.store.claim_turn(request.session, request.turn, self.worker_id)
+            claim = await self.store.claim_turn(
+                request.session, request.turn, self.worker_id, lease_until=time.time() + self.settings.lease_s
+            )
         except BrokerUnavailable:
             await msg.nak(delay=1.0)  # try again once Redis is back
             return
@@ -168,6 +171,7 @@ class Worker:
                 producer.cancel()  # closes the upstream HTTP request
 
         sub = await self.nc.subscribe(control_subject(request.session), cb=on_control)
+        keeper = asyncio.create_task(self._keep_lease(turn, producer))
         log.info("turn started", extra={**extra, "event": "turn_started", "queued_s": round(waited, 3)})
         cancelled = False
         try:
@@ -178,10 +182,29 @@ class Worker:
             reason, message = "error", "The model worker restarted before the answer finished. Please send it again."
         finally:
             producer.cancel()
+            keeper.cancel()
             await sub.unsubscribe()
-        await self._end(turn, reason, message)
+        if not turn.reaped:
+            await self._end(turn, reason, message)
         if cancelled:
             raise asyncio.CancelledError
+
+    async def _keep_lease(self, turn: Turn, producer: asyncio.Task[None]) -> None:
+        """Renew the turn's lease every third of it; if the turn is no longer ours, stop."""
+        request = turn.request
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            try:
+                ours = await self.store.renew_lease(
+                    request.session, request.turn, self.worker_id, lease_until=time.time() + self.settings.lease_s
+                )
+            except BrokerUnavailable:
+                continue  # Redis is away: keep generating, try again
+            if not ours:
+                log.warning("lease lost; abandoning the turn", extra={"session": request.session, "turn": request.turn})
+                turn.reaped = True
+                producer.cancel()
+                return
 
     async def _relay(self, turn: Turn, deltas: asyncio.Queue[Delta | BaseException | None]) -> tuple[str, str | None]:
         """Publish deltas as chunks until the stream ends; return (reason, message)."""

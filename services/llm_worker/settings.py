@@ -42,6 +42,7 @@ class Settings:
     concurrency: int = 16
     context_turns: int = 20
     queue_timeout_s: float = 30.0
+    lease_s: float = 10.0  # a turn whose worker stops renewing for this long is ended by a buffer
     drain_timeout_s: float = 20.0
     health: HealthSettings = field(default_factory=HealthSettings)
     log_level: str = "INFO"
@@ -66,6 +67,7 @@ class Settings:
             concurrency=env_int(environ, "CHAT_WORKER_CONCURRENCY", 16, minimum=1),
             context_turns=env_int(environ, "CHAT_CONTEXT_TURNS", 20, minimum=0),
             queue_timeout_s=env_float(environ, "CHAT_QUEUE_TIMEOUT_S", 30.0, minimum=0.1),
+            lease_s=env_float(environ, "CHAT_LEASE_S", 10.0, minimum=0.3),
             drain_timeout_s=env_float(environ, "CHAT_DRAIN_TIMEOUT_S", 20.0, minimum=0.0),
             health=HealthSettings.from_env(environ),
             log_level=env_log_level(environ),

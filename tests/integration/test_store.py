@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -44,10 +45,10 @@ async def test_claim_is_granted_once(store: SessionStore) -> None:
     """Only the first claim of an active turn wins, even by the same worker."""
     session = new_session()
     await store.start_turn(session, "p")
-    assert (await store.claim_turn(session, 1, "w1")).status == "claimed"
-    assert (await store.claim_turn(session, 1, "w1")).status == "taken"
-    assert (await store.claim_turn(session, 1, "w2")).status == "taken"
-    assert (await store.claim_turn(session, 2, "w2")).status == "inactive"
+    assert (await store.claim_turn(session, 1, "w1", lease_until=time.time() + 60)).status == "claimed"
+    assert (await store.claim_turn(session, 1, "w1", lease_until=time.time() + 60)).status == "taken"
+    assert (await store.claim_turn(session, 1, "w2", lease_until=time.time() + 60)).status == "taken"
+    assert (await store.claim_turn(session, 2, "w2", lease_until=time.time() + 60)).status == "inactive"
 
 
 async def test_stop_before_claim_is_seen_by_the_worker(store: SessionStore) -> None:
@@ -55,7 +56,7 @@ async def test_stop_before_claim_is_seen_by_the_worker(store: SessionStore) -> N
     session = new_session()
     await store.start_turn(session, "p")
     assert await store.request_stop(session) == 1
-    claim = await store.claim_turn(session, 1, "w")
+    claim = await store.claim_turn(session, 1, "w", lease_until=time.time() + 60)
     assert claim.status == "claimed" and claim.stop_requested
 
 
@@ -141,3 +142,25 @@ async def test_aborted_turn_forgets_its_chat_id(store: SessionStore) -> None:
     await store.abort_turn(session, 1)
     again = await store.start_turn(session, "p", client_id="c1")
     assert (again.started, again.duplicate, again.turn) == (True, False, 2)
+
+
+async def test_leases_follow_the_turn(store: SessionStore) -> None:
+    """A queued turn has a claim deadline, a claim replaces it with the worker's lease, the turn's end removes it."""
+    session = new_session()
+    now = time.time()
+    await store.start_turn(session, "p", now=now, claim_within_s=5)
+    assert session in await store.expired_leases(now + 6)
+    await store.claim_turn(session, 1, "w1", lease_until=now + 60)
+    assert session not in await store.expired_leases(now + 6)
+    assert await store.renew_lease(session, 1, "w1", lease_until=now + 120)
+    assert not await store.renew_lease(session, 1, "w2", lease_until=now + 120)  # not its turn
+    await store.store_segments([Segment(session, [(1, b"d1")], turn_end=(1, 1, entry(1, 1)))])
+    assert session not in await store.expired_leases(now + 10_000)
+    assert not await store.renew_lease(session, 1, "w1", lease_until=now + 120)  # ended: stop
+
+
+async def test_an_expired_lease_is_taken_once(store: SessionStore) -> None:
+    """Of several reapers, exactly one takes an expired lease."""
+    session = new_session()
+    await store.start_turn(session, "p", now=time.time() - 100, claim_within_s=1)
+    assert [await store.take_expired_lease(session) for _ in range(3)] == [True, False, False]

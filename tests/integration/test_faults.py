@@ -1,0 +1,77 @@
+"""Turns end cleanly, in bounded time, when workers die, are all busy, or are missing."""
+
+from __future__ import annotations
+
+import signal
+
+from devstack.servers import Server
+from tests.stack import WAIT_S, Clients, history, isolated_stack, new_session
+
+FAST_LEASES = {"CHAT_LEASE_S": "1", "CHAT_REAP_INTERVAL_S": "0.2"}
+
+
+async def test_worker_killed_mid_turn_ends_it_with_error(redis_server: Server) -> None:
+    """SIGKILL a worker mid-turn: the turn ends with done/error within its lease, then the session goes on."""
+    env = {**FAST_LEASES, "CHAT_DEMO_TOKENS_PER_S": "50", "CHAT_DEMO_ANSWER_TOKENS": "2000"}
+    with isolated_stack(redis_server.url, env) as stack:
+        async with Clients(stack) as clients:
+            session = new_session()
+            client, _ = await clients.open(session)
+            await client.send({"type": "chat", "prompt": "interrupted", "id": "a"})
+            for _ in range(5):
+                await client.until("chunk")
+            worker = next(p for p in stack.processes if p.module == "services.llm_worker")
+            worker.signal(signal.SIGKILL)
+            done = await client.until("done", wait_s=WAIT_S)  # lease 1 s + reaper 0.2 s, well inside
+            assert done["reason"] == "error" and "stopped responding" in done["message"]
+            turn = (await history(stack, session))["turns"][0]
+            assert turn["reason"] == "error" and turn["answer"] == client.texts()
+            stack.start_worker()
+            await client.send({"type": "chat", "prompt": "next", "id": "b"})
+            assert (await client.until("accepted"))["turn"] == 2
+            await client.until("chunk")
+
+
+async def test_no_worker_within_the_queue_timeout(redis_server: Server) -> None:
+    """With no worker running, a turn waits its queue timeout and fails with code unavailable."""
+    env = {**FAST_LEASES, "CHAT_QUEUE_TIMEOUT_S": "1"}
+    with isolated_stack(redis_server.url, env, worker=False) as stack:
+        async with Clients(stack) as clients:
+            client, _ = await clients.open(new_session())
+            await client.send({"type": "chat", "prompt": "anyone?", "id": "a"})
+            await client.until("accepted")
+            done = await client.until("done", wait_s=WAIT_S)
+            assert (done["reason"], done["code"]) == ("error", "unavailable")
+            assert done["seq"] == 1
+            # The stale request, taken later by a worker, is skipped; a new turn runs.
+            stack.start_worker()
+            turn, _, done = await client.turn("now?")
+            assert turn == 2 and done["reason"] == "length"
+
+
+async def test_all_workers_busy_waits_bounded(redis_server: Server) -> None:
+    """One worker with one slot: a second turn waits for it, and fails unavailable if the wait runs out."""
+    env = {**FAST_LEASES, "CHAT_WORKER_CONCURRENCY": "1", "CHAT_QUEUE_TIMEOUT_S": "2",
+           "CHAT_DEMO_TOKENS_PER_S": "100", "CHAT_DEMO_ANSWER_TOKENS": "50"}
+    with isolated_stack(redis_server.url, env) as stack:
+        async with Clients(stack) as clients:
+            first, _ = await clients.open(new_session())
+            second, _ = await clients.open(new_session())
+            # A half-second answer: the second turn waits for the slot, then runs.
+            await first.send({"type": "chat", "prompt": "short", "id": "a"})
+            await first.until("chunk")
+            _, _, done = await second.turn("waits its turn")
+            assert done["reason"] == "length"
+            await first.until("done")
+    # A ten-second answer holds the slot past the queue timeout: the waiting turn fails unavailable.
+    env["CHAT_DEMO_ANSWER_TOKENS"] = "1000"
+    with isolated_stack(redis_server.url, env) as stack:
+        async with Clients(stack) as clients:
+            first, _ = await clients.open(new_session())
+            second, _ = await clients.open(new_session())
+            await first.send({"type": "chat", "prompt": "ten seconds", "id": "a"})
+            await first.until("chunk")
+            await second.send({"type": "chat", "prompt": "no room", "id": "b"})
+            await second.until("accepted")
+            done = await second.until("done", wait_s=WAIT_S)
+            assert (done["reason"], done["code"]) == ("error", "unavailable")
