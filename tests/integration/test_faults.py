@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from devstack.servers import Server
+from devstack.servers import LocalRedis, Server
 from tests.stack import WAIT_S, Clients, history, isolated_stack, new_session
 
 FAST_LEASES = {"CHAT_LEASE_S": "1", "CHAT_REAP_INTERVAL_S": "0.2"}
@@ -75,3 +75,44 @@ async def test_all_workers_busy_waits_bounded(redis_server: Server) -> None:
             await second.until("accepted")
             done = await second.until("done", wait_s=WAIT_S)
             assert (done["reason"], done["code"]) == ("error", "unavailable")
+
+
+async def test_buffer_killed_and_restarted_loses_nothing(redis_server: Server) -> None:
+    """SIGKILL the only buffer mid-stream: frames wait in JetStream; a new buffer stores them; every seq once."""
+    env = {"CHAT_DEMO_TOKENS_PER_S": "100", "CHAT_DEMO_ANSWER_TOKENS": "300"}
+    with isolated_stack(redis_server.url, env) as stack:
+        async with Clients(stack) as clients:
+            session = new_session()
+            client, _ = await clients.open(session)
+            await client.send({"type": "chat", "prompt": "survive the buffer", "id": "a"})
+            for _ in range(10):
+                await client.until("chunk")
+            buffer = next(p for p in stack.processes if p.module == "services.buffer")
+            buffer.signal(signal.SIGKILL)
+            assert buffer.process is not None and buffer.process.wait(10) == -signal.SIGKILL
+            buffer.start()  # a new buffer process, same settings
+            done = await client.until("done", wait_s=3 * WAIT_S)  # Client checks every seq
+            assert done["reason"] == "length"
+            assert client.texts() == (await history(stack, session))["turns"][0]["answer"]
+
+
+async def test_redis_restart_mid_stream(redis_server: Server) -> None:
+    """Redis (with AOF, as compose runs it) restarted mid-stream: the services reconnect, the turn completes once."""
+    redis = LocalRedis()
+    redis.start()
+    try:
+        env = {"CHAT_DEMO_TOKENS_PER_S": "100", "CHAT_DEMO_ANSWER_TOKENS": "300"}
+        with isolated_stack(redis.url, env) as stack:
+            async with Clients(stack) as clients:
+                session = new_session()
+                client, _ = await clients.open(session)
+                await client.send({"type": "chat", "prompt": "survive redis", "id": "a"})
+                for _ in range(10):
+                    await client.until("chunk")
+                redis.stop()
+                redis.start()
+                done = await client.until("done", wait_s=3 * WAIT_S)
+                assert done["reason"] == "length"
+                assert client.texts() == (await history(stack, session))["turns"][0]["answer"]
+    finally:
+        redis.stop()
