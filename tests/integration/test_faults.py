@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 from devstack.servers import LocalRedis, Server
-from tests.stack import WAIT_S, Clients, history, isolated_stack, new_session
+from tests.stack import WAIT_S, Client, Clients, history, isolated_stack, new_session
 
 FAST_LEASES = {"CHAT_LEASE_S": "1", "CHAT_REAP_INTERVAL_S": "0.2"}
 
@@ -116,3 +117,32 @@ async def test_redis_restart_mid_stream(redis_server: Server) -> None:
                 assert client.texts() == (await history(stack, session))["turns"][0]["answer"]
     finally:
         redis.stop()
+
+
+async def test_adding_a_worker_adds_capacity(redis_server: Server) -> None:
+    """Workers with one slot each: with one, two turns run one after the other; start a second and they overlap."""
+    env = {"CHAT_WORKER_CONCURRENCY": "1", "CHAT_DEMO_TOKENS_PER_S": "100", "CHAT_DEMO_ANSWER_TOKENS": "150"}
+    with isolated_stack(redis_server.url, env) as stack:
+        async with Clients(stack) as clients:
+            a, _ = await clients.open(new_session())
+            b, _ = await clients.open(new_session())
+            loop = asyncio.get_running_loop()
+
+            async def a_done_and_b_first_chunk() -> tuple[float, float]:
+                await a.send({"type": "chat", "prompt": "first"})
+                await a.until("chunk")
+                await b.send({"type": "chat", "prompt": "second"})
+
+                async def stamp(client: Client, kind: str) -> float:
+                    await client.until(kind, wait_s=3 * WAIT_S)
+                    return loop.time()
+
+                a_done, b_chunk = await asyncio.gather(stamp(a, "done"), stamp(b, "chunk"))
+                await b.until("done", wait_s=3 * WAIT_S)
+                return a_done, b_chunk
+
+            a_done, b_chunk = await a_done_and_b_first_chunk()
+            assert b_chunk > a_done  # one worker: b's turn waited for a's slot
+            stack.start_worker()
+            a_done, b_chunk = await a_done_and_b_first_chunk()
+            assert b_chunk < a_done - 0.5  # two workers: b streamed while a still had most of its answer to go
