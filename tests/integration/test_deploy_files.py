@@ -34,7 +34,7 @@ def test_compose_file_matches_the_spec() -> None:
     """The resolved compose file parses under the compose specification."""
     project = compose_spec.PyCompose.from_json(json.dumps(resolved()))
     project.validate()
-    assert set(project.service_names()) == {"nats", "redis", "buffer", "worker", "gateway"}
+    assert set(project.service_names()) == {"nats", "redis", "buffer", "worker", "gateway", "lb"}
 
 
 def test_compose_stack_shape() -> None:
@@ -58,7 +58,20 @@ def test_compose_stack_shape() -> None:
     for name in services:
         assert "healthcheck" in services[name], name
     assert services["worker"]["deploy"]["replicas"] >= 2
-    assert services["gateway"]["ports"] == ["8000:8000"]
+    assert services["gateway"]["deploy"]["replicas"] >= 2 and "ports" not in services["gateway"]
+    assert services["lb"]["ports"] == ["8000:8000"]
+    assert services["lb"]["depends_on"]["gateway"]["condition"] == "service_healthy"
+
+
+def test_load_balancer_passes_websocket_upgrades() -> None:
+    """nginx forwards Upgrade/Connection, does not buffer streams, and keeps them open."""
+    services = resolved()["services"]
+    mount = services["lb"]["volumes"][0].split(":")[0]
+    config = (ROOT / mount).read_text()
+    assert "proxy_set_header Upgrade $http_upgrade" in config
+    assert "proxy_set_header Connection $connection_upgrade" in config
+    assert "proxy_buffering off" in config and "proxy_read_timeout 1h" in config
+    assert "server gateway:8000" in config
 
 
 def test_compose_commands_are_console_scripts() -> None:
