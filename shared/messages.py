@@ -28,6 +28,7 @@ __all__ = [
     "REPLAY_HWM_HEADER",
     "REPLAY_FIRST_HEADER",
     "REPLAY_MORE_HEADER",
+    "TRACE_HEADER",
 ]
 
 
@@ -69,6 +70,10 @@ class ReplayRequest(msgspec.Struct, frozen=True):
     after: int
     limit: int
 
+
+# A turn's trace id, set by the gateway and carried on every message of the
+# turn (request, generated frames), so its log lines can be joined across services.
+TRACE_HEADER = "Chat-Trace"
 
 # Replay replies carry newline-separated frames in the body and these headers.
 REPLAY_HWM_HEADER = "Chat-Hwm"

@@ -204,6 +204,7 @@ class Segment:
     frames: list[tuple[int, bytes]]
     turn_end: tuple[int, int, bytes] | None = None
     user: str | None = None  # the ended turn's user, whose turn count is released
+    trace: str = ""  # the ended turn's trace id, for the log
 
 
 _CLAIM_STATUS = {1: "claimed", 0: "taken", -1: "inactive"}

@@ -30,6 +30,7 @@ from shared.messages import (
     REPLAY_FIRST_HEADER,
     REPLAY_HWM_HEADER,
     REPLAY_MORE_HEADER,
+    TRACE_HEADER,
     TurnEnd,
     decode_generated,
     decode_replay_request,
@@ -55,8 +56,8 @@ GENERATED_PREFIX = generated_wildcard()[:-1]  # "chat.gen."
 RETRY_S = 0.5
 
 
-def segments_of(msgs: Sequence[tuple[str, bytes]]) -> list[Segment]:
-    """Group (subject, payload) messages into per-session segments, in order.
+def segments_of(msgs: Sequence[tuple[str, bytes, str]]) -> list[Segment]:
+    """Group (subject, payload, trace id) messages into per-session segments, in order.
 
     A segment ends at a turn's end, so the next turn's frames in the same batch
     go into a new segment (the store script ends at most one turn per call).
@@ -64,7 +65,7 @@ def segments_of(msgs: Sequence[tuple[str, bytes]]) -> list[Segment]:
     """
     open_segments: dict[str, Segment] = {}
     segments: list[Segment] = []
-    for subject, data in msgs:
+    for subject, data, trace in msgs:
         session = subject[len(GENERATED_PREFIX):]
         try:
             validate_session_id(session)
@@ -88,6 +89,7 @@ def segments_of(msgs: Sequence[tuple[str, bytes]]) -> list[Segment]:
             )
             segment.turn_end = (done.turn, done.seq, msgspec.json.encode(entry))
             segment.user = item.user
+            segment.trace = trace
             del open_segments[session]
         else:
             segment.frames.append((item.seq, data))  # already the client's frame
@@ -181,7 +183,7 @@ class Buffer:
         )
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
-        segments = segments_of([(m.subject, m.data) for m in msgs])
+        segments = segments_of([(m.subject, m.data, (m.headers or {}).get(TRACE_HEADER, "")) for m in msgs])
         try:
             await self.store.store_segments(segments)
         except BrokerUnavailable:
@@ -195,6 +197,10 @@ class Buffer:
                 await self.nc.publish(subject, data)
         for msg in msgs:
             await msg.ack()
+        for segment in segments:
+            if segment.turn_end is not None:
+                extra = {"session": segment.session, "turn": segment.turn_end[0], "trace": segment.trace}
+                log.info("turn stored", extra={**extra, "event": "turn_stored"})
 
     async def on_replay(self, msg: Msg) -> None:
         """Answer a gateway's replay request with frames after its cursor."""

@@ -5,6 +5,7 @@ durable truth), then tells the other services over NATS."""
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from nats.js import JetStreamContext
 
 from shared.auth import Principal, TokenService
 from shared.errors import BrokerUnavailable, ProtocolError, SessionStateError
-from shared.messages import Control, TurnRequest
+from shared.messages import TRACE_HEADER, Control, TurnRequest
 from shared.protocol import encode, validate_prompt
 from shared.session import Delivery, Send
 from shared.store import SessionMeta, SessionStore, StartResult
@@ -172,17 +173,17 @@ class Gateway:
             enqueued_at=time.time(),
             user=user,
         )
+        trace = secrets.token_hex(8)
         try:
             # The message id makes a retried publish start one turn, not two.
-            await self.js.publish(
-                SUBJECT_REQUESTS, encode(request), headers={"Nats-Msg-Id": f"{session}:{result.turn}"}, timeout=5
-            )
+            headers = {"Nats-Msg-Id": f"{session}:{result.turn}", TRACE_HEADER: trace}
+            await self.js.publish(SUBJECT_REQUESTS, encode(request), headers=headers, timeout=5)
         except Exception as exc:
             log.warning("could not queue turn: %s", exc, extra={"session": session, "turn": result.turn})
             await self.store.abort_turn(session, result.turn, user=user)
             raise BrokerUnavailable("the message broker is unavailable") from exc
         self.metrics.turns_started.inc()
-        log.info("turn queued", extra={"session": session, "turn": result.turn, "event": "turn_queued"})
+        log.info("turn queued", extra={"session": session, "turn": result.turn, "trace": trace, "event": "turn_queued"})
         return result
 
     async def pause(self, session: str) -> int:

@@ -23,7 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from shared import protocol
 from shared.errors import BrokerUnavailable, UpstreamError
-from shared.messages import TurnEnd, TurnRequest, decode_control, decode_request
+from shared.messages import TRACE_HEADER, TurnEnd, TurnRequest, decode_control, decode_request
 from shared.store import SessionStore
 from shared.subjects import (
     CONSUMER_WORKERS,
@@ -53,6 +53,7 @@ class Turn:
     parts: list[str] = field(default_factory=list)
     stop_requested: bool = False
     reaped: bool = False  # the lease ran out and a buffer ended the turn: publish nothing more
+    trace: str = ""  # from the request's Chat-Trace header, carried on every frame
 
 
 class Worker:
@@ -127,7 +128,8 @@ class Worker:
             log.error("dropping malformed request", extra={"event": "bad_request"})
             await msg.term()
             return
-        extra = {"session": request.session, "turn": request.turn}
+        trace = (msg.headers or {}).get(TRACE_HEADER, "")
+        extra = {"session": request.session, "turn": request.turn, "trace": trace}
         try:
             claim = await self.store.claim_turn(
                 request.session, request.turn, self.worker_id, lease_until=time.time() + self.settings.lease_s
@@ -141,12 +143,12 @@ class Worker:
         if claim.status != "claimed":
             log.warning("request skipped: turn %s", claim.status, extra=extra)
             return
-        await self.generate(request, stop_requested=claim.stop_requested)
+        await self.generate(request, stop_requested=claim.stop_requested, trace=trace)
 
-    async def generate(self, request: TurnRequest, *, stop_requested: bool = False) -> None:
+    async def generate(self, request: TurnRequest, *, stop_requested: bool = False, trace: str = "") -> None:
         """Run one claimed turn to its ``done``, whatever happens upstream."""
-        turn = Turn(request=request, seq=request.base_seq)
-        extra = {"session": request.session, "turn": request.turn}
+        turn = Turn(request=request, seq=request.base_seq, trace=trace)
+        extra = {"session": request.session, "turn": request.turn, "trace": trace}
         waited = time.time() - request.enqueued_at
         if waited > self.settings.queue_timeout_s:
             await self._end(turn, "error", "No model worker was free in time. Please try again.")
@@ -270,13 +272,16 @@ class Worker:
         await self._publish(turn, protocol.encode(end))
         log.info(
             "turn finished",
-            extra={"session": request.session, "turn": request.turn, "event": "turn_finished", "reason": reason},
+            extra={
+                "session": request.session, "turn": request.turn, "trace": turn.trace,
+                "event": "turn_finished", "reason": reason,
+            },
         )
 
     async def _publish(self, turn: Turn, payload: bytes) -> None:
         """Publish to JetStream until stored; the message id makes retries idempotent."""
         subject = generated_subject(turn.request.session)
-        headers = {"Nats-Msg-Id": f"{turn.request.session}:{turn.seq}"}
+        headers = {"Nats-Msg-Id": f"{turn.request.session}:{turn.seq}", TRACE_HEADER: turn.trace}
         deadline = time.monotonic() + PUBLISH_GIVE_UP_S
         while True:
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -47,3 +48,17 @@ async def test_turn_waits_for_the_first_worker(workerless: tuple[Stack, Clients]
     done = await client.until("done")
     assert done["reason"] in ("stop", "length")
     assert client.texts() == (await history(stack, session))["turns"][0]["answer"]
+
+
+async def test_trace_id_joins_a_turn_across_services(stack: Stack, clients: Clients) -> None:
+    """The gateway's trace id for a turn appears in the worker's and a buffer's log lines for it."""
+    session = new_session()
+    client, _ = await clients.open(session)
+    await client.turn("trace me")
+    lines = [json.loads(line) for p in stack.processes for line in p.output().splitlines() if line.startswith("{")]
+    queued = [e for e in lines if e.get("event") == "turn_queued" and e.get("session") == session]
+    assert len(queued) == 1 and len(queued[0]["trace"]) == 16
+    trace = queued[0]["trace"]
+    services = {e["service"] for e in lines if e.get("trace") == trace}
+    assert services == {"gateway", "llm_worker", "buffer"}
+    assert "trace me" not in "".join(p.output() for p in stack.processes)  # no prompt text in logs

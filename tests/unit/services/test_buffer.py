@@ -19,7 +19,7 @@ def end(seq: int, turn: int = 1) -> bytes:
 
 def test_frames_group_by_session_in_order() -> None:
     """Each session's frames keep their order; chunk bytes are stored as sent."""
-    segments = segments_of([("chat.gen.a", chunk(1)), ("chat.gen.b", chunk(1)), ("chat.gen.a", chunk(2))])
+    segments = segments_of([("chat.gen.a", chunk(1), ""), ("chat.gen.b", chunk(1), ""), ("chat.gen.a", chunk(2), "")])
     assert [(s.session, [seq for seq, _ in s.frames]) for s in segments] == [("a", [1, 2]), ("b", [1])]
     assert segments[0].frames[0][1] == chunk(1)
     assert all(s.turn_end is None for s in segments)
@@ -27,7 +27,7 @@ def test_frames_group_by_session_in_order() -> None:
 
 def test_turn_end_closes_segment_and_writes_history() -> None:
     """A turn's end closes its segment; the next turn's frames start a new one."""
-    segments = segments_of([("chat.gen.a", chunk(1)), ("chat.gen.a", end(2)), ("chat.gen.a", chunk(3, turn=2))])
+    segments = segments_of([("chat.gen.a", chunk(1), "t1"), ("chat.gen.a", end(2), "t1"), ("chat.gen.a", chunk(3, turn=2), "t2")])
     assert len(segments) == 2
     first = segments[0]
     assert [seq for seq, _ in first.frames] == [1, 2]
@@ -39,9 +39,10 @@ def test_turn_end_closes_segment_and_writes_history() -> None:
         "turn": 1, "prompt": "p", "answer": "w1w2", "reason": "stop", "first_seq": 0, "last_seq": 2,
     }
     assert [seq for seq, _ in segments[1].frames] == [3]
+    assert first.trace == "t1"
 
 
 def test_malformed_messages_are_skipped() -> None:
     """Bad subjects and payloads are dropped without losing the good ones."""
-    segments = segments_of([("chat.gen.a.b", chunk(1)), ("chat.gen.a", b"{junk"), ("chat.gen.a", chunk(1))])
+    segments = segments_of([("chat.gen.a.b", chunk(1), ""), ("chat.gen.a", b"{junk", ""), ("chat.gen.a", chunk(1), "")])
     assert [(s.session, len(s.frames)) for s in segments] == [("a", 1)]
