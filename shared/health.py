@@ -1,4 +1,4 @@
-"""``/healthz`` and ``/readyz`` for the services that have no web framework.
+"""``/healthz``, ``/readyz`` and ``/metrics`` for the services that have no web framework.
 
 A deliberately tiny HTTP/1.0 responder on asyncio streams: it reads the
 request line, answers, and closes. Enabled by ``CHAT_HEALTH_PORT`` (0 = off).
@@ -10,15 +10,20 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 
+from .metrics import CONTENT_TYPE_LATEST
+
 __all__ = ["serve_health"]
 
 MAX_REQUEST_LINE = 1024
 
 
 async def serve_health(
-    host: str, port: int, checks: Callable[[], Awaitable[dict[str, bool]]]
+    host: str,
+    port: int,
+    checks: Callable[[], Awaitable[dict[str, bool]]],
+    metrics: Callable[[], bytes] | None = None,
 ) -> asyncio.AbstractServer:
-    """Serve health endpoints; ``checks`` returns named readiness checks."""
+    """Serve /healthz, /readyz (``checks`` returns named readiness checks) and /metrics."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -26,6 +31,14 @@ async def serve_health(
             parts = line[:MAX_REQUEST_LINE].decode("latin-1").split()
             path = parts[1] if len(parts) >= 2 else ""
             body: dict[str, object]
+            if path == "/metrics" and metrics is not None:
+                text = metrics()
+                writer.write(
+                    f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
+                    f"Content-Length: {len(text)}\r\nConnection: close\r\n\r\n".encode() + text
+                )
+                await writer.drain()
+                return
             if path == "/healthz":
                 status, body = 200, {"status": "ok"}
             elif path == "/readyz":

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from .broker import connect_nats, ensure_streams
 from .health import serve_health
+from .metrics import Metrics
 from .settings import BrokerSettings, HealthSettings
 from .store import connect_redis
 
@@ -56,6 +57,9 @@ async def open_connections(
 
 
 class Service(Protocol):
+    @property
+    def metrics(self) -> Metrics: ...
+
     def stop(self) -> None: ...
 
     async def run(self) -> None: ...
@@ -73,7 +77,9 @@ def run_service(
     async def main() -> None:
         connections = await open_connections(broker, name=name)
         service = build(connections)
-        server = await serve_health(health.host, health.port, connections.checks) if health.port else None
+        server = None
+        if health.port:
+            server = await serve_health(health.host, health.port, connections.checks, service.metrics.render)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, service.stop)

@@ -46,6 +46,7 @@ from shared.subjects import (
     validate_session_id,
 )
 
+from .metrics import BufferMetrics
 from .settings import Settings
 
 __all__ = ["Buffer", "segments_of"]
@@ -103,6 +104,7 @@ class Buffer:
         self.js = js
         self.store = store
         self.stopping = asyncio.Event()
+        self.metrics = BufferMetrics()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -173,6 +175,7 @@ class Buffer:
             message, code = "No model worker was free in time. Please try again.", "unavailable"
         else:
             message, code = "The model worker stopped responding. Please send your message again.", None
+        self.metrics.turns_reaped.labels("unclaimed" if meta.worker is None else "worker_lost").inc()
         done = protocol.Done(seq=last + 1, turn=meta.active_turn, reason="error", message=message, code=code)  # type: ignore[arg-type]
         end = TurnEnd(done=done, prompt=meta.active_prompt, answer=answer, user=meta.turn_user)
         headers = {"Nats-Msg-Id": f"{session}:{last + 1}"}
@@ -185,7 +188,8 @@ class Buffer:
     async def handle_batch(self, msgs: list[Msg]) -> None:
         segments = segments_of([(m.subject, m.data, (m.headers or {}).get(TRACE_HEADER, "")) for m in msgs])
         try:
-            await self.store.store_segments(segments)
+            with self.metrics.store.time():
+                await self.store.store_segments(segments)
         except BrokerUnavailable:
             log.warning("redis unavailable; batch will be redelivered", extra={"event": "store_failed"})
             for msg in msgs:
@@ -197,6 +201,8 @@ class Buffer:
                 await self.nc.publish(subject, data)
         for msg in msgs:
             await msg.ack()
+        self.metrics.batches.inc()
+        self.metrics.frames_stored.inc(sum(len(segment.frames) for segment in segments))
         for segment in segments:
             if segment.turn_end is not None:
                 extra = {"session": segment.session, "turn": segment.turn_end[0], "trace": segment.trace}
@@ -223,6 +229,8 @@ class Buffer:
                 break
             body.append(data)
         more = len(body) < len(frames) or len(frames) == limit
+        self.metrics.replays.inc()
+        self.metrics.replayed_frames.inc(len(body))
         headers = {
             REPLAY_HWM_HEADER: str(hwm),
             REPLAY_FIRST_HEADER: str(first),

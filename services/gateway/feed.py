@@ -182,7 +182,8 @@ class SessionFeed:
         request = encode(ReplayRequest(session=self.session, after=after, limit=limit))
         self.metrics.replays.inc()
         try:
-            reply = await self.nc.request(SUBJECT_REPLAY, request, timeout=self.replay_timeout_s)
+            with self.metrics.replay_seconds.time():
+                reply = await self.nc.request(SUBJECT_REPLAY, request, timeout=self.replay_timeout_s)
         except Exception as exc:  # timeout, no buffer running, reconnecting
             log.warning("replay failed: %s", exc, extra={"session": self.session, "event": "replay_failed"})
             await asyncio.sleep(REPLAY_RETRY_S)

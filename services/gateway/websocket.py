@@ -179,6 +179,8 @@ class Connection:
         metrics = self.gateway.metrics
         metrics.connections_total.labels(kind).inc()
         metrics.connections.labels(kind).inc()
+        if self.feed.delivery.delivered > 0 and not self.compat:
+            metrics.reconnects.inc()
         try:
             await self._serve()
         finally:

@@ -33,6 +33,7 @@ from shared.subjects import (
     generated_subject,
 )
 
+from .metrics import WorkerMetrics
 from .providers import Delta, Message, Provider
 from .settings import Settings
 
@@ -54,6 +55,7 @@ class Turn:
     stop_requested: bool = False
     reaped: bool = False  # the lease ran out and a buffer ended the turn: publish nothing more
     trace: str = ""  # from the request's Chat-Trace header, carried on every frame
+    started_at: float = 0.0  # monotonic, for the time to first token
 
 
 class Worker:
@@ -67,6 +69,7 @@ class Worker:
         self.turns: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
         self.worker_id = uuid.uuid4().hex
+        self.metrics = WorkerMetrics()
 
     async def run(self) -> None:
         """Pull requests until :meth:`stop`; then wait for running turns (bounded)."""
@@ -174,6 +177,10 @@ class Worker:
 
         sub = await self.nc.subscribe(control_subject(request.session), cb=on_control)
         keeper = asyncio.create_task(self._keep_lease(turn, producer))
+        self.metrics.turns_started.inc()
+        self.metrics.queue_wait.observe(max(0.0, waited))
+        self.metrics.active_turns.inc()
+        turn.started_at = time.monotonic()
         log.info("turn started", extra={**extra, "event": "turn_started", "queued_s": round(waited, 3)})
         cancelled = False
         try:
@@ -185,6 +192,7 @@ class Worker:
         finally:
             producer.cancel()
             keeper.cancel()
+            self.metrics.active_turns.dec()
             await sub.unsubscribe()
         if not turn.reaped:
             await self._end(turn, reason, message)
@@ -259,6 +267,9 @@ class Worker:
             out.put_nowait(exc)
 
     async def _publish_chunk(self, turn: Turn, text: str) -> None:
+        if not turn.parts:
+            self.metrics.first_token.observe(time.monotonic() - turn.started_at)
+        self.metrics.chunks.inc()
         turn.seq += 1
         turn.parts.append(text)
         frame = protocol.Chunk(seq=turn.seq, turn=turn.request.turn, text=text)
@@ -270,6 +281,7 @@ class Worker:
         done = protocol.Done(seq=turn.seq, turn=request.turn, reason=reason, message=message)  # type: ignore[arg-type]
         end = TurnEnd(done=done, prompt=request.prompt, answer="".join(turn.parts), user=request.user)
         await self._publish(turn, protocol.encode(end))
+        self.metrics.turns_finished.labels(reason).inc()
         log.info(
             "turn finished",
             extra={
@@ -285,7 +297,8 @@ class Worker:
         deadline = time.monotonic() + PUBLISH_GIVE_UP_S
         while True:
             try:
-                await self.js.publish(subject, payload, headers=headers, timeout=5)
+                with self.metrics.publish.time():
+                    await self.js.publish(subject, payload, headers=headers, timeout=5)
                 return
             except Exception as exc:  # timeouts, no responders, reconnecting
                 if time.monotonic() > deadline:

@@ -14,7 +14,7 @@ from tests.stack import Clients, Stack, history, isolated_stack, new_session
 
 @pytest.mark.parametrize("kind", ["buffer", "worker"])
 async def test_health_endpoints(stack: Stack, kind: str) -> None:
-    """Worker and buffer answer /healthz and /readyz on CHAT_HEALTH_PORT."""
+    """Worker and buffer answer /healthz, /readyz and /metrics on CHAT_HEALTH_PORT."""
     port = free_port()
     start = stack.start_buffer if kind == "buffer" else stack.start_worker
     process = start({"CHAT_HEALTH_PORT": str(port)})
@@ -23,6 +23,9 @@ async def test_health_endpoints(stack: Stack, kind: str) -> None:
             assert (await http.get("/healthz")).json() == {"status": "ok"}
             assert (await http.get("/readyz")).json() == {"ready": True, "nats": True, "redis": True}
             assert (await http.get("/nope")).status_code == 404
+            metrics = await http.get("/metrics")
+            assert metrics.status_code == 200
+            assert ("chat_buffer_store_seconds" if kind == "buffer" else "chat_worker_publish_seconds") in metrics.text
     finally:
         process.stop()
         stack.processes.remove(process)
@@ -62,3 +65,27 @@ async def test_trace_id_joins_a_turn_across_services(stack: Stack, clients: Clie
     services = {e["service"] for e in lines if e.get("trace") == trace}
     assert services == {"gateway", "llm_worker", "buffer"}
     assert "trace me" not in "".join(p.output() for p in stack.processes)  # no prompt text in logs
+
+
+
+async def test_worker_and_buffer_metrics_move_with_a_turn(redis_server: Server) -> None:
+    """Counters and stage histograms of the worker and the buffer move as a turn runs."""
+    ports = {"worker": free_port(), "buffer": free_port()}
+    with isolated_stack(redis_server.url, worker=False) as stack:
+        stack.start_worker({"CHAT_HEALTH_PORT": str(ports["worker"])})
+        stack.processes[0].stop()  # replace the stack's buffer with one that serves metrics
+        stack.processes.pop(0)
+        stack.start_buffer({"CHAT_HEALTH_PORT": str(ports["buffer"])})
+        async with Clients(stack) as clients:
+            client, _ = await clients.open(new_session())
+            _, _, done = await client.turn("measure me")
+        async with httpx.AsyncClient() as http:
+            worker = (await http.get(f"http://127.0.0.1:{ports['worker']}/metrics")).text
+            buffer = (await http.get(f"http://127.0.0.1:{ports['buffer']}/metrics")).text
+    assert "chat_worker_turns_started_total 1.0" in worker
+    assert 'chat_worker_turns_finished_total{reason="length"} 1.0' in worker
+    assert "chat_worker_first_token_seconds_count 1.0" in worker
+    assert "chat_worker_queue_wait_seconds_count 1.0" in worker
+    assert f"chat_worker_publish_seconds_count {float(done['seq'])}" in worker
+    assert f"chat_buffer_frames_stored_total {float(done['seq'])}" in buffer
+    assert "chat_buffer_store_seconds_count" in buffer and "chat_buffer_replays_total" in buffer
