@@ -39,6 +39,8 @@ class ServiceProcess:
         self.name = self.name or self.module.rsplit(".", 1)[-1]
 
     def start(self, *, timeout_s: float = 30.0) -> None:
+        if self.process is not None:
+            self.process.wait(10)  # a restart: reap the previous process (killed or stopped)
         self._ready = threading.Event()
         marker = READY_MARKERS[self.module]
         self.process = subprocess.Popen(

@@ -2,7 +2,8 @@
 
 It runs on the test's event loop between a client and the gateway:
 
-- :meth:`cut_all` aborts every open connection at once (both sides see a reset);
+- :meth:`cut_all` aborts every open connection at once (both sides see a reset),
+  :meth:`cut_some` a few chosen at random;
 - :meth:`blackhole_existing` silently drops all traffic of the open
   connections without closing them: a half-open connection, as after a NAT
   timeout or a pulled cable; new connections pass normally;
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from dataclasses import dataclass, field
 
 __all__ = ["FaultProxy"]
@@ -35,8 +37,12 @@ class _Link:
 
 
 class FaultProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *more_targets: tuple[str, int]) -> None:
         self.target = (target_host, target_port)
+        # With several targets, each new connection goes to the next one (round robin),
+        # as a load balancer in front of several gateways would.
+        self.targets = [self.target, *more_targets]
+        self.next_target = 0
         self.links: set[_Link] = set()
         self.refuse = False
         self.delay_s = 0.0
@@ -77,6 +83,14 @@ class FaultProxy:
             link.abort()
         return len(links)
 
+    def cut_some(self, count: int, rng: random.Random) -> int:
+        """Abort ``count`` open connections chosen at random; return how many."""
+        links = rng.sample(sorted(self.links, key=id), min(count, len(self.links)))
+        for link in links:
+            self.links.discard(link)
+            link.abort()
+        return len(links)
+
     def blackhole_existing(self) -> int:
         """Stop forwarding on every open connection, without closing it."""
         for link in self.links:
@@ -87,8 +101,13 @@ class FaultProxy:
         if self.refuse:
             writer.transport.abort()
             return
+        if len(self.targets) > 1:
+            target = self.targets[self.next_target % len(self.targets)]
+            self.next_target += 1
+        else:
+            target = self.target
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            up_reader, up_writer = await asyncio.open_connection(*target)
         except OSError:
             writer.transport.abort()
             return
