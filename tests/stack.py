@@ -31,6 +31,17 @@ def new_session() -> str:
     return "t" + uuid.uuid4().hex[:20]
 
 
+def session_paths(session: str) -> list[tuple[str, str]]:
+    """Every HTTP path that acts on one session, with its method."""
+    return [
+        ("GET", f"/api/sessions/{session}/history"),
+        ("GET", f"/api/sessions/{session}/events"),
+        ("POST", f"/api/sessions/{session}/pause"),
+        ("POST", f"/api/sessions/{session}/resume"),
+        ("POST", f"/api/sessions/{session}/stop"),
+    ]
+
+
 class Stack:
     """Services as real processes against given NATS and Redis servers."""
 

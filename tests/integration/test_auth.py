@@ -18,7 +18,7 @@ from shared.auth import AuthSettings, TokenService
 from shared.backoff import Backoff
 from shared.client import ChatClient, Disconnected, GaveUp
 from shared.protocol import AuthOk, Chunk, Done
-from tests.stack import WAIT_S, Client, Clients, Stack, isolated_stack, new_session
+from tests.stack import WAIT_S, Client, Clients, Stack, isolated_stack, new_session, session_paths
 
 API_KEY = "test-api-key-not-a-secret"
 ORIGIN = "http://chat.example"
@@ -101,13 +101,7 @@ async def test_only_page_and_health_answer_without_a_token(auth_stack: Stack) ->
         for path in ("/", "/healthz", "/readyz", "/static/chat-client.js"):
             assert (await http.get(path)).status_code == 200, path
         session = new_session()
-        for method, path in [
-            ("GET", f"/api/sessions/{session}/history"),
-            ("GET", f"/api/sessions/{session}/events"),
-            ("POST", f"/api/sessions/{session}/pause"),
-            ("POST", f"/api/sessions/{session}/resume"),
-            ("POST", f"/api/sessions/{session}/stop"),
-        ]:
+        for method, path in session_paths(session):
             response = await http.request(method, path)
             assert response.status_code == 401 and response.json()["code"] == "unauthorized", path
         assert (await http.post("/api/chat", json={"prompt": "hi"})).status_code == 401
@@ -178,13 +172,7 @@ async def test_user_b_cannot_reach_user_a_session(auth_stack: Stack, clients: Cl
     # The original design's client: sessionId=, no subprotocol.
     assert await refused(f"ws://127.0.0.1:{auth_stack.port}/?sessionId={session}&token={bob}", subprotocols=[]) == 403
     async with httpx.AsyncClient(base_url=auth_stack.http_url, headers=headers) as http:
-        for method, path in [
-            ("GET", f"/api/sessions/{session}/history"),
-            ("GET", f"/api/sessions/{session}/events"),
-            ("POST", f"/api/sessions/{session}/pause"),
-            ("POST", f"/api/sessions/{session}/resume"),
-            ("POST", f"/api/sessions/{session}/stop"),
-        ]:
+        for method, path in session_paths(session):
             response = await http.request(method, path)
             assert response.status_code == 403 and response.json()["code"] == "forbidden", path
         assert (await http.post("/api/chat", json={"session": session, "prompt": "mine now"})).status_code == 403

@@ -9,7 +9,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.stack import Clients, Stack, new_session
+from tests.stack import Clients, Stack, new_session, session_paths
 
 BAD_SESSION_IDS = ["a.b", "a*", "a>", "has space", "x" * 65, "", "a/b", "é"]
 
@@ -113,14 +113,7 @@ async def test_bad_session_id_refused_over_http(stack: Stack, session: str) -> N
     from urllib.parse import quote
 
     async with httpx.AsyncClient(base_url=stack.http_url) as http:
-        quoted = quote(session, safe="")
-        for method, path in [
-            ("GET", f"/api/sessions/{quoted}/history"),
-            ("GET", f"/api/sessions/{quoted}/events"),
-            ("POST", f"/api/sessions/{quoted}/pause"),
-            ("POST", f"/api/sessions/{quoted}/resume"),
-            ("POST", f"/api/sessions/{quoted}/stop"),
-        ]:
+        for method, path in session_paths(quote(session, safe="")):
             response = await http.request(method, path)
             assert response.status_code == 400, (method, path, response.text)
             assert response.json()["code"] == "invalid"

@@ -85,6 +85,15 @@ async def until_connected(events: AsyncIterator[object], transcript: Transcript)
         transcript.take(event)
 
 
+async def until_done(events: AsyncIterator[object], transcript: Transcript) -> None:
+    """Consume events up to the next Done."""
+    async with asyncio.timeout(6 * WAIT_S):
+        async for event in events:  # type: ignore[attr-defined]
+            transcript.take(event)
+            if isinstance(event, Done):
+                return
+
+
 async def run_turn(client: ChatClient, prompt: str, transcript: Transcript, *, turn_started: asyncio.Event | None = None) -> Done:
     """Consume events until the done of the turn the prompt started."""
     await client.chat(prompt)
@@ -175,11 +184,7 @@ async def test_chat_sent_during_outage_starts_one_turn(long_stack: Stack, proxy:
             transcript.take(event)
         await client.chat("sent while offline")
         proxy.refuse = False
-        async with asyncio.timeout(6 * WAIT_S):
-            async for event in events:
-                transcript.take(event)
-                if isinstance(event, Done):
-                    break
+        await until_done(events, transcript)
     record = await history(long_stack, session)
     assert [t["prompt"] for t in record["turns"]] == ["sent while offline"]
     assert [a.turn for a in transcript.accepted] == [1]
@@ -195,11 +200,7 @@ async def test_chat_resent_after_cut_starts_one_turn(long_stack: Stack, proxy: F
         await until_connected(events, transcript)
         await client.chat("cut right after sending")
         proxy.cut_all()  # the accepted frame, if any, is lost with the connection
-        async with asyncio.timeout(6 * WAIT_S):
-            async for event in events:
-                transcript.take(event)
-                if isinstance(event, Done):
-                    break
+        await until_done(events, transcript)
     record = await history(long_stack, session)
     assert len(record["turns"]) == 1
     assert {a.turn for a in transcript.accepted} <= {1}
