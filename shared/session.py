@@ -140,6 +140,9 @@ class Delivery:
     max_pending: int = 1024
     replaying: bool = False
     pending: dict[int, bytes] = field(default_factory=dict)
+    # A replay in flight across a pause and resume may predate frames that
+    # were ignored while paused: when it returns, ask again.
+    replay_stale: bool = False
 
     def start(self) -> list[Action]:
         """Actions to run when the connection opens: catch up unless paused."""
@@ -187,6 +190,7 @@ class Delivery:
 
     def _replayed(self, batch: ReplayBatch) -> list[Action]:
         self.replaying = False
+        stale, self.replay_stale = self.replay_stale, False
         if self.paused:
             return []  # the pause came after the request: send nothing
         actions: list[Action] = []
@@ -205,7 +209,7 @@ class Delivery:
             elif seq > self.delivered + 1:
                 break  # a frame still being stored: wait for it
         actions.extend(self._drain_pending())
-        if batch.more and not self.pending:
+        if (batch.more or stale) and not self.pending:
             actions.extend(self._request_replay())
         elif self.pending:
             actions.append(WaitForGap())
@@ -240,4 +244,6 @@ class Delivery:
         if not self.paused:
             return []
         self.paused = False
+        if self.replaying:
+            self.replay_stale = True
         return [Send(encode(Resumed(seq=self.delivered))), *self._request_replay()]

@@ -179,3 +179,16 @@ def test_gap_timeout_ignored_when_paused_or_replaying() -> None:
     state = Delivery(delivered=0, paused=False)
     state.start()
     assert state.handle(GapTimeout()) == []
+
+
+def test_replay_outstanding_across_pause_and_resume_is_asked_again() -> None:
+    """A replay requested before a pause may miss frames ignored while paused: after resume, ask again."""
+    state = Delivery(delivered=0, paused=False)
+    assert state.start() == [RequestReplay(0)]
+    state.handle(LocalPause(version=1))
+    assert state.handle(LiveFrame(1, frame(1))) == []  # ignored while paused
+    actions = state.handle(LocalResume(version=2))
+    assert sent_types(actions) == ["resumed"] and RequestReplay(0) not in actions  # one replay at a time
+    # The first replay answers with the log as it was before frame 1 was stored.
+    assert state.handle(ReplayBatch(frames=[], first=1, more=False)) == [RequestReplay(0)]
+    assert sent_seqs(state.handle(ReplayBatch(frames=[(1, frame(1))], first=1, more=False))) == [1]
