@@ -9,7 +9,8 @@ import secrets
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import nats
@@ -42,13 +43,31 @@ def session_paths(session: str) -> list[tuple[str, str]]:
     ]
 
 
+def with_database(redis_url: str, database: int) -> str:
+    parts = urlsplit(redis_url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
 class Stack:
-    """Services as real processes against given NATS and Redis servers."""
+    """Services as real processes against given NATS and Redis servers.
+
+    Each stack gets a Redis database of its own: stacks share the test
+    session's Redis but not its NATS, and a key shared across databases (the
+    lease set) would let one stack's buffer end another stack's turn into the
+    wrong NATS.
+    """
+
+    databases_in_use: ClassVar[set[int]] = set()
 
     def __init__(self, *, nats_url: str, redis_url: str, env: Mapping[str, str] | None = None) -> None:
+        free = [db for db in range(1, 16) if db not in Stack.databases_in_use]
+        if not free:
+            raise RuntimeError("more than 15 test stacks alive at once")
+        self.database = free[0]
+        Stack.databases_in_use.add(self.database)
         self.env = {
             "CHAT_NATS_URL": nats_url,
-            "CHAT_REDIS_URL": redis_url,
+            "CHAT_REDIS_URL": with_database(redis_url, self.database),
             "CHAT_LOG_LEVEL": "INFO",
             # Dev mode, as make run: tokens optional; one secret for the stack's gateways.
             "CHAT_AUTH_MODE": "dev",
@@ -66,6 +85,7 @@ class Stack:
     def __exit__(self, *exc: object) -> None:
         for process in reversed(self.processes):
             process.stop()
+        Stack.databases_in_use.discard(self.database)
 
     def _start(self, module: str, env: Mapping[str, str] | None = None, name: str = "") -> ServiceProcess:
         process = ServiceProcess(module, {**self.env, **(env or {})}, name=name)

@@ -49,10 +49,10 @@ async def test_gateway_drops_a_connection_that_stops_answering(short_stack: Stac
 async def test_sessions_expire_after_retention(short_stack: Stack, redis_server: Server) -> None:
     """A session's record is gone after CHAT_RETENTION_S; resuming it is refused."""
     session = new_session()
-    redis = aioredis.Redis.from_url(redis_server.url)
+    redis = aioredis.Redis.from_url(short_stack.env["CHAT_REDIS_URL"])
     await redis.config_set("notify-keyspace-events", "Ex")
     pubsub = redis.pubsub()
-    await pubsub.subscribe("__keyevent@0__:expired")
+    await pubsub.subscribe(f"__keyevent@{short_stack.database}__:expired")
     try:
         clients = Clients(short_stack)
         client, _ = await clients.open(session)
