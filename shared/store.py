@@ -286,12 +286,6 @@ class SessionStore:
         # Scripts take the meta key again for "no user" (a key must be named, not built in Lua).
         return user_turns_key(user) if user else session_key(session)
 
-    async def ping(self) -> bool:
-        try:
-            return bool(await self.redis.ping())
-        except (RedisError, OSError):
-            return False
-
     async def meta(self, session: str) -> SessionMeta:
         try:
             raw = await self.redis.hmget(

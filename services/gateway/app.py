@@ -40,6 +40,7 @@ def create_app(settings: Settings) -> Starlette:
             feeds=feeds,
         )
         app.state.gateway = gateway
+        app.state.connections = connections  # readiness: the same checks as every service
         log.info("gateway ready", extra={"event": "ready", "auth": settings.auth.mode, **settings.broker.describe()})
         try:
             yield

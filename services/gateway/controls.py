@@ -217,6 +217,3 @@ class Gateway:
             raise SessionStateError("no turn is generating")
         await self.nc.publish(control_subject(session), encode(Control("stop", turn=turn)))
         return turn
-
-    async def ready(self) -> dict[str, bool]:
-        return {"nats": self.nc.is_connected, "redis": await self.store.ping()}

@@ -16,6 +16,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from shared.auth import Principal
 from shared.errors import BrokerUnavailable, ProtocolError, SessionStateError
 from shared.protocol import Chunk, Done, decode_server_frame
+from shared.runner import Connections
 from shared.session import Send
 from shared.sse import encode_event
 from shared.store import SessionMeta
@@ -204,8 +205,7 @@ async def stop(request: Request) -> Response:
 @_handle_errors
 async def history(request: Request) -> Response:
     gateway, session, _ = await _session_access(request)
-    turns = await gateway.store.history(session)
-    meta = await gateway.store.meta(session)
+    turns, meta = await asyncio.gather(gateway.store.history(session), gateway.store.meta(session))
     active = None
     if meta.active_turn is not None:
         active = {"turn": meta.active_turn, "prompt": meta.active_prompt}
@@ -262,8 +262,8 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    gateway: Gateway = request.app.state.gateway
-    checks = await gateway.ready()
+    connections: Connections = request.app.state.connections
+    checks = await connections.checks()
     return JSONResponse({"ready": all(checks.values()), **checks}, status_code=200 if all(checks.values()) else 503)
 
 
