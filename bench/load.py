@@ -1,0 +1,361 @@
+"""The load generator: real WebSocket clients in a process of their own.
+
+``python -m bench.load SPEC.json`` runs one scenario and prints its figures as
+JSON. Every chunk is checked (seq gap-free, no duplicate, in order) and every
+token's latency is its receive time minus the emit time the source stamped
+on it. CPU of the measured processes is read from /proc at the edges of the
+measurement window, so only steady streaming is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import sys
+import time
+import uuid
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import msgspec
+import uvloop
+
+from .wsclient import WsConnection, connect
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+_decode = msgspec.json.decode
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE_KIB
+
+
+def cpu_all(pids: dict[str, int]) -> dict[str, float]:
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def latency_summary(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")  # noqa: E731
+    return {"p50_ms": pick(0.5), "p99_ms": pick(0.99), "p999_ms": pick(0.999), "max_ms": ordered[-1] if ordered else float("nan")}
+
+
+@dataclass
+class Tally:
+    """What every stream saw; latencies in ms, receive times in µs."""
+
+    received_us: array = field(default_factory=lambda: array("q"))
+    latency_ms: array = field(default_factory=lambda: array("d"))
+    gaps: int = 0
+    duplicates: int = 0
+    tokens: int = 0
+    bad_done: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def fail(self, exc: BaseException) -> None:
+        self.failed += 1
+        if len(self.errors) < 5:
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+
+
+class Stream:
+    """One chat: checks each frame as it arrives, in the socket's callback."""
+
+    def __init__(self, tally: Tally, last_seq: int = 0) -> None:
+        self.tally = tally
+        self.last_seq = last_seq
+        self.frames = 0
+        self.ready = asyncio.get_running_loop().create_future()
+        self.done = asyncio.get_running_loop().create_future()
+        self.waiters: list[tuple[str, asyncio.Future[float]]] = []
+        self.ws: WsConnection | None = None
+
+    def on_text(self, text: str) -> None:
+        now = time.time_ns() // 1000
+        frame = _decode(text)
+        kind = frame["type"]
+        if kind == "chunk" or kind == "done":
+            seq = frame["seq"]
+            if seq <= self.last_seq:
+                self.tally.duplicates += 1
+                return
+            if seq != self.last_seq + 1:
+                self.tally.gaps += 1
+            self.last_seq = seq
+            self.frames += 1
+            if kind == "chunk":
+                received, latency = self.tally.received_us, self.tally.latency_ms
+                for token in frame["text"].split():
+                    received.append(now)
+                    latency.append((now - int(token)) / 1000)
+                    self.tally.tokens += 1
+            elif not self.done.done():
+                self.done.set_result(frame["reason"])
+        elif kind == "ready" and not self.ready.done():
+            self.ready.set_result(frame)
+        if self.waiters:
+            still = []
+            for want, future in self.waiters:
+                if want == kind and not future.done():
+                    future.set_result(time.perf_counter())
+                else:
+                    still.append((want, future))
+            self.waiters = still
+
+    def wait_for(self, kind: str) -> asyncio.Future[float]:
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.waiters.append((kind, future))
+        return future
+
+    async def open(self, host: str, port: int, path: str) -> None:
+        self.ws = await connect(host, port, path, self.on_text)
+        await asyncio.wait_for(self.ready, 30)
+
+    def send(self, frame: dict[str, Any]) -> None:
+        assert self.ws is not None
+        self.ws.send_text(json.dumps(frame))
+
+    def chat(self, rate: float, tokens: int) -> None:
+        self.send({"type": "chat", "prompt": f"bench rate={rate} tokens={tokens}", "id": uuid.uuid4().hex})
+
+
+def ws_path(spec: dict[str, Any], session: str | None = None, last_seq: int = 0) -> str:
+    session = session or "b" + uuid.uuid4().hex[:20]
+    return f"/ws?session={session}" + (f"&last_seq={last_seq}" if last_seq else "")
+
+
+async def run_chat(spec: dict[str, Any], tally: Tally, t0: float, *, streams: int, rate: float, tokens: int, stagger_s: float) -> None:
+    """``streams`` chats, started evenly over ``stagger_s``, each to its done."""
+    host, port = spec["host"], spec["port"]
+
+    async def one(index: int) -> None:
+        await asyncio.sleep(max(0.0, t0 + index * stagger_s / max(1, streams) - time.monotonic()))
+        stream = Stream(tally)
+        try:
+            await stream.open(host, port, ws_path(spec))
+            stream.chat(rate, tokens)
+            reason = await asyncio.wait_for(stream.done, tokens / rate + 60)
+            if reason != "stop":
+                tally.bad_done += 1
+        except Exception as exc:
+            tally.fail(exc)
+        finally:
+            if stream.ws is not None:
+                await stream.ws.close()
+
+    await asyncio.gather(*(one(i) for i in range(streams)))
+
+
+async def scenario_stream(spec: dict[str, Any]) -> dict[str, Any]:
+    """Steady streaming: latency, delivered tokens/s and CPU in the window."""
+    tally = Tally()
+    pids: dict[str, int] = spec["pids"]
+    t0 = time.monotonic() + 0.2
+    wall0 = time.time() + 0.2
+    start_s, end_s = spec["window_s"]
+    load = asyncio.create_task(
+        run_chat(spec, tally, t0, streams=spec["streams"], rate=spec["rate"], tokens=spec["tokens"], stagger_s=spec["stagger_s"])
+    )
+    await asyncio.sleep(max(0.0, t0 + start_s - time.monotonic()))
+    cpu_before, own_before = cpu_all(pids), time.process_time()
+    await asyncio.sleep(max(0.0, t0 + end_s - time.monotonic()))
+    cpu_after, own_after = cpu_all(pids), time.process_time()
+    await load
+    lo, hi = int((wall0 + start_s) * 1e6), int((wall0 + end_s) * 1e6)
+    in_window = [lat for at, lat in zip(tally.received_us, tally.latency_ms) if lo <= at < hi]
+    window = end_s - start_s
+    return {
+        "streams": spec["streams"],
+        "rate": spec["rate"],
+        "offered_tokens_per_s": spec["streams"] * spec["rate"],
+        "delivered_tokens_per_s": len(in_window) / window,
+        "latency": latency_summary(in_window),
+        "cpu_s": {name: cpu_after[name] - cpu_before[name] for name in pids},
+        "window_tokens": len(in_window),
+        "load_cpu_s": own_after - own_before,
+        "check": check(tally, expected_tokens=spec["streams"] * spec["tokens"]),
+        "errors": tally.errors,
+    }
+
+
+def check(tally: Tally, *, expected_tokens: int) -> dict[str, int]:
+    """Zero everywhere means nothing lost, duplicated or reordered."""
+    return {
+        "lost_tokens": expected_tokens - tally.tokens,
+        "gaps": tally.gaps,
+        "duplicates": tally.duplicates,
+        "bad_done": tally.bad_done,
+        "failed_streams": tally.failed,
+    }
+
+
+async def scenario_controls(spec: dict[str, Any]) -> dict[str, Any]:
+    """Pause → ``paused`` and resume → first chunk, under background streams."""
+    tally, background_tally = Tally(), Tally()
+    host, port = spec["host"], spec["port"]
+    rate, cycles, hold_s = spec["rate"], spec["cycles"], spec["hold_s"]
+    t0 = time.monotonic()
+    background = asyncio.create_task(
+        run_chat(spec, background_tally, t0, streams=spec["background_streams"], rate=rate,
+                 tokens=int(rate * spec["background_s"]), stagger_s=1.0)
+    )
+    await asyncio.sleep(1.5)
+    pauses: list[float] = []
+    resumes: list[float] = []
+    leaked = 0
+
+    async def controller() -> None:
+        nonlocal leaked
+        stream = Stream(tally)
+        await stream.open(host, port, ws_path(spec))
+        stream.chat(rate, 1_000_000)
+        await stream.wait_for("chunk")
+        for _ in range(cycles):
+            sent = time.perf_counter()
+            stream.send({"type": "pause"})
+            pauses.append((await asyncio.wait_for(stream.wait_for("paused"), 10) - sent) * 1000)
+            frames = stream.frames
+            await asyncio.sleep(hold_s)
+            leaked += stream.frames - frames  # chunks delivered while paused
+            first_chunk = stream.wait_for("chunk")
+            sent = time.perf_counter()
+            stream.send({"type": "resume"})
+            resumes.append((await asyncio.wait_for(first_chunk, 10) - sent) * 1000)
+            await asyncio.sleep(hold_s)
+        stream.send({"type": "stop"})
+        await asyncio.wait_for(stream.done, 10)
+        assert stream.ws is not None
+        await stream.ws.close()
+
+    await asyncio.gather(*(controller() for _ in range(spec["controllers"])))
+    await background
+    return {
+        "cycles": len(pauses),
+        "background_streams": spec["background_streams"],
+        "pause_ms": latency_summary(pauses),
+        "resume_ms": latency_summary(resumes),
+        "chunks_while_paused": leaked,
+        "check": {"gaps": tally.gaps + background_tally.gaps, "duplicates": tally.duplicates + background_tally.duplicates,
+                  "failed_streams": background_tally.failed, "bad_done": background_tally.bad_done},
+    }
+
+
+async def scenario_reconnect(spec: dict[str, Any]) -> dict[str, Any]:
+    """A client leaves, misses a whole answer, and comes back with its last seq."""
+    host, port = spec["host"], spec["port"]
+    tokens, rate = spec["tokens"], spec["rate"]
+    session = "b" + uuid.uuid4().hex[:20]
+    tally = Tally()
+    first = Stream(tally)
+    await first.open(host, port, ws_path(spec, session))
+    accepted = first.wait_for("accepted")
+    first.chat(rate, tokens)
+    await asyncio.wait_for(accepted, 10)
+    assert first.ws is not None
+    await first.ws.close()
+    left_at, left_tokens = first.last_seq, tally.tokens
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as http:
+        deadline = time.monotonic() + tokens / rate + 60
+        while time.monotonic() < deadline:  # a benchmark may poll: the answer is being written
+            turns = (await http.get(f"/api/sessions/{session}/history")).json()["turns"]
+            if turns:
+                break
+            await asyncio.sleep(0.05)
+    again = Stream(tally, last_seq=left_at)
+    started = time.perf_counter()
+    await again.open(host, port, ws_path(spec, session, left_at))
+    await asyncio.wait_for(again.done, 60)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    assert again.ws is not None
+    await again.ws.close()
+    return {
+        "missed_tokens": tally.tokens - left_tokens,
+        "missed_frames": again.frames,
+        "catch_up_ms": elapsed_ms,
+        "check": {"lost_tokens": tokens - tally.tokens, "gaps": tally.gaps, "duplicates": tally.duplicates},
+    }
+
+
+async def scenario_idle(spec: dict[str, Any]) -> dict[str, Any]:
+    """Idle connections held by one gateway process: memory and heartbeat CPU."""
+    host, port = spec["host"], spec["port"]
+    gateway = spec["pids"]["gateway"]
+    rss_before = rss_kib(gateway)
+    opened: list[Stream] = []
+    failed = 0
+    gate = asyncio.Semaphore(64)
+    tally = Tally()
+
+    async def one() -> None:
+        nonlocal failed
+        async with gate:
+            stream = Stream(tally)
+            try:
+                await stream.open(host, port, ws_path(spec))
+                opened.append(stream)
+            except Exception:
+                failed += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(one() for _ in range(spec["connections"])))
+    open_s = time.monotonic() - started
+    await asyncio.sleep(1.0)  # let the gateway settle after the burst
+    rss_after = rss_kib(gateway)
+    cpu_before = cpu_seconds(gateway)
+    await asyncio.sleep(spec["hold_s"])
+    cpu_held = cpu_seconds(gateway) - cpu_before
+    alive = sum(1 for s in opened if s.ws is not None and not s.ws.closed.done())
+    await asyncio.gather(*(s.ws.close() for s in opened if s.ws is not None))
+    held = max(1, len(opened))
+    return {
+        "connections": len(opened),
+        "failed": failed,
+        "alive_after_hold": alive,
+        "open_s": open_s,
+        "rss_before_mib": rss_before / 1024,
+        "rss_after_mib": rss_after / 1024,
+        "kib_per_connection": (rss_after - rss_before) / held,
+        "hold_s": spec["hold_s"],
+        "gateway_cpu_s_per_s": cpu_held / spec["hold_s"],
+    }
+
+
+SCENARIOS = {
+    "stream": scenario_stream,
+    "controls": scenario_controls,
+    "reconnect": scenario_reconnect,
+    "idle": scenario_idle,
+}
+
+
+def main() -> None:
+    spec = json.loads(open(sys.argv[1]).read())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    result = uvloop.run(SCENARIOS[spec["scenario"]](spec))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
