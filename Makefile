@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test unit lint system-deps browser-deps clean
+.PHONY: run test unit lint bench system-deps browser-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(VENV)/.run-deps: pyproject.toml | $(BIN)/python
 
 $(VENV)/.test-deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
+	touch $@ $(VENV)/.run-deps
+
+$(VENV)/.bench-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[bench]'
 	touch $@ $(VENV)/.run-deps
 
 # nats-server and redis-server from Debian when missing (tests and `make run`
@@ -47,6 +51,11 @@ browser-deps:
 test: system-deps browser-deps $(VENV)/.test-deps lint
 	node --test tests/js/
 	$(BIN)/python -m pytest
+
+# The full benchmark (about 15 minutes): rewrites docs/benchmarks.md, its JSON
+# and plots. `make test` runs a smoke run of it (tests/integration/test_bench.py).
+bench: system-deps $(VENV)/.bench-deps
+	$(BIN)/python -m bench
 
 unit: $(VENV)/.test-deps
 	$(BIN)/python -m pytest tests/unit

@@ -86,6 +86,12 @@ class Target:
 
 def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The median of every number across runs; checks are summed (any nonzero is a failure)."""
+    merged = _median(results)
+    merged["runs"] = len(results)
+    return merged
+
+
+def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
     first = results[0]
     merged: dict[str, Any] = {}
     for key, value in first.items():
@@ -93,12 +99,13 @@ def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
         if key == "check":
             merged[key] = {k: sum(v[k] for v in values) for k in value}
         elif isinstance(value, dict):
-            merged[key] = median_of(values)
+            merged[key] = _median(values)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             merged[key] = statistics.median(values)
+        elif isinstance(value, list):
+            merged[key] = [item for v in values for item in v][:10]  # errors: keep the first few
         else:
             merged[key] = value
-    merged["runs"] = len(results)
     return merged
 
 
@@ -107,6 +114,7 @@ class Bench:
         self.plan = plan
         self.stack = stack
         self.log_dir = log_dir
+        self.processes: dict[str, ServiceProcess] = {}
 
     def start(self) -> None:
         nats, redis = LocalNats(), LocalRedis()
@@ -131,13 +139,14 @@ class Bench:
             "CHAT_MAX_CONNECTIONS_PER_USER": "15000",  # dev mode: every anonymous client is one user
             "CHAT_MAX_TURNS_PER_USER": "100000",
         }
-        processes = {}
+        processes: dict[str, ServiceProcess] = {}
         for module in ("services.buffer", "services.llm_worker", "services.gateway"):
             extra = {"CHAT_PORT": str(free_port())} if module == "services.gateway" else {}
             process = ServiceProcess(module, {**env, **extra})
             process.start()
             self.stack.callback(process.stop)
             processes[process.name] = process
+        self.processes = processes
         relay_port = free_port()
         relay = self._spawn(
             "relay", [sys.executable, "-m", "bench.relay"], {"BENCH_NATS_URL": nats.url, "BENCH_RELAY_PORT": str(relay_port)}
@@ -157,6 +166,19 @@ class Bench:
         )
         self.relay = Target("relay", relay_port, {"relay": relay.pid, "nats-server": nats.process.pid})
         self.sources = {"upstream": upstream.pid}
+
+    def fresh_gateway(self) -> None:
+        gateway = self.processes["gateway"]
+        self.save_logs()
+        gateway.stop()
+        gateway.start()
+        assert gateway.process is not None
+        self.ours.pids["gateway"] = gateway.process.pid
+
+    def save_logs(self) -> None:
+        for name, process in self.processes.items():
+            with open(self.log_dir / f"{name}.log", "a") as log:
+                log.write(process.output())
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "wb")
@@ -229,7 +251,11 @@ class Bench:
         note(f"controls: {results['controls']['pause_ms']} {results['controls']['resume_ms']}")
         results["reconnect"] = median_of([self.load(self.ours, "reconnect", **plan.reconnect) for _ in range(plan.runs)])
         note(f"reconnect: {results['reconnect']}")
-        results["idle"] = median_of([self.load(self.ours, "idle", **plan.idle) for _ in range(plan.runs)])
+        idle = []
+        for _ in range(plan.runs):
+            self.fresh_gateway()  # memory per connection is measured from a gateway's start
+            idle.append(self.load(self.ours, "idle", **plan.idle))
+        results["idle"] = median_of(idle)
         note(f"idle: {results['idle']}")
         return results
 
@@ -269,10 +295,13 @@ def main() -> None:
         plan = Plan(**{**plan.__dict__, "runs": args.runs})
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    with more_files(), tempfile.TemporaryDirectory(prefix="bench-") as logs, ExitStack() as stack:
-        bench = Bench(plan, stack, Path(logs))
+    logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
+    with more_files(), ExitStack() as stack:
+        bench = Bench(plan, stack, logs)
+        stack.callback(bench.save_logs)
         bench.start()
         results = bench.run()
+    note(f"service logs: {logs}")
     results["meta"] = {
         "smoke": args.smoke,
         "runs": plan.runs,

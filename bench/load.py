@@ -183,7 +183,7 @@ async def scenario_stream(spec: dict[str, Any]) -> dict[str, Any]:
     cpu_after, own_after = cpu_all(pids), time.process_time()
     await load
     lo, hi = int((wall0 + start_s) * 1e6), int((wall0 + end_s) * 1e6)
-    in_window = [lat for at, lat in zip(tally.received_us, tally.latency_ms) if lo <= at < hi]
+    in_window = [lat for at, lat in zip(tally.received_us, tally.latency_ms, strict=True) if lo <= at < hi]
     window = end_s - start_s
     return {
         "streams": spec["streams"],
@@ -303,19 +303,17 @@ async def scenario_idle(spec: dict[str, Any]) -> dict[str, Any]:
     gateway = spec["pids"]["gateway"]
     rss_before = rss_kib(gateway)
     opened: list[Stream] = []
-    failed = 0
     gate = asyncio.Semaphore(64)
     tally = Tally()
 
     async def one() -> None:
-        nonlocal failed
         async with gate:
             stream = Stream(tally)
             try:
                 await stream.open(host, port, ws_path(spec))
                 opened.append(stream)
-            except Exception:
-                failed += 1
+            except Exception as exc:
+                tally.fail(exc)
 
     started = time.monotonic()
     await asyncio.gather(*(one() for _ in range(spec["connections"])))
@@ -330,7 +328,8 @@ async def scenario_idle(spec: dict[str, Any]) -> dict[str, Any]:
     held = max(1, len(opened))
     return {
         "connections": len(opened),
-        "failed": failed,
+        "failed": tally.failed,
+        "errors": tally.errors,
         "alive_after_hold": alive,
         "open_s": open_s,
         "rss_before_mib": rss_before / 1024,

@@ -243,7 +243,7 @@ def plots(results: dict[str, Any], images: Path) -> None:
     for name in PROCESSES:
         heights = [p["cpu_s_per_1k_tokens"].get(name, 0.0) for p in pairs.values()]
         ax.bar(list(pairs), heights, bottom=bottoms, label=name)
-        bottoms = [b + h for b, h in zip(bottoms, heights)]
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
     ax.set_ylabel("CPU-seconds per 1,000 tokens")
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)

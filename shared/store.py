@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .errors import BrokerUnavailable
 from .settings import BrokerSettings, RetentionSettings
@@ -408,24 +408,36 @@ class SessionStore:
         records the turn's last seq and frees the session for the next turn,
         atomically with storing its ``done`` frame.
         """
+        calls = []
+        for segment in segments:
+            args: list[Any] = [
+                self.retention.retention_s,
+                self.retention.max_frames_per_session,
+                self.retention.max_history_turns,
+                len(segment.frames),
+            ]
+            for seq, data in segment.frames:
+                args += (seq, data)
+            if segment.turn_end is not None:
+                args += (*segment.turn_end, segment.session)
+            keys = [*self._keys(segment.session), self._user_key(segment.session, segment.user), LEASES_KEY]
+            calls.append((len(keys), *keys, *args))
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for segment in segments:
-                    args: list[Any] = [
-                        self.retention.retention_s,
-                        self.retention.max_frames_per_session,
-                        self.retention.max_history_turns,
-                        len(segment.frames),
-                    ]
-                    for seq, data in segment.frames:
-                        args += (seq, data)
-                    if segment.turn_end is not None:
-                        args += (*segment.turn_end, segment.session)
-                    keys = [*self._keys(segment.session), self._user_key(segment.session, segment.user), LEASES_KEY]
-                    await self._store(keys=keys, args=args, client=pipe)
-                await pipe.execute()
+            try:
+                await self._evalsha_all(self._store.sha, calls)
+            except NoScriptError:  # Redis restarted or flushed its scripts: load, then redo (idempotent)
+                await self.redis.script_load(_STORE_FRAMES)
+                await self._evalsha_all(self._store.sha, calls)
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable("the session store is unavailable") from exc
+
+    async def _evalsha_all(self, sha: str, calls: list[tuple[Any, ...]]) -> None:
+        """EVALSHA each call in one pipeline. Not through the Script object:
+        in a pipeline it first asks SCRIPT EXISTS, a second round trip per batch."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(sha, *call)
+            await pipe.execute()
 
     async def read_frames(self, session: str, *, after: int, limit: int) -> tuple[list[tuple[int, bytes]], int, int]:
         """Return (frames with seq > after, lowest seq still deliverable, hwm), one round trip.

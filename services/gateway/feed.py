@@ -79,7 +79,9 @@ class SessionFeed:
         self.session = session
         self.delivery = delivery
         self.emit = emit
-        self.inbox: asyncio.Queue[Event] = asyncio.Queue()
+        # None only wakes run() to re-arm the gap timer (see _on_frame).
+        self.inbox: asyncio.Queue[Event | None] = asyncio.Queue()
+        self.started = False
         self.inbox_frames = inbox_frames
         self.gap_timeout_s = gap_timeout_s
         self.replay_timeout_s = replay_timeout_s
@@ -120,14 +122,18 @@ class SessionFeed:
         self.registry.add(self)
         try:
             self._execute(self.delivery.start())
+            self.started = True
             while True:
-                waiting_for_gap = bool(self.delivery.pending) and not self.delivery.replaying
                 try:
                     event = await asyncio.wait_for(
-                        self.inbox.get(), self.gap_timeout_s if waiting_for_gap else None
+                        self.inbox.get(), self.gap_timeout_s if self._waiting_for_gap() else None
                     )
                 except TimeoutError:
+                    if not self._waiting_for_gap():
+                        continue  # a frame taken in _on_frame filled the gap meanwhile
                     event = GapTimeout()
+                if event is None:
+                    continue
                 self._execute(self.delivery.handle(event))
                 if self.overflowed and not self.delivery.replaying:
                     # Live frames were dropped: catch up from the log instead.
@@ -142,6 +148,9 @@ class SessionFeed:
                     pass
             if self._replay_task is not None:
                 self._replay_task.cancel()
+
+    def _waiting_for_gap(self) -> bool:
+        return bool(self.delivery.pending) and not self.delivery.replaying
 
     def _execute(self, actions: list[Action]) -> None:
         for action in actions:
@@ -162,7 +171,16 @@ class SessionFeed:
         except msgspec.DecodeError:
             log.error("dropping malformed delivery", extra={"session": self.session})
             return
-        self.inbox.put_nowait(LiveFrame(seq, msg.data))
+        event = LiveFrame(seq, msg.data)
+        if not self.started or not self.inbox.empty():
+            self.inbox.put_nowait(event)  # behind other events: keep arrival order
+            return
+        # The common case, taken here: no queue hop and no task switch per
+        # frame. Safe because handle() never awaits, so events still apply one
+        # at a time in arrival order.
+        self._execute(self.delivery.handle(event))
+        if self._waiting_for_gap():
+            self.inbox.put_nowait(None)  # run() arms the gap timer
 
     async def _on_control(self, msg: Msg) -> None:
         try:

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 PUBLISH_RETRY_S = 0.25
 PUBLISH_GIVE_UP_S = 120.0
+FETCH_MAX = 64  # turn requests taken per fetch, at most
 
 
 @dataclass
@@ -82,20 +83,21 @@ class Worker:
         log.info("worker ready", extra={"event": "ready", "concurrency": self.settings.concurrency})
         try:
             while not self.stopping.is_set():
-                await self.capacity.acquire()
+                slots = await self._free_slots()
                 if self.stopping.is_set():
-                    self.capacity.release()
+                    self._release(slots)
                     break
                 try:
-                    msgs = await psub.fetch(1, timeout=1.0)
+                    msgs = await psub.fetch(slots, timeout=1.0)
                 except (TimeoutError, NatsTimeoutError):
-                    self.capacity.release()
+                    self._release(slots)
                     continue
                 except Exception as exc:  # broker restart: wait it out
-                    self.capacity.release()
+                    self._release(slots)
                     log.warning("fetch failed: %s", exc, extra={"event": "fetch_failed"})
                     await asyncio.sleep(PUBLISH_RETRY_S)
                     continue
+                self._release(slots - len(msgs))
                 for msg in msgs:
                     task = asyncio.create_task(self._take(msg))
                     self.turns.add(task)
@@ -104,6 +106,21 @@ class Worker:
             await psub.unsubscribe()
             await self._drain()
             await self.provider.aclose()
+
+    async def _free_slots(self) -> int:
+        """Wait for one free slot, then take every other free one (up to a
+        fetch's worth): one fetch per burst of requests, not one per turn,
+        or claiming turns falls behind under a burst of new chats."""
+        await self.capacity.acquire()
+        slots = 1
+        while slots < FETCH_MAX and not self.capacity.locked():
+            await self.capacity.acquire()  # free: returns at once
+            slots += 1
+        return slots
+
+    def _release(self, slots: int) -> None:
+        for _ in range(slots):
+            self.capacity.release()
 
     async def _drain(self) -> None:
         """Let running turns finish for the drain timeout, then end the rest with done/error."""

@@ -72,6 +72,17 @@ async def test_redelivered_batch_changes_nothing(store: SessionStore) -> None:
     assert [t.turn for t in await store.history(session)] == [1]
 
 
+async def test_storing_survives_a_script_flush(store: SessionStore) -> None:
+    """Frames are stored by EVALSHA in one pipeline; after Redis forgets its
+    scripts (a restart, SCRIPT FLUSH) the batch is stored once all the same."""
+    sessions = [new_session(), new_session()]
+    await store.redis.script_flush()
+    await store.store_segments([Segment(s, [(1, b"c1"), (2, b"c2")]) for s in sessions])
+    for session in sessions:
+        frames, _, hwm = await store.read_frames(session, after=0, limit=10)
+        assert frames == [(1, b"c1"), (2, b"c2")] and hwm == 2
+
+
 async def test_out_of_order_storage_reads_in_order(store: SessionStore) -> None:
     """Frames stored out of order (two buffers) read back by seq; a missing lower seq is not reported lost."""
     session = new_session()
