@@ -300,7 +300,7 @@ async def scenario_reconnect(spec: dict[str, Any]) -> dict[str, Any]:
 async def scenario_idle(spec: dict[str, Any]) -> dict[str, Any]:
     """Idle connections held by one gateway process: memory and heartbeat CPU."""
     host, port = spec["host"], spec["port"]
-    gateway = spec["pids"]["gateway"]
+    gateway = spec["pids"].get("gateway") or spec["pids"]["relay"]  # the one process holding the sockets
     rss_before = rss_kib(gateway)
     opened: list[Stream] = []
     gate = asyncio.Semaphore(64)

@@ -3,7 +3,7 @@
 - :class:`TurnRequest`: gateway -> JetStream ``CHAT_REQUESTS`` -> a worker.
 - A worker publishes to ``chat.gen.<session>`` (JetStream ``CHAT_GENERATED``)
   the client-ready ``chunk`` frames and, last, one :class:`TurnEnd`.
-- :class:`Control`: pause/resume/stop on ``chat.ctl.<session>`` (core NATS).
+- :class:`Control`: pause/resume/stop on ``chat.session.<session>.ctl`` (core NATS).
 - :class:`ReplayRequest`: gateway -> a buffer, answered with stored frames.
 """
 

@@ -81,12 +81,17 @@ def generated_wildcard() -> str:
 
 def delivery_subject(session: str) -> str:
     """Subject a buffer publishes stored frames to, for gateways (core NATS)."""
-    return f"{PREFIX}.out.{validate_session_id(session)}"
+    return f"{PREFIX}.session.{validate_session_id(session)}.out"
 
 
 def control_subject(session: str) -> str:
     """Subject for a session's pause, resume and stop events (core NATS)."""
-    return f"{PREFIX}.ctl.{validate_session_id(session)}"
+    return f"{PREFIX}.session.{validate_session_id(session)}.ctl"
+
+
+def session_wildcard(session: str) -> str:
+    """Both of a session's core subjects: a connection needs one subscription, not two."""
+    return f"{PREFIX}.session.{validate_session_id(session)}.*"
 
 
 def session_key(session: str) -> str:

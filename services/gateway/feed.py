@@ -35,7 +35,7 @@ from shared.session import (
     RequestReplay,
     Send,
 )
-from shared.subjects import SUBJECT_REPLAY, control_subject, delivery_subject
+from shared.subjects import SUBJECT_REPLAY, control_subject, delivery_subject, session_wildcard
 
 from .metrics import GatewayMetrics
 
@@ -82,6 +82,8 @@ class SessionFeed:
         # None only wakes run() to re-arm the gap timer (see _on_frame).
         self.inbox: asyncio.Queue[Event | None] = asyncio.Queue()
         self.started = False
+        self.frames_subject = delivery_subject(session)
+        self.controls_subject = control_subject(session)
         self.inbox_frames = inbox_frames
         self.gap_timeout_s = gap_timeout_s
         self.replay_timeout_s = replay_timeout_s
@@ -115,10 +117,9 @@ class SessionFeed:
         self.inbox.put_nowait(GapTimeout())
 
     async def run(self) -> None:
-        subs = [
-            await self.nc.subscribe(delivery_subject(self.session), cb=self._on_frame),
-            await self.nc.subscribe(control_subject(self.session), cb=self._on_control),
-        ]
+        # One subscription for frames and controls: a subscription costs a
+        # task and a queue per connection (memory per idle connection).
+        subs = [await self.nc.subscribe(session_wildcard(self.session), cb=self._on_message)]
         self.registry.add(self)
         try:
             self._execute(self.delivery.start())
@@ -161,6 +162,12 @@ class SessionFeed:
             elif isinstance(action, RequestReplay):
                 self._replay_task = asyncio.create_task(self._replay(action.after))
             # WaitForGap: run() arms the gap timer from the delivery's state.
+
+    async def _on_message(self, msg: Msg) -> None:
+        if msg.subject == self.frames_subject:
+            await self._on_frame(msg)
+        elif msg.subject == self.controls_subject:
+            await self._on_control(msg)
 
     async def _on_frame(self, msg: Msg) -> None:
         if self.inbox.qsize() >= self.inbox_frames:

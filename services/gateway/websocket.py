@@ -191,9 +191,11 @@ class Connection:
             asyncio.create_task(self._write()),
             asyncio.create_task(self.feed.run()),
             asyncio.create_task(self._read()),
-            asyncio.create_task(self._expire()),
+            # The writer may be stuck sending to a slow reader: end on overflow at once.
             asyncio.create_task(self.outbox.overflowed.wait()),
         ]
+        if self.principal.exp is not None:  # an anonymous connection never expires: no task for it
+            tasks.append(asyncio.create_task(self._expire()))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -218,9 +220,7 @@ class Connection:
         grace = self.gateway.settings.auth.grace_s
         while True:
             self.renewed.clear()
-            if self.principal.exp is None:
-                await self.renewed.wait()  # anonymous: nothing expires
-                continue
+            assert self.principal.exp is not None  # a renewal keeps an expiry (_renew)
             remaining = self.principal.exp + grace - time.time()
             try:
                 await asyncio.wait_for(self.renewed.wait(), max(0.0, remaining))

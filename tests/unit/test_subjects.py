@@ -29,8 +29,9 @@ def test_valid_ids() -> None:
     """Valid ids map to one token per subject and one hash tag per key."""
     sid = "Ab_9-" + "x" * 59
     assert subjects.validate_session_id(sid) == sid
-    assert subjects.delivery_subject("abc") == "chat.out.abc"
-    assert subjects.control_subject("abc") == "chat.ctl.abc"
+    assert subjects.delivery_subject("abc") == "chat.session.abc.out"
+    assert subjects.control_subject("abc") == "chat.session.abc.ctl"
+    assert subjects.session_wildcard("abc") == "chat.session.abc.*"
     assert subjects.generated_subject("abc") == "chat.gen.abc"
     assert subjects.session_key("abc") == "chat:{abc}:meta"
     assert subjects.log_key("abc") == "chat:{abc}:log"
