@@ -152,7 +152,10 @@ class Bench:
             "relay", [sys.executable, "-m", "bench.relay"], {"BENCH_NATS_URL": nats.url, "BENCH_RELAY_PORT": str(relay_port)}
         )
         self._wait_port(relay_port, relay)
-        pid = lambda p: p.process.pid  # noqa: E731
+        def pid(process: ServiceProcess) -> int:
+            assert process.process is not None
+            return process.process.pid
+
         self.ours = Target(
             "ours",
             int(processes["gateway"].env["CHAT_PORT"]),
@@ -183,7 +186,12 @@ class Bench:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "wb")
         process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.stack.callback(lambda: (process.terminate(), process.wait(10), log.close()))
+        def stop() -> None:
+            process.terminate()
+            process.wait(10)
+            log.close()
+
+        self.stack.callback(stop)
         return process
 
     @staticmethod
@@ -191,7 +199,7 @@ class Bench:
         deadline = time.monotonic() + 30
         while not port_open("127.0.0.1", port):  # a server of ours with no ready line to wait on
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{process.args} did not start")
+                raise RuntimeError(f"{process.args!r} did not start")
             time.sleep(0.05)
 
     def load(self, target: Target, scenario: str, **spec: Any) -> dict[str, Any]:

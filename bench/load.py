@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,25 +48,28 @@ def cpu_all(pids: dict[str, int]) -> dict[str, float]:
     return {name: cpu_seconds(pid) for name, pid in pids.items()}
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def latency_summary(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")  # noqa: E731
-    return {"p50_ms": pick(0.5), "p99_ms": pick(0.99), "p999_ms": pick(0.999), "max_ms": ordered[-1] if ordered else float("nan")}
+def latency_summary(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "p50_ms": percentile(values, 0.5),
+        "p99_ms": percentile(values, 0.99),
+        "p999_ms": percentile(values, 0.999),
+        "max_ms": max(values, default=float("nan")),
+    }
 
 
 @dataclass
 class Tally:
     """What every stream saw; latencies in ms, receive times in µs."""
 
-    received_us: array = field(default_factory=lambda: array("q"))
-    latency_ms: array = field(default_factory=lambda: array("d"))
+    received_us: array[int] = field(default_factory=lambda: array("q"))
+    latency_ms: array[float] = field(default_factory=lambda: array("d"))
     gaps: int = 0
     duplicates: int = 0
     tokens: int = 0

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 
 import nats
 import uvicorn
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
@@ -34,7 +35,7 @@ def create_app(nats_url: str) -> Starlette:
         await app.state.nc.close()
 
     async def relay(websocket: WebSocket) -> None:
-        nc: nats.NATS = websocket.app.state.nc
+        nc: NATS = websocket.app.state.nc
         await websocket.accept(subprotocol="chat.v1")
         subject = f"bench.relay.{uuid.uuid4().hex}"
 
@@ -65,7 +66,7 @@ def main() -> None:
         create_app(os.environ["BENCH_NATS_URL"]),
         host="127.0.0.1",
         port=int(os.environ["BENCH_RELAY_PORT"]),
-        ws="websockets-sansio",
+        ws=os.environ.get("BENCH_RELAY_WS", "websockets-sansio"),  # to compare implementations
         ws_per_message_deflate=False,
         log_config=None,
         access_log=False,

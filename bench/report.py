@@ -213,11 +213,11 @@ def plots(results: dict[str, Any], images: Path) -> None:
 
     images.mkdir(parents=True, exist_ok=True)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, points, title, x_of in (
-        (left, results["latency"], "Streams of 30 tokens/s", lambda p: p["streams"]),
-        (right, results["capacity"], "Streams of 20 tokens/s (capacity)", lambda p: p["delivered_tokens_per_s"]),
+    for ax, points, title, x_key in (
+        (left, results["latency"], "Streams of 30 tokens/s", "streams"),
+        (right, results["capacity"], "Streams of 20 tokens/s (capacity)", "delivered_tokens_per_s"),
     ):
-        xs = [x_of(p) for p in points]
+        xs = [p[x_key] for p in points]
         for key, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")):
             ax.plot(xs, [p["latency"][key] for p in points], marker="o", label=label)
         ax.set_title(title)

@@ -22,9 +22,11 @@ import re
 import signal
 import time
 from collections.abc import AsyncIterator
+from typing import cast
 
 import nats
 import uvloop
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 __all__ = ["parse_stream_spec", "stamp", "START_SUBJECT"]
@@ -75,7 +77,7 @@ class CompletionsServer(asyncio.Protocol):
         self.answering: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport subclass
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.answering is not None:
@@ -119,7 +121,7 @@ class CompletionsServer(asyncio.Protocol):
         self._next_request()
 
 
-async def publish_stream(nc: nats.NATS, subject: str, rate: float, tokens: int) -> None:
+async def publish_stream(nc: NATS, subject: str, rate: float, tokens: int) -> None:
     """The bare relay's source: protocol frames straight onto ``subject``."""
     async for index in paced(rate, tokens):
         await nc.publish(subject, b'{"type":"chunk","seq":%d,"turn":1,"text":"%s"}' % (index + 1, stamp().encode()))

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import os
 from collections.abc import Callable
+from typing import cast
 
 __all__ = ["WsConnection", "connect"]
 
@@ -44,8 +45,8 @@ class WsConnection(asyncio.Protocol):
         self.fragments: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport subclass
-        transport.write(self.request)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
+        self.transport.write(self.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.upgraded.done():

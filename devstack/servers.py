@@ -37,7 +37,8 @@ READY_TIMEOUT_S = 20.0
 
 
 class Server(Protocol):
-    url: str
+    @property
+    def url(self) -> str: ...
 
     def start(self) -> None: ...
 

@@ -177,8 +177,13 @@ class Delivery:
         return [RequestReplay(self.delivered)]
 
     def _live(self, seq: int, data: bytes) -> list[Action]:
-        if self.paused or seq <= self.delivered:
-            return []  # paused frames are replayed from the log on resume
+        if seq <= self.delivered:
+            return []
+        if self.paused:
+            # Held for a fast resume (bounded; the replay on resume fills in the rest).
+            if len(self.pending) < self.max_pending:
+                self.pending[seq] = data
+            return []
         if seq == self.delivered + 1 and not self.replaying:
             self.delivered = seq
             return [Send(data, seq), *self._drain_pending()]
@@ -234,7 +239,6 @@ class Delivery:
         if self.paused:
             return [Send(encode(Paused(seq=self.delivered)))] if local else []
         self.paused = True
-        self.pending.clear()
         return [Send(encode(Paused(seq=self.delivered)))]
 
     def _resume(self, version: int, *, local: bool) -> list[Action]:
@@ -246,4 +250,8 @@ class Delivery:
         self.paused = False
         if self.replaying:
             self.replay_stale = True
-        return [Send(encode(Resumed(seq=self.delivered))), *self._request_replay()]
+        resumed = Send(encode(Resumed(seq=self.delivered)))
+        # Frames held while paused go out at once (the first chunk does not
+        # wait for a round trip); the replay still follows, because frames
+        # may have been dropped past the bound or missed in a NATS reconnect.
+        return [resumed, *self._drain_pending(), *self._request_replay()]

@@ -151,7 +151,8 @@ class SessionFeed:
                 self._replay_task.cancel()
 
     def _waiting_for_gap(self) -> bool:
-        return bool(self.delivery.pending) and not self.delivery.replaying
+        delivery = self.delivery
+        return bool(delivery.pending) and not delivery.replaying and not delivery.paused
 
     def _execute(self, actions: list[Action]) -> None:
         for action in actions:

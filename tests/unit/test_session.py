@@ -122,9 +122,23 @@ def test_pause_stops_delivery_at_cursor() -> None:
     assert state.handle(LiveFrame(2, frame(2))) == []
     assert state.handle(LiveFrame(3, frame(3))) == []
     actions = state.handle(LocalResume(version=2))
-    assert [json.loads(a.data) for a in actions if isinstance(a, Send)] == [{"type": "resumed", "seq": 1}]
-    assert actions[-1] == RequestReplay(1)
-    assert sent_seqs(state.handle(ReplayBatch(frames=[(2, frame(2)), (3, frame(3))], first=1, more=False))) == [2, 3]
+    # Frames that arrived while paused go out at once, after "resumed"; a replay still follows.
+    assert json.loads(actions[0].data) == {"type": "resumed", "seq": 1}  # type: ignore[union-attr]
+    assert sent_seqs(actions) == [None, 2, 3] and actions[-1] == RequestReplay(3)
+    assert state.handle(ReplayBatch(frames=[(2, frame(2)), (3, frame(3))], first=1, more=False)) == []
+
+
+def test_resume_replays_what_was_dropped_while_paused() -> None:
+    """Past the bound, frames held while paused are dropped; the replay on resume delivers them."""
+    state = caught_up(0)
+    state.max_pending = 2
+    state.handle(LocalPause(version=1))
+    for seq in range(1, 6):
+        assert state.handle(LiveFrame(seq, frame(seq))) == []
+    actions = state.handle(LocalResume(version=2))
+    assert sent_seqs(actions) == [None, 1, 2] and actions[-1] == RequestReplay(2)
+    replayed = [(seq, frame(seq)) for seq in range(3, 6)]
+    assert sent_seqs(state.handle(ReplayBatch(frames=replayed, first=1, more=False))) == [3, 4, 5]
 
 
 def test_replay_arriving_after_pause_is_discarded() -> None:
@@ -186,9 +200,11 @@ def test_replay_outstanding_across_pause_and_resume_is_asked_again() -> None:
     state = Delivery(delivered=0, paused=False)
     assert state.start() == [RequestReplay(0)]
     state.handle(LocalPause(version=1))
-    assert state.handle(LiveFrame(1, frame(1))) == []  # ignored while paused
+    assert state.handle(LiveFrame(1, frame(1))) == []  # held while paused
+    assert state.handle(LiveFrame(3, frame(3))) == []  # 2 is lost on its way (say, a NATS reconnect)
     actions = state.handle(LocalResume(version=2))
-    assert sent_types(actions) == ["resumed"] and RequestReplay(0) not in actions  # one replay at a time
-    # The first replay answers with the log as it was before frame 1 was stored.
-    assert state.handle(ReplayBatch(frames=[], first=1, more=False)) == [RequestReplay(0)]
-    assert sent_seqs(state.handle(ReplayBatch(frames=[(1, frame(1))], first=1, more=False))) == [1]
+    assert sent_seqs(actions) == [None, 1] and not any(isinstance(a, RequestReplay) for a in actions)  # one at a time
+    # The first replay answers with the log as it was before any of it was stored: ask again.
+    assert state.handle(ReplayBatch(frames=[], first=1, more=False)) == [WaitForGap()]
+    assert state.handle(GapTimeout()) == [RequestReplay(1)]
+    assert sent_seqs(state.handle(ReplayBatch(frames=[(2, frame(2)), (3, frame(3))], first=1, more=False))) == [2, 3]
