@@ -135,7 +135,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Capacity",
         "",
-        "Streams of 20 tokens/s added until p99 passes 50 ms or delivery falls behind the offer.",
+        "Streams of 20 tokens/s added until p99 passes 50 ms or delivery falls behind the offer. "
+        "Saturation, below, is the most tokens/s delivered intact at any point of the run, whatever its latency.",
         "",
         "| Streams × tokens/s | Offered tokens/s | Delivered tokens/s | p50 / p99 / p99.9 ms | CPU-s per 1k tokens | Intact |",
         "|---|---|---|---|---|---|",
