@@ -298,7 +298,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="every scenario once, tiny, in seconds")
     parser.add_argument("--runs", type=int, help="runs per point (median); default 3, smoke 1")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where benchmarks.md, .json and plots go")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the page and plots from the JSON in --out")
     args = parser.parse_args()
+    if args.report_only:
+        report.write(json.loads((args.out / "benchmarks.json").read_text()), args.out)
+        return
     plan = SMOKE if args.smoke else FULL
     if args.runs:
         plan = Plan(**{**plan.__dict__, "runs": args.runs})

@@ -59,6 +59,12 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     if at500:
         p99 = at500[0]["latency"]["p99_ms"]
         rows.append(("p99 added latency, 500 streams × 20 tokens/s", "≤ 10 ms", f"{p99:.1f} ms", p99 <= 10 and _keeps(at500[0])))
+    else:
+        last = results["capacity"][-1]
+        rows.append((
+            "p99 added latency, 500 streams × 20 tokens/s", "≤ 10 ms",
+            f"not reached: p99 {last['latency']['p99_ms']:.0f} ms at {last['streams']:,} streams", False,
+        ))
     capacity = max((p["delivered_tokens_per_s"] for p in results["capacity"] if _keeps(p)), default=0.0)
     rows.append(("Capacity with p99 ≤ 50 ms", "≥ 15,000 tokens/s", f"{capacity:,.0f} tokens/s", capacity >= 15_000))
     for label, pair in (("50 × 50", cpu_point), ("saturation", saturation)):
@@ -196,7 +202,7 @@ def markdown(results: dict[str, Any]) -> str:
         "## How to rerun",
         "",
         "```",
-        "make bench                      # the full run, about 15 minutes; rewrites this page",
+        "make bench                      # the full run, about 10 minutes; rewrites this page",
         ".venv/bin/python -m bench --smoke --out /tmp/bench   # every scenario once, tiny (make test runs this)",
         "```",
         "",
