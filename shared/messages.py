@@ -71,8 +71,8 @@ class ReplayRequest(msgspec.Struct, frozen=True):
     limit: int
 
 
-# A turn's trace id, set by the gateway and carried on every message of the
-# turn (request, generated frames), so its log lines can be joined across services.
+# A turn's trace id, set by the gateway and carried on the turn's request and
+# its TurnEnd, so the turn's log lines can be joined across services.
 TRACE_HEADER = "Chat-Trace"
 
 # Replay replies carry newline-separated frames in the body and these headers.
