@@ -290,14 +290,14 @@ class Worker:
         turn.seq += 1
         turn.parts.append(text)
         frame = protocol.Chunk(seq=turn.seq, turn=turn.request.turn, text=text)
-        await self._publish(turn, protocol.encode(frame), {})
+        await self._publish(turn, protocol.encode(frame))
 
     async def _end(self, turn: Turn, reason: str, message: str | None = None) -> None:
         request = turn.request
         turn.seq += 1
         done = protocol.Done(seq=turn.seq, turn=request.turn, reason=reason, message=message)  # type: ignore[arg-type]
         end = TurnEnd(done=done, prompt=request.prompt, answer="".join(turn.parts), user=request.user)
-        await self._publish(turn, protocol.encode(end), {TRACE_HEADER: turn.trace})
+        await self._publish(turn, protocol.encode(end), with_trace=True)
         self.metrics.turns_finished.labels(reason).inc()
         log.info(
             "turn finished",
@@ -307,14 +307,16 @@ class Worker:
             },
         )
 
-    async def _publish(self, turn: Turn, payload: bytes, headers: dict[str, str]) -> None:
+    async def _publish(self, turn: Turn, payload: bytes, *, with_trace: bool = False) -> None:
         """Publish to JetStream until stored; the message id makes retries idempotent.
 
         Only the turn's end carries the trace id: the buffer logs it there, and
         a header on every chunk is bytes nats-server and the buffer parse for nothing.
         """
         subject = generated_subject(turn.request.session)
-        headers["Nats-Msg-Id"] = f"{turn.request.session}:{turn.seq}"
+        headers = {"Nats-Msg-Id": f"{turn.request.session}:{turn.seq}"}
+        if with_trace:
+            headers[TRACE_HEADER] = turn.trace
         deadline = time.monotonic() + PUBLISH_GIVE_UP_S
         while True:
             try:
