@@ -24,6 +24,8 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
+from shared.protocol import SUBPROTOCOL
+
 from .upstream import START_SUBJECT, parse_stream_spec
 
 
@@ -36,7 +38,7 @@ def create_app(nats_url: str) -> Starlette:
 
     async def relay(websocket: WebSocket) -> None:
         nc: NATS = websocket.app.state.nc
-        await websocket.accept(subprotocol="chat.v1")
+        await websocket.accept(subprotocol=SUBPROTOCOL)
         subject = f"bench.relay.{uuid.uuid4().hex}"
 
         async def forward(msg: Msg) -> None:

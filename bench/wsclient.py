@@ -16,6 +16,8 @@ import os
 from collections.abc import Callable
 from typing import cast
 
+from shared.protocol import SUBPROTOCOL
+
 __all__ = ["WsConnection", "connect"]
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
@@ -121,11 +123,11 @@ class WsConnection(asyncio.Protocol):
 
 
 async def connect(host: str, port: int, path: str, on_text: Callable[[str], None]) -> WsConnection:
-    """Open ``ws://host:port/path`` with the chat.v1 subprotocol."""
+    """Open ``ws://host:port/path`` with the protocol's subprotocol."""
     key = base64.b64encode(os.urandom(16)).decode()
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat.v1\r\n\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
     ).encode()
     loop = asyncio.get_running_loop()
     _, protocol = await loop.create_connection(lambda: WsConnection(request, on_text), host, port)
