@@ -65,6 +65,7 @@ class AuthSettings:
     api_keys: tuple[Secret, ...] = ()
     token_ttl_s: int = 900
     grace_s: int = 10
+    leeway_s: int = 30  # clock skew tolerated on exp, nbf and iat (RFC 7519 section 4.1.4)
     audience: str = ""
     issuer: str = ""
 
@@ -92,6 +93,7 @@ class AuthSettings:
             api_keys=keys,
             token_ttl_s=env_int(environ, "CHAT_TOKEN_TTL_S", cls.token_ttl_s, minimum=1),
             grace_s=env_int(environ, "CHAT_AUTH_GRACE_S", cls.grace_s, minimum=0),
+            leeway_s=env_int(environ, "CHAT_AUTH_LEEWAY_S", cls.leeway_s, minimum=0),
             audience=env_str(environ, "CHAT_AUTH_AUDIENCE", ""),
             issuer=env_str(environ, "CHAT_AUTH_ISSUER", ""),
         )
@@ -136,7 +138,8 @@ class TokenService:
         return jwt.encode(claims, self._sign_key, algorithm=self.settings.algorithm), exp
 
     def verify(self, token: str) -> Principal:
-        """The principal a token proves."""
+        """The principal a token proves; ``exp``, ``nbf`` and ``iat`` are checked
+        with ``CHAT_AUTH_LEEWAY_S`` of clock skew either way."""
         options = {"require": ["exp", "sub"], "verify_aud": bool(self.settings.audience)}
         try:
             claims = jwt.decode(
@@ -146,9 +149,14 @@ class TokenService:
                 options=options,  # type: ignore[arg-type]
                 audience=self.settings.audience or None,
                 issuer=self.settings.issuer or None,
+                # Hosts' clocks differ: a token minted a second "in the future"
+                # by another gateway or an identity provider is still good.
+                leeway=self.settings.leeway_s,
             )
         except jwt.ExpiredSignatureError:
             raise _unauthorized("the token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise _unauthorized("the token is not valid yet; check the clocks of its issuer and this server") from None
         except jwt.InvalidTokenError:
             raise _unauthorized("the token is not valid") from None
         user = claims.get("sub")

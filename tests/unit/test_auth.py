@@ -107,3 +107,34 @@ def test_api_keys_compare_and_hide() -> None:
     service = hs(CHAT_API_KEYS="key-one, key-two")
     assert service.api_key_valid("key-two") and not service.api_key_valid("key-three") and not service.api_key_valid(None)
     assert "key-one" not in repr(service.settings) and SECRET not in repr(service.settings)
+
+
+def signed(**claims: object) -> str:
+    return jwt.encode({"sub": "alice", **claims}, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"iat": 2, "exp": 60},  # minted by a host whose clock is 2 s ahead
+        {"iat": 25, "nbf": 25, "exp": 60},
+        {"iat": -100, "exp": -20},  # expired 20 s ago: within the leeway
+    ],
+)
+def test_clock_skew_within_the_leeway_is_accepted(claims: dict[str, int]) -> None:
+    """iat, nbf and exp are checked with 30 s of leeway by default."""
+    now = int(time.time())
+    token = signed(**{name: now + offset for name, offset in claims.items()})
+    assert hs().verify(token).user == "alice"
+
+
+def test_clock_skew_beyond_the_leeway_is_refused() -> None:
+    """A token from a clock far ahead, or long expired, is refused; with leeway 0, 2 s ahead is too."""
+    now = int(time.time())
+    with pytest.raises(ProtocolError, match="not valid yet"):
+        hs().verify(signed(iat=now + 120, exp=now + 600))
+    with pytest.raises(ProtocolError, match="expired"):
+        hs().verify(signed(iat=now - 600, exp=now - 60))
+    with pytest.raises(ProtocolError, match="not valid yet"):
+        hs(CHAT_AUTH_LEEWAY_S="0").verify(signed(iat=now + 5, exp=now + 600))
+    assert hs(CHAT_AUTH_LEEWAY_S="120").verify(signed(iat=now + 100, exp=now + 600)).user == "alice"
