@@ -51,6 +51,7 @@ __all__ = [
     "validate_prompt",
     "CompatAction",
     "decode_compat_frame",
+    "rate_limited",
 ]
 
 SUBPROTOCOL = "chat.v1"
@@ -190,10 +191,15 @@ def validate_prompt(prompt: str, *, max_prompt_chars: int) -> str:
     """Return ``prompt`` if it is non-blank and within the limit.
 
     Raises:
-        ProtocolError: blank (``invalid``) or longer than the limit (``too_big``).
+        ProtocolError: blank or not valid Unicode (``invalid``), or longer
+            than the limit (``too_big``).
     """
     if not prompt.strip():
         raise ProtocolError("prompt must not be empty")
+    try:
+        prompt.encode()
+    except UnicodeEncodeError:  # JSON can carry a lone "\\ud83d" that no frame could encode
+        raise ProtocolError("prompt is not valid Unicode (it holds half of a surrogate pair)") from None
     if len(prompt) > max_prompt_chars:
         raise ProtocolError(
             f"prompt of {len(prompt)} characters exceeds the limit of {max_prompt_chars}",
@@ -237,25 +243,40 @@ def decode_server_frame(data: str | bytes) -> ServerFrame:
 
 
 # The original design's client sends {"action": "pause"|"resume"} and
-# {"type": "ping"}; anything else is ignored (it expects no JSON back).
-CompatAction = Literal["pause", "resume"]
+# {"type": "ping"} (its heartbeat); anything else is ignored (it expects no JSON back).
+CompatAction = Literal["pause", "resume", "ping"]
 
 
 class _CompatFrame(msgspec.Struct):
     action: str | None = None
+    type: str | None = None
 
 
 _compat_decoder = msgspec.json.Decoder(_CompatFrame)
 
 
 def decode_compat_frame(data: str | bytes) -> CompatAction | None:
-    """Return the action of an original-design client frame, or None to ignore it."""
+    """Return the action of an original-design client frame (``ping`` for its
+    heartbeat), or None for anything else, which is ignored."""
     try:
-        action = _compat_decoder.decode(data).action
+        frame = _compat_decoder.decode(data)
     except msgspec.DecodeError:
         return None
-    if action == "pause":
+    if frame.action == "pause":
         return "pause"
-    if action == "resume":
+    if frame.action == "resume":
         return "resume"
+    if frame.type == "ping" and frame.action is None:
+        return "ping"
     return None
+
+
+def rate_limited(frame: ClientFrame | CompatAction | None) -> bool:
+    """Whether a client frame counts against the connection's frame rate limit.
+
+    Heartbeats and acks never do (PROTOCOL.md guarantee 6): a conforming
+    client may ack every frame of a long replay. They cost the server one
+    decode each, and a client that sends pings without reading the pongs is
+    closed as a slow reader (1013), not for abuse.
+    """
+    return not isinstance(frame, (Ping, Ack)) and frame != "ping"

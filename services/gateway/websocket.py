@@ -260,30 +260,47 @@ class Connection:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            if not self.bucket.take(time.monotonic()):
-                # Over the rate: refuse the frame; past a burst of refusals, close.
-                self.over_limit += 1
-                if self.over_limit > self.gateway.settings.limits.frame_burst:
-                    self.close_with = (CLOSE_1008_POLICY, "rate limit exceeded")
-                    return
-                if not self.compat:
-                    self.send(Error(code="rate_limited", message="too many frames; slow down"))
-                continue
-            self.over_limit = 0
             text = message.get("text")
-            if text is None:
-                if not self.compat:
-                    self.send(Error(code="invalid", message="binary frames are not supported; send JSON text"))
-                continue
             if self.compat:
-                await self._on_compat(text)
+                action = None if text is None else decode_compat_frame(text)
+                # The original client expects no answer to anything but pause and resume.
+                if not self._refused_by_rate(action) and action not in (None, "ping"):
+                    await self._on_compat(action)
             else:
-                await self._on_frame(text)
+                frame = self._decode(text)
+                if not self._refused_by_rate(frame):
+                    await self._on_frame(frame)
             if self.close_with is not None:
                 return
 
-    async def _on_compat(self, text: str) -> None:
-        action = decode_compat_frame(text)
+    def _refused_by_rate(self, frame: protocol.ClientFrame | protocol.CompatAction | ProtocolError | None) -> bool:
+        """Spend the frame's share of the rate limit; True if it must be refused.
+
+        ``ping`` and ``ack`` are free (guarantee 6). Past a burst of refusals
+        the connection is closed with 1008: only abuse gets there.
+        """
+        if not protocol.rate_limited(None if isinstance(frame, ProtocolError) else frame):
+            return False
+        if self.bucket.take(time.monotonic()):
+            self.over_limit = 0
+            return False
+        self.over_limit += 1
+        if self.over_limit > self.gateway.settings.limits.frame_burst:
+            self.close_with = (CLOSE_1008_POLICY, "rate limit exceeded")
+        elif not self.compat:
+            self.send(Error(code="rate_limited", message="too many frames; slow down"))
+        return True
+
+    @staticmethod
+    def _decode(text: str | None) -> protocol.ClientFrame | ProtocolError:
+        if text is None:
+            return ProtocolError("binary frames are not supported; send JSON text")
+        try:
+            return decode_client_frame(text)
+        except ProtocolError as exc:
+            return exc
+
+    async def _on_compat(self, action: protocol.CompatAction) -> None:
         try:
             if action == "pause":
                 self.feed.submit(LocalPause(await self.gateway.pause(self.session)))
@@ -295,12 +312,13 @@ class Connection:
         except BrokerUnavailable:
             log.warning("control failed: store unavailable", extra={"session": self.session})
 
-    async def _on_frame(self, text: str) -> None:
+    async def _on_frame(self, frame: protocol.ClientFrame | ProtocolError) -> None:
         gateway = self.gateway
         chat_id: str | None = None  # echoed in an error answering a chat
         try:
-            frame = decode_client_frame(text)
             match frame:
+                case ProtocolError():
+                    raise frame
                 case Chat(prompt=prompt, id=chat_id):
                     result = await gateway.start_turn(
                         self.session, prompt, client_id=chat_id, user=self.principal.user

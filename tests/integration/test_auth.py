@@ -186,8 +186,8 @@ async def test_user_b_cannot_reach_user_a_session(auth_stack: Stack, clients: Cl
 async def test_rate_limit_then_1008(auth_stack: Stack, limited_port: int, clients: Clients) -> None:
     """Frames beyond the token bucket get error rate_limited, then the connection closes with 1008."""
     client = await ws_open(clients, new_session(), token(auth_stack, "hank"), port=limited_port)
-    for n in range(30):
-        await client.send({"type": "ping", "t": n})
+    for _ in range(30):
+        await client.send({"type": "resume"})  # each one a store call: a client hammering controls
     codes = []
     with pytest.raises(ConnectionClosed) as closed:
         async with asyncio.timeout(WAIT_S):
@@ -196,6 +196,19 @@ async def test_rate_limit_then_1008(auth_stack: Stack, limited_port: int, client
                 codes.append(frame.get("code"))
     assert "rate_limited" in codes
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+async def test_pings_and_acks_are_never_rate_limited(auth_stack: Stack, clients: Clients) -> None:
+    """Hundreds of pings and acks at once, far past the bucket (20/s, burst 40), get every pong and no error
+    (guarantee 6)."""
+    client = await ws_open(clients, new_session(), token(auth_stack, "hank2"))
+    for n in range(300):
+        await client.send({"type": "ping", "t": n})
+        await client.send({"type": "ack", "seq": 0})
+    pongs = [await client.recv() for _ in range(300)]
+    assert pongs == [{"type": "pong", "t": n} for n in range(300)]
+    await client.send({"type": "stop"})  # the bucket is still full for a real control
+    assert (await client.until("error"))["code"] == "invalid"
 
 
 async def test_connection_limits(auth_stack: Stack, limited_port: int, clients: Clients) -> None:

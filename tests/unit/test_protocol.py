@@ -102,8 +102,32 @@ def test_server_frames_round_trip_and_seq() -> None:
 
 @pytest.mark.parametrize(
     ("data", "action"),
-    [('{"action":"pause"}', "pause"), ('{"action":"resume"}', "resume"), ('{"type":"ping"}', None), ("junk", None), ('{"action":"fly"}', None)],
+    [('{"action":"pause"}', "pause"), ('{"action":"resume"}', "resume"), ('{"type":"ping"}', "ping"), ("junk", None), ('{"action":"fly"}', None)],
 )
 def test_compat_frames(data: str, action: str | None) -> None:
-    """The original client's frames map to pause/resume; the rest is ignored."""
+    """The original client's frames map to pause/resume and its heartbeat to ping; the rest is ignored."""
     assert decode_compat_frame(data) == action
+
+
+@pytest.mark.parametrize(
+    ("frame", "counts"),
+    [
+        (protocol.Ping(t=1), False),
+        (protocol.Ack(seq=5), False),
+        ("ping", False),
+        (protocol.Chat(prompt="hi"), True),
+        (protocol.Pause(), True),
+        ("pause", True),
+        (None, True),  # unreadable input costs the sender its rate
+    ],
+)
+def test_heartbeats_and_acks_are_never_rate_limited(frame: object, counts: bool) -> None:
+    """ping and ack never count against the frame rate limit (guarantee 6); everything else does."""
+    assert protocol.rate_limited(frame) is counts  # type: ignore[arg-type]
+
+
+def test_prompt_with_a_lone_surrogate_is_invalid() -> None:
+    """A prompt holding half a surrogate pair (valid JSON, invalid Unicode) is refused as invalid."""
+    with pytest.raises(ProtocolError, match="not valid Unicode") as error:
+        protocol.validate_prompt("hi \ud83d", max_prompt_chars=100)
+    assert error.value.code == "invalid"
