@@ -2,7 +2,9 @@
 
 - :class:`TurnRequest`: gateway -> JetStream ``CHAT_REQUESTS`` -> a worker.
 - A worker publishes to ``chat.gen.<session>`` (JetStream ``CHAT_GENERATED``)
-  the client-ready ``chunk`` frames and, last, one :class:`TurnEnd`.
+  the client-ready ``chunk`` frames and, last, one :class:`TurnEnd`; each
+  message is bounded (a chunk's text by the worker's chunk size), whatever
+  the answer's length.
 - :class:`Control`: pause/resume/stop on ``chat.session.<session>.ctl`` (core NATS).
 - :class:`ReplayRequest`: gateway -> a buffer, answered with stored frames.
 """
@@ -45,11 +47,15 @@ class TurnRequest(msgspec.Struct, frozen=True):
 
 
 class TurnEnd(msgspec.Struct, tag_field="type", tag="turn_end", frozen=True):
-    """The last message of a turn: its ``done`` frame and the text for history."""
+    """The last message of a turn: its ``done`` frame.
+
+    It carries neither the prompt nor the answer: no message on the pipeline
+    may grow with the answer (NATS refuses payloads over ``max_payload``, 1 MiB
+    by default). The buffer builds the history entry from the stored chunks
+    and the record's prompt.
+    """
 
     done: Done
-    prompt: str
-    answer: str
     user: str | None = None  # whose turn count to release
 
 

@@ -27,6 +27,7 @@ class SSEDecoder:
         self._buffer = b""
         self._max_line_bytes = max_line_bytes
         self._data: list[str] = []
+        self._data_chars = 0  # an event of many data lines is bounded like one line
         self._event = ""
         self._id: str | None = None
         self._retry: int | None = None
@@ -36,7 +37,7 @@ class SSEDecoder:
         """Return the events completed by ``chunk``.
 
         Raises:
-            ValueError: a single line exceeds ``max_line_bytes``.
+            ValueError: a single line, or one event's data, exceeds ``max_line_bytes``.
         """
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # the LF of a CRLF split across reads
@@ -69,6 +70,9 @@ class SSEDecoder:
         if value.startswith(" "):
             value = value[1:]
         if field == "data":
+            self._data_chars += len(value) + 1
+            if self._data_chars > self._max_line_bytes:
+                raise ValueError(f"event-stream event of over {self._max_line_bytes} characters of data")
             self._data.append(value)
         elif field == "event":
             self._event = value
@@ -86,6 +90,7 @@ class SSEDecoder:
             data="\n".join(self._data), event=self._event or "message", id=self._id, retry=self._retry
         )
         self._data = []
+        self._data_chars = 0
         self._event = ""
         self._retry = None
         return event

@@ -5,9 +5,12 @@ them in one slot and the scripts below stay atomic):
 
 - ``meta`` (hash): ``hwm`` highest stored seq, ``seq`` last seq of the last
   finished turn, ``turns`` turn counter, ``active``/``prompt`` the generating
-  turn, ``worker`` the worker that claimed it, ``cid``/``cdigest``/``cturn`` the
-  last client chat's id, prompt digest and turn, ``owner`` the user who owns it, ``stop`` a turn asked to stop, ``paused`` and ``pv`` (pause version),
-  ``ended`` last turn written to history, ``floor`` highest seq trimmed by the cap;
+  turn, ``worker`` the worker that claimed it (``-``: a reaper ended it
+  unclaimed), ``fail`` why that worker gave it up, ``cid``/``cdigest``/``cturn``
+  the last client chat's id, prompt digest and turn, ``owner`` the user who
+  owns it, ``stop`` a turn asked to stop, ``paused`` and ``pv`` (pause
+  version), ``ended`` last turn written to history, ``floor`` highest seq
+  trimmed by the cap;
 - ``log`` (sorted set): encoded ``chunk``/``done`` frames scored by seq;
 - ``history`` (list): finished turns as JSON, oldest first.
 
@@ -30,19 +33,32 @@ from .errors import BrokerUnavailable
 from .settings import BrokerSettings, RetentionSettings
 from .subjects import LEASES_KEY, history_key, log_key, session_key, user_turns_key
 
-__all__ = ["SessionMeta", "Claim", "Segment", "StartResult", "HistoryTurn", "SessionStore", "connect_redis"]
+__all__ = [
+    "SessionMeta",
+    "Claim",
+    "Renewal",
+    "Segment",
+    "SegmentEnd",
+    "StartResult",
+    "HistoryTurn",
+    "SessionStore",
+    "connect_redis",
+]
 
 # KEYS: meta, the user's turns set (meta again when anonymous), the leases.
 # ARGV: prompt, ttl, the client's chat id ('' if none), the prompt's digest,
 #       user ('' if anonymous), turns allowed per user, now, session,
 #       the time by which a worker must have claimed the turn.
-# A chat with the last accepted chat's id and prompt is a resend after a
-# reconnect: it gets its turn back. A reused id with another prompt is a new
-# chat (clients that number chats "c1" each time still get new turns).
+# A chat with the id and prompt of the turn still generating is a resend
+# after a reconnect: it gets that turn back (and its frames, which the
+# connection delivers from its cursor). Once the turn has ended, the same id
+# and prompt is a new chat: a client whose ids restart at "c1" on every page
+# load must not get an `accepted` that produces nothing.
 _START_TURN = """
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'cid') == ARGV[3]
-    and redis.call('HGET', KEYS[1], 'cdigest') == ARGV[4] then
-  return {2, tonumber(redis.call('HGET', KEYS[1], 'cturn')), 0}
+local cturn = redis.call('HGET', KEYS[1], 'cturn')
+if ARGV[3] ~= '' and cturn and redis.call('HGET', KEYS[1], 'active') == cturn
+    and redis.call('HGET', KEYS[1], 'cid') == ARGV[3] and redis.call('HGET', KEYS[1], 'cdigest') == ARGV[4] then
+  return {2, tonumber(cturn), tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')}
 end
 local active = redis.call('HGET', KEYS[1], 'active')
 if active then return {0, tonumber(active), 0} end
@@ -58,7 +74,7 @@ local turn = redis.call('HINCRBY', KEYS[1], 'turns', 1)
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1], 'cid', ARGV[3], 'cdigest', ARGV[4], 'cturn', turn,
   'tuser', ARGV[5])
-redis.call('HDEL', KEYS[1], 'stop', 'worker')
+redis.call('HDEL', KEYS[1], 'stop', 'worker', 'fail')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[9], ARGV[8])
 return {1, turn, seq}
@@ -93,12 +109,45 @@ return {1, stop and 1 or 0}
 
 # The claiming worker extends its lease; 0 means the turn is no longer its
 # (it ended, or a reaper ended it after the lease ran out): stop generating.
+# 2 means a stop was asked for: the worker obeys it even if it missed the
+# broadcast (core NATS drops messages while a connection is away).
 _RENEW_LEASE = """
 if redis.call('HGET', KEYS[1], 'active') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
   return 0
 end
 if not redis.call('ZSCORE', KEYS[2], ARGV[4]) then return 0 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+if redis.call('HGET', KEYS[1], 'stop') == ARGV[1] then return 2 end
+return 1
+"""
+
+# A reaper takes an expired lease by pushing its deadline to ARGV[3], not by
+# removing it: if the reaper dies or cannot publish the turn's done, the lease
+# expires again and another reaper retries. Only storing the done removes it.
+# A turn no worker claimed is marked so that no late claim starts it now.
+# KEYS: meta, leases. ARGV: session, now, retry deadline.
+_TAKE_EXPIRED_LEASE = """
+local deadline = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not deadline or tonumber(deadline) > tonumber(ARGV[2]) then return 0 end
+if not redis.call('HGET', KEYS[1], 'active') then
+  redis.call('ZREM', KEYS[2], ARGV[1])  -- the record is gone (expired or lost): nothing to end
+  return 0
+end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+if not redis.call('HGET', KEYS[1], 'worker') then redis.call('HSET', KEYS[1], 'worker', '-') end
+return 1
+"""
+
+# A worker that cannot finish its turn (it could not publish for minutes)
+# records why and lets its lease expire at once, so a reaper ends the turn
+# now, numbering its done after what the stream really holds.
+# KEYS: meta, leases. ARGV: turn, worker, session, message.
+_ABANDON_TURN = """
+if redis.call('HGET', KEYS[1], 'active') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'fail', ARGV[4])
+redis.call('ZADD', KEYS[2], 'XX', 0, ARGV[3])
 return 1
 """
 
@@ -117,7 +166,11 @@ return 0
 
 # KEYS: meta, log, history, the turn's user's turns set (meta when none), leases.
 # ARGV: ttl, cap, max_turns, n, seq1, frame1, ..., seqn, framen,
-#       [turn, done_seq, history_entry, session] when the batch ends a turn.
+#       [turn, done_seq, done_frame, reason, session, force] when the batch ends a turn.
+# Returns 1, or 0 when the turn's end must wait: some of its chunks are not
+# stored yet (another buffer holds them), and the history entry is built from
+# the stored chunks, so the done is stored, and the session freed, only once
+# they all are; ``force`` stores it anyway with what is there.
 _STORE_FRAMES = """
 local meta, log, hist = KEYS[1], KEYS[2], KEYS[3]
 local ttl, cap, max_turns, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -127,25 +180,49 @@ for i = 0, n - 1 do
   redis.call('ZADD', log, seq, ARGV[6 + 2 * i])
   if seq > hwm then hwm = seq end
 end
-redis.call('HSET', meta, 'hwm', hwm)
 local rest = 5 + 2 * n
+local stored = 1
 if ARGV[rest] then
   local turn, done_seq = tonumber(ARGV[rest]), tonumber(ARGV[rest + 1])
   if tonumber(redis.call('HGET', meta, 'ended') or '0') < turn then
-    redis.call('RPUSH', hist, ARGV[rest + 2])
-    redis.call('LTRIM', hist, -max_turns, -1)
-    redis.call('HSET', meta, 'ended', turn)
+    local base = tonumber(redis.call('HGET', meta, 'seq') or '0')
+    local low = math.max(base, tonumber(redis.call('HGET', meta, 'floor') or '0'))
+    local frames = redis.call('ZRANGEBYSCORE', log, '(' .. low, '(' .. done_seq)
+    if #frames < done_seq - 1 - low and ARGV[rest + 5] ~= '1' then
+      stored = 0
+    else
+      local parts = {}
+      for _, data in ipairs(frames) do
+        local ok, frame = pcall(cjson.decode, data)
+        if ok and type(frame) == 'table' and frame.type == 'chunk' and frame.turn == turn then
+          parts[#parts + 1] = frame.text
+        end
+      end
+      local prompt = ''
+      if tonumber(redis.call('HGET', meta, 'active') or '0') == turn then
+        prompt = redis.call('HGET', meta, 'prompt') or ''
+      end
+      redis.call('RPUSH', hist, cjson.encode({turn = turn, prompt = prompt, answer = table.concat(parts),
+        reason = ARGV[rest + 3], last_seq = done_seq}))
+      redis.call('LTRIM', hist, -max_turns, -1)
+      redis.call('HSET', meta, 'ended', turn)
+    end
   end
-  if tonumber(redis.call('HGET', meta, 'seq') or '0') < done_seq then
-    redis.call('HSET', meta, 'seq', done_seq)
+  if stored == 1 then
+    redis.call('ZADD', log, done_seq, ARGV[rest + 2])
+    if done_seq > hwm then hwm = done_seq end
+    if tonumber(redis.call('HGET', meta, 'seq') or '0') < done_seq then
+      redis.call('HSET', meta, 'seq', done_seq)
+    end
+    if tonumber(redis.call('HGET', meta, 'active') or '0') == turn then
+      redis.call('HDEL', meta, 'active', 'prompt', 'stop', 'worker', 'fail')
+    end
+    if KEYS[4] ~= meta then redis.call('ZREM', KEYS[4], ARGV[rest + 4]) end
+    redis.call('ZREM', KEYS[5], ARGV[rest + 4])
+    redis.call('EXPIRE', hist, ttl)
   end
-  if tonumber(redis.call('HGET', meta, 'active') or '0') == turn then
-    redis.call('HDEL', meta, 'active', 'prompt', 'stop', 'worker')
-  end
-  if KEYS[4] ~= meta then redis.call('ZREM', KEYS[4], ARGV[rest + 3]) end
-  redis.call('ZREM', KEYS[5], ARGV[rest + 3])
-  redis.call('EXPIRE', hist, ttl)
 end
+redis.call('HSET', meta, 'hwm', hwm)
 local size = redis.call('ZCARD', log)
 if size > cap then
   -- Remember the highest trimmed seq: replays below it report the loss,
@@ -159,7 +236,7 @@ if size > cap then
 end
 redis.call('EXPIRE', meta, ttl)
 redis.call('EXPIRE', log, ttl)
-return hwm
+return stored
 """
 
 _SET_PAUSED = """
@@ -174,12 +251,20 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {1, version}
 """
 
+# A turn no worker has claimed yet is ended by a reaper at once (its lease
+# expires now); a claimed one by its worker, which reads the flag when it
+# claims, hears the broadcast, and reads it again at every lease renewal.
+# KEYS: meta, leases. ARGV: session.
 _REQUEST_STOP = """
 local active = redis.call('HGET', KEYS[1], 'active')
 if not active then return 0 end
 redis.call('HSET', KEYS[1], 'stop', active)
+if not redis.call('HGET', KEYS[1], 'worker') then redis.call('ZADD', KEYS[2], 'XX', 0, ARGV[1]) end
 return tonumber(active)
 """
+
+
+_META_FIELDS = ["hwm", "paused", "pv", "active", "prompt", "stop", "seq", "worker", "tuser", "fail"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,21 +278,46 @@ class SessionMeta:
     base_seq: int = 0  # the last seq of the last finished turn
     worker: str | None = None  # the worker that claimed the active turn
     turn_user: str | None = None  # the user who started it
+    failure: str | None = None  # why its worker gave it up, for the done a reaper sends
+
+    @property
+    def claimed(self) -> bool:
+        """Whether a worker took the active turn (a reaper marks an unclaimed one ``-``)."""
+        return self.worker not in (None, "-")
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentEnd:
+    """The turn's ``done`` closing a segment: stored with the turn's history
+    entry, which the store builds from the turn's stored chunks."""
+
+    turn: int
+    seq: int
+    frame: bytes  # the encoded ``done`` frame
+    reason: str
+    user: str | None = None  # whose turn count is released
+    force: bool = False  # store it even if some of the turn's chunks are missing
 
 
 @dataclass(slots=True)
 class Segment:
-    """Frames of one session to store; ``turn_end`` is (turn, done seq, history
-    entry JSON) when the last frame is the turn's ``done``."""
+    """Frames of one session to store, in order; ``end`` when the segment ends a turn."""
 
     session: str
     frames: list[tuple[int, bytes]]
-    turn_end: tuple[int, int, bytes] | None = None
-    user: str | None = None  # the ended turn's user, whose turn count is released
+    end: SegmentEnd | None = None
     trace: str = ""  # the ended turn's trace id, for the log
 
 
 _CLAIM_STATUS = {1: "claimed", 0: "taken", -1: "inactive"}
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """``ours``: the lease was extended (else stop generating); ``stop_requested``: a stop is pending."""
+
+    ours: bool
+    stop_requested: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,8 +331,9 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class StartResult:
-    """``started`` a new turn; else ``duplicate`` (the chat id was already
-    accepted as ``turn``) or busy (``turn`` is still generating)."""
+    """``started`` a new turn; else ``duplicate`` (the same chat resent while
+    its ``turn`` still generates) or busy (``turn`` is still generating).
+    ``base_seq``: the turn's frames are numbered after it."""
 
     started: bool
     turn: int  # with too_many: how many turns the user has generating
@@ -232,11 +343,12 @@ class StartResult:
 
 
 class HistoryTurn(msgspec.Struct, frozen=True):
+    """One finished turn; ``last_seq`` is the seq of its ``done``."""
+
     turn: int
     prompt: str
     answer: str
     reason: str
-    first_seq: int = 0
     last_seq: int = 0
 
 
@@ -245,6 +357,26 @@ _history_decoder = msgspec.json.Decoder(HistoryTurn)
 
 def _int(value: Any) -> int | None:
     return None if value is None else int(value)
+
+
+def _str(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _parse_meta(raw: Sequence[Any]) -> SessionMeta:
+    hwm, paused, version, active, prompt, stop, base, worker, turn_user, failure = raw
+    return SessionMeta(
+        hwm=_int(hwm) or 0,
+        paused=paused == b"1",
+        pause_version=_int(version) or 0,
+        active_turn=_int(active),
+        active_prompt=_str(prompt),
+        stop_turn=_int(stop),
+        base_seq=_int(base) or 0,
+        worker=_str(worker),
+        turn_user=_str(turn_user) or None,
+        failure=_str(failure),
+    )
 
 
 def connect_redis(broker: BrokerSettings) -> aioredis.Redis:
@@ -276,6 +408,8 @@ class SessionStore:
         self._claim = redis.register_script(_CLAIM_TURN)
         self._owner = redis.register_script(_CHECK_OWNER)
         self._renew = redis.register_script(_RENEW_LEASE)
+        self._take = redis.register_script(_TAKE_EXPIRED_LEASE)
+        self._abandon = redis.register_script(_ABANDON_TURN)
         self._abort = redis.register_script(_ABORT_TURN)
         self._store = redis.register_script(_STORE_FRAMES)
         self._pause = redis.register_script(_SET_PAUSED)
@@ -292,23 +426,23 @@ class SessionStore:
 
     async def meta(self, session: str) -> SessionMeta:
         try:
-            raw = await self.redis.hmget(
-                session_key(session), ["hwm", "paused", "pv", "active", "prompt", "stop", "seq", "worker", "tuser"]
-            )
+            raw = await self.redis.hmget(session_key(session), _META_FIELDS)
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable("the session store is unavailable") from exc
-        hwm, paused, version, active, prompt, stop, base, worker, turn_user = raw
-        return SessionMeta(
-            hwm=_int(hwm) or 0,
-            paused=paused == b"1",
-            pause_version=_int(version) or 0,
-            active_turn=_int(active),
-            active_prompt=prompt.decode() if isinstance(prompt, bytes) else prompt,
-            stop_turn=_int(stop),
-            base_seq=_int(base) or 0,
-            worker=worker.decode() if isinstance(worker, bytes) else worker,
-            turn_user=(turn_user.decode() if isinstance(turn_user, bytes) else turn_user) or None,
-        )
+        return _parse_meta(raw)
+
+    async def transcript(self, session: str) -> tuple[list[HistoryTurn], SessionMeta]:
+        """The finished turns and the record, read in one transaction, so
+        ``meta.base_seq`` is exactly the ``done`` of the last turn listed
+        (or of one trimmed before it)."""
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.lrange(history_key(session), 0, -1)
+                pipe.hmget(session_key(session), _META_FIELDS)
+                rows, raw = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("the session store is unavailable") from exc
+        return [_history_decoder.decode(row) for row in rows], _parse_meta(raw)
 
     async def _run(self, script: Any, session: str, args: Sequence[Any]) -> Any:
         try:
@@ -328,9 +462,9 @@ class SessionStore:
         claim_within_s: float = 3600.0,
     ) -> StartResult:
         """Claim the session for a new turn unless one is generating, or
-        return the turn already started for the same chat (same client id
-        and prompt: a resend after a reconnect). A user with
-        ``max_turns_per_user`` turns generating gets ``too_many``."""
+        return the turn of the same chat (same client id and prompt: a
+        resend after a reconnect) while that turn still generates. A user
+        with ``max_turns_per_user`` turns generating gets ``too_many``."""
         digest = hashlib.blake2b(prompt.encode(), digest_size=16).hexdigest()
         keys = [session_key(session), self._user_key(session, user), LEASES_KEY]
         args: list[Any] = [
@@ -360,13 +494,20 @@ class SessionStore:
             raise BrokerUnavailable("the session store is unavailable") from exc
         return Claim(status=_CLAIM_STATUS[int(status)], stop_requested=bool(stop))
 
-    async def renew_lease(self, session: str, turn: int, worker: str, *, lease_until: float) -> bool:
-        """Extend the worker's lease on its turn; False if the turn is no longer its."""
+    async def renew_lease(self, session: str, turn: int, worker: str, *, lease_until: float) -> Renewal:
+        """Extend the worker's lease on its turn, and report a stop asked for meanwhile."""
         try:
             renewed = await self._renew(keys=[session_key(session), LEASES_KEY], args=[turn, worker, lease_until, session])
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable("the session store is unavailable") from exc
-        return bool(renewed)
+        return Renewal(ours=bool(renewed), stop_requested=int(renewed) == 2)
+
+    async def abandon_turn(self, session: str, turn: int, worker: str, *, reason: str) -> None:
+        """Give up a claimed turn: its lease expires now and a reaper ends it with ``reason``."""
+        try:
+            await self._abandon(keys=[session_key(session), LEASES_KEY], args=[turn, worker, session, reason])
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("the session store is unavailable") from exc
 
     async def expired_leases(self, now: float, *, limit: int = 100) -> list[str]:
         """Sessions whose turn lease ended before ``now``."""
@@ -376,12 +517,15 @@ class SessionStore:
             raise BrokerUnavailable("the session store is unavailable") from exc
         return [row.decode() if isinstance(row, bytes) else str(row) for row in rows]
 
-    async def take_expired_lease(self, session: str) -> bool:
-        """Remove an expired lease; True for the one caller that removed it (it ends the turn)."""
+    async def take_expired_lease(self, session: str, *, now: float, retry_at: float) -> bool:
+        """Take a lease that expired before ``now``; True for the one caller that
+        took it, which ends the turn. The lease stays, due again at ``retry_at``,
+        until the turn's ``done`` is stored: a reaper that fails is retried."""
         try:
-            return bool(await self.redis.zrem(LEASES_KEY, session))
+            taken = await self._take(keys=[session_key(session), LEASES_KEY], args=[session, now, retry_at])
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable("the session store is unavailable") from exc
+        return bool(taken)
 
     async def abort_turn(self, session: str, turn: int, *, user: str | None = None) -> None:
         """Release a turn that was never handed to a worker."""
@@ -400,17 +544,29 @@ class SessionStore:
         return bool(changed), int(version)
 
     async def request_stop(self, session: str) -> int | None:
-        """Mark the generating turn as stopped; return it, or None if idle."""
-        turn = await self._run(self._stop, session, [])
+        """Mark the generating turn as stopped; return it, or None if idle.
+
+        A turn no worker has claimed yet has its lease expire now, so a
+        reaper ends it with ``stopped`` without waiting for a worker.
+        """
+        try:
+            turn = await self._stop(keys=[session_key(session), LEASES_KEY], args=[session])
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("the session store is unavailable") from exc
         return int(turn) or None
 
-    async def store_segments(self, segments: Sequence[Segment]) -> None:
-        """Store frames of one or more sessions in one round trip.
+    async def store_segments(self, segments: Sequence[Segment]) -> list[bool]:
+        """Store frames of one or more sessions in one round trip; return, per
+        segment, whether all of it was stored.
 
         Frames are stored idempotently by seq, so a redelivered batch changes
-        nothing. A segment that ends a turn also writes the history entry,
-        records the turn's last seq and frees the session for the next turn,
-        atomically with storing its ``done`` frame.
+        nothing. A segment's ``end`` (the turn's ``done``) is stored only once
+        every chunk of its turn is: then, atomically, the history entry is
+        built from those chunks, the turn's last seq recorded, the session
+        freed for the next turn and the user's turn slot and the lease
+        released. If some are still on their way (another buffer holds them)
+        the segment's frames are stored but not its end, and False says to
+        offer the end again shortly.
         """
         calls = []
         for segment in segments:
@@ -422,26 +578,29 @@ class SessionStore:
             ]
             for seq, data in segment.frames:
                 args += (seq, data)
-            if segment.turn_end is not None:
-                args += (*segment.turn_end, segment.session)
-            keys = [*self._keys(segment.session), self._user_key(segment.session, segment.user), LEASES_KEY]
+            end = segment.end
+            if end is not None:
+                args += (end.turn, end.seq, end.frame, end.reason, segment.session, "1" if end.force else "0")
+            user = end.user if end is not None else None
+            keys = [*self._keys(segment.session), self._user_key(segment.session, user), LEASES_KEY]
             calls.append((len(keys), *keys, *args))
         try:
             try:
-                await self._evalsha_all(self._store.sha, calls)
+                results = await self._evalsha_all(self._store.sha, calls)
             except NoScriptError:  # Redis restarted or flushed its scripts: load, then redo (idempotent)
                 await self.redis.script_load(_STORE_FRAMES)
-                await self._evalsha_all(self._store.sha, calls)
+                results = await self._evalsha_all(self._store.sha, calls)
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable("the session store is unavailable") from exc
+        return [bool(result) for result in results]
 
-    async def _evalsha_all(self, sha: str, calls: list[tuple[Any, ...]]) -> None:
+    async def _evalsha_all(self, sha: str, calls: list[tuple[Any, ...]]) -> list[Any]:
         """EVALSHA each call in one pipeline. Not through the Script object:
         in a pipeline it first asks SCRIPT EXISTS, a second round trip per batch."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for call in calls:
                 pipe.evalsha(sha, *call)
-            await pipe.execute()
+            return list(await pipe.execute())
 
     async def read_frames(self, session: str, *, after: int, limit: int) -> tuple[list[tuple[int, bytes]], int, int]:
         """Return (frames with seq > after, lowest seq still deliverable, hwm), one round trip.

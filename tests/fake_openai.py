@@ -3,15 +3,22 @@
 Behaviour is chosen by a marker in the last user message:
 ``[500]`` HTTP 500 with an error body; ``[drop]`` a few tokens, then the
 connection is cut; ``[error-event]`` an error payload mid-stream; ``[long]``
-a slow endless stream (for stop); anything else a normal answer whose SSE
-events are split across writes, merged into one write, and interleaved with
-keep-alive comments.
+a slow endless stream (for stop); ``[text:N:REASON]`` N bytes of text in
+1,000-byte deltas, then ``finish_reason`` REASON (a model that runs away, as
+in OpenAI's ``length`` finish); ``[forever]`` text as fast as it is read,
+never finishing; ``[stall]`` a role chunk, then silence until the client
+leaves; ``[surrogates]`` an emoji cut into its two UTF-16 halves across two
+events (what proxies that cut by UTF-16 unit send), then lone halves;
+``[bad-delta]`` a ``delta`` that is a list, not an object; anything else a
+normal answer whose SSE events are split across writes, merged into one
+write, and interleaved with keep-alive comments.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -25,6 +32,7 @@ from starlette.routing import Route
 from devstack.servers import free_port
 
 ANSWER = ["Hello", " from", " the", " fake", " model", "."]
+TEXT_BLOCK = "".join(f"{n:04d} runs on. " for n in range(100))[:1000]  # 1,000 ASCII bytes
 
 
 def _event(payload: object) -> bytes:
@@ -39,12 +47,14 @@ class FakeOpenAI:
     def __init__(self) -> None:
         self.requests: list[dict] = []  # type: ignore[type-arg]
         self.disconnected = threading.Event()
+        self.requested = threading.Event()  # a completion request arrived
         self.authorization: list[str | None] = []
         self.app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
 
     async def completions(self, request: Request) -> Response:
         body = await request.json()
         self.requests.append(body)
+        self.requested.set()
         self.authorization.append(request.headers.get("authorization"))
         prompt = body["messages"][-1]["content"]
         if "[500]" in prompt:
@@ -52,6 +62,40 @@ class FakeOpenAI:
         return StreamingResponse(self._stream(prompt), media_type="text/event-stream")
 
     async def _stream(self, prompt: str) -> AsyncIterator[bytes]:
+        if sized := re.search(r"\[text:(\d+):(\w+)\]", prompt):
+            left = int(sized.group(1))
+            while left:
+                step = min(left, len(TEXT_BLOCK))
+                yield _delta(TEXT_BLOCK[:step])
+                left -= step
+            yield _event({"choices": [{"index": 0, "delta": {}, "finish_reason": sized.group(2)}]})
+            yield b"data: [DONE]\n\n"
+            return
+        if "[forever]" in prompt:
+            try:
+                while True:
+                    yield _delta(TEXT_BLOCK)
+                    await asyncio.sleep(0)  # let the server notice the client leaving
+            finally:
+                self.disconnected.set()
+        if "[stall]" in prompt:
+            try:
+                yield _event({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
+                await asyncio.Event().wait()
+            finally:
+                self.disconnected.set()
+        if "[surrogates]" in prompt:
+            # json.dumps escapes a lone surrogate as "\ud83d": valid JSON, half a character.
+            for piece in ["a\ud83d", "\ude00b", "\ud83d", "c", "\ude00", "d\ud83d"]:
+                yield _delta(piece)
+            yield _event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            yield b"data: [DONE]\n\n"
+            return
+        if "[bad-delta]" in prompt:
+            yield _delta("before")
+            yield _event({"choices": [{"index": 0, "delta": ["not", "an", "object"], "finish_reason": None}]})
+            yield b"data: [DONE]\n\n"
+            return
         if "[long]" in prompt:
             try:
                 for index in range(10_000):

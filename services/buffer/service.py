@@ -1,9 +1,11 @@
 """Store generated frames in Redis before anyone sees them, then publish them.
 
 The order of effects per batch is the whole argument (docs/architecture.md):
-1. store the batch in Redis (one pipeline, idempotent by seq);
-2. publish each frame on the session's delivery subject;
-3. ack the batch in JetStream.
+1. store the batch in Redis (one pipeline, idempotent by seq); a turn's
+   ``done`` is stored only once all of its turn's chunks are, with the history
+   entry built from them, else it is left for step 3 to offer again;
+2. publish each stored frame on the session's delivery subject;
+3. ack the batch in JetStream, but nak a ``done`` not stored (redelivered shortly).
 A crash between any two steps redelivers the batch, which re-stores nothing
 new and republishes frames the gateways drop by seq. A gateway never sees a
 frame that is not already in the log, so it can always fill a gap by replay.
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -35,7 +38,7 @@ from shared.messages import (
     decode_generated,
     decode_replay_request,
 )
-from shared.store import HistoryTurn, Segment, SessionStore
+from shared.store import Segment, SegmentEnd, SessionMeta, SessionStore
 from shared.subjects import (
     CONSUMER_BUFFERS,
     STREAM_GENERATED,
@@ -49,52 +52,86 @@ from shared.subjects import (
 from .metrics import BufferMetrics
 from .settings import Settings
 
-__all__ = ["Buffer", "segments_of"]
+__all__ = ["Buffer", "Generated", "segments_of"]
 
 log = logging.getLogger(__name__)
 
 GENERATED_PREFIX = generated_wildcard()[:-1]  # "chat.gen."
 RETRY_S = 0.5
+REAP_RETRY_S = 5.0  # a reaper that could not end a turn leaves its lease due again after this
+
+# A turn's end waits for chunks that another buffer still holds (stored out
+# of order); it is offered again after a delay growing with each try, and
+# stored with whatever is there once it has waited past every redelivery
+# (ack_wait is 30 s), so a session can never stay busy for good.
+END_RETRY_S = 0.05
+END_RETRY_MAX_S = 1.0
+FORCE_END_AFTER_DELIVERIES = 100
 
 
-def segments_of(msgs: Sequence[tuple[str, bytes, str]]) -> list[Segment]:
-    """Group (subject, payload, trace id) messages into per-session segments, in order.
+class Generated(NamedTuple):
+    """One message of the generated stream, as the batch handler sees it."""
+
+    subject: str
+    data: bytes
+    trace: str = ""
+    deliveries: int = 1  # how many times JetStream has delivered it
+
+
+def segments_of(msgs: Sequence[Generated]) -> list[tuple[Segment, int | None]]:
+    """Group messages into per-session segments, in order; with each, the index
+    in ``msgs`` of the turn end closing it (None if it ends no turn).
 
     A segment ends at a turn's end, so the next turn's frames in the same batch
     go into a new segment (the store script ends at most one turn per call).
     Malformed messages are logged and skipped.
     """
-    open_segments: dict[str, Segment] = {}
-    segments: list[Segment] = []
-    for subject, data, trace in msgs:
-        session = subject[len(GENERATED_PREFIX):]
+    open_segments: dict[str, int] = {}  # session -> its open segment's place in ``segments``
+    segments: list[tuple[Segment, int | None]] = []
+    for index, msg in enumerate(msgs):
+        session = msg.subject[len(GENERATED_PREFIX):]
         try:
             validate_session_id(session)
-            item = decode_generated(data)
+            item = decode_generated(msg.data)
         except (ProtocolError, msgspec.DecodeError):
-            log.error("skipping malformed frame", extra={"event": "bad_frame", "subject": subject})
+            log.error("skipping malformed frame", extra={"event": "bad_frame", "subject": msg.subject})
             continue
-        segment = open_segments.get(session)
-        if segment is None:
-            segment = open_segments[session] = Segment(session, [])
-            segments.append(segment)
+        place = open_segments.get(session)
+        if place is None:
+            place = open_segments[session] = len(segments)
+            segments.append((Segment(session, []), None))
+        segment = segments[place][0]
         if isinstance(item, TurnEnd):
             done = item.done
-            segment.frames.append((done.seq, protocol.encode(done)))
-            entry = HistoryTurn(
+            segment.end = SegmentEnd(
                 turn=done.turn,
-                prompt=item.prompt,
-                answer=item.answer,
+                seq=done.seq,
+                frame=protocol.encode(done),
                 reason=done.reason,
-                last_seq=done.seq,
+                user=item.user,
+                force=msg.deliveries > FORCE_END_AFTER_DELIVERIES,
             )
-            segment.turn_end = (done.turn, done.seq, msgspec.json.encode(entry))
-            segment.user = item.user
-            segment.trace = trace
+            segment.trace = msg.trace
+            segments[place] = (segment, index)
             del open_segments[session]
         else:
-            segment.frames.append((item.seq, data))  # already the client's frame
+            segment.frames.append((item.seq, msg.data))  # already the client's frame
     return segments
+
+
+def _generated(msg: Msg) -> Generated:
+    return Generated(msg.subject, msg.data, (msg.headers or {}).get(TRACE_HEADER, ""), msg.metadata.num_delivered or 1)
+
+
+def _reaped_end(meta: SessionMeta) -> tuple[str, str | None, str | None, str]:
+    """How a reaper ends the active turn: (reason, message, code, cause for the metric)."""
+    if meta.stop_turn is not None and meta.stop_turn == meta.active_turn:
+        return "stopped", None, None, "stopped"
+    if not meta.claimed:
+        return "error", "No model worker was free in time. Please try again.", "unavailable", "unclaimed"
+    if meta.failure:
+        return "error", meta.failure, None, "abandoned"
+    return "error", "The model worker stopped responding. Please send your message again.", None, "worker_lost"
 
 
 class Buffer:
@@ -137,24 +174,30 @@ class Buffer:
             await psub.unsubscribe()
 
     async def reap(self) -> None:
-        """End turns whose lease ran out: never claimed by a worker in time, or
-        claimed by one that stopped renewing (it died). Every buffer reaps; the
-        lease's removal decides which one ends a given turn."""
+        """End turns whose lease ran out: never claimed by a worker in time,
+        claimed by one that stopped renewing (it died), given up by their
+        worker, or stopped before any worker claimed them. Every buffer reaps;
+        taking the lease decides which one ends a given turn, and a reaper
+        that fails leaves the lease to expire again for another try."""
         while True:
             await asyncio.sleep(self.settings.reap_interval_s)
             try:
-                for session in await self.store.expired_leases(time.time()):
-                    if await self.store.take_expired_lease(session):
-                        await self.end_abandoned_turn(session)
+                now = time.time()
+                expired = await self.store.expired_leases(now)
             except BrokerUnavailable:
                 log.warning("reaper: redis unavailable", extra={"event": "reap_failed"})
-            except Exception:
-                log.exception("reaper failed", extra={"event": "reap_failed"})
+                continue
+            for session in expired:
+                try:
+                    if await self.store.take_expired_lease(session, now=now, retry_at=now + REAP_RETRY_S):
+                        await self.end_abandoned_turn(session)
+                except Exception as exc:  # Redis or NATS away: the lease comes due again
+                    log.warning("reaper: could not end the turn: %s", exc, extra={"session": session, "event": "reap_failed"})
 
     async def end_abandoned_turn(self, session: str) -> None:
-        """Publish the turn's done/error after the last frame its worker published."""
+        """Publish the turn's ``done`` right after the last frame its worker published."""
         meta = await self.store.meta(session)
-        if meta.active_turn is None or meta.active_prompt is None:
+        if meta.active_turn is None:
             return
         last = meta.hwm
         try:
@@ -164,49 +207,56 @@ class Buffer:
         except (NotFoundError, msgspec.DecodeError):
             newest = None
         if isinstance(newest, TurnEnd) and newest.done.turn == meta.active_turn:
-            return  # the worker did end it; the buffer is about to store that
+            return  # the turn's end is published; a buffer is about to store it
         if isinstance(newest, protocol.Chunk):
             last = max(last, newest.seq)
-        frames, _, _ = await self.store.read_frames(session, after=meta.base_seq, limit=100_000)
-        answer = "".join(
-            f.text for _, data in frames if isinstance(f := decode_generated(data), protocol.Chunk) and f.turn == meta.active_turn
-        )
-        if meta.worker is None:
-            message, code = "No model worker was free in time. Please try again.", "unavailable"
-        else:
-            message, code = "The model worker stopped responding. Please send your message again.", None
-        self.metrics.turns_reaped.labels("unclaimed" if meta.worker is None else "worker_lost").inc()
-        done = protocol.Done(seq=last + 1, turn=meta.active_turn, reason="error", message=message, code=code)  # type: ignore[arg-type]
-        end = TurnEnd(done=done, prompt=meta.active_prompt, answer=answer, user=meta.turn_user)
+        reason, message, code, cause = _reaped_end(meta)
+        self.metrics.turns_reaped.labels(cause).inc()
+        done = protocol.Done(seq=last + 1, turn=meta.active_turn, reason=reason, message=message, code=code)  # type: ignore[arg-type]
         headers = {"Nats-Msg-Id": f"{session}:{last + 1}"}
-        await self.js.publish(generated_subject(session), protocol.encode(end), headers=headers, timeout=5)
+        await self.js.publish(
+            generated_subject(session), protocol.encode(TurnEnd(done=done, user=meta.turn_user)), headers=headers, timeout=5
+        )
         log.warning(
             "ended an abandoned turn",
-            extra={"session": session, "turn": meta.active_turn, "event": "turn_reaped", "claimed": meta.worker is not None},
+            extra={"session": session, "turn": meta.active_turn, "event": "turn_reaped", "cause": cause},
         )
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
-        segments = segments_of([(m.subject, m.data, (m.headers or {}).get(TRACE_HEADER, "")) for m in msgs])
+        generated = [_generated(m) for m in msgs]
+        batch = segments_of(generated)
+        segments = [segment for segment, _ in batch]
         try:
             with self.metrics.store.time():
-                await self.store.store_segments(segments)
+                complete = await self.store.store_segments(segments)
         except BrokerUnavailable:
             log.warning("redis unavailable; batch will be redelivered", extra={"event": "store_failed"})
             for msg in msgs:
                 await msg.nak(delay=RETRY_S)
             return
-        for segment in segments:
+        waiting: set[int] = set()  # turn ends whose chunks are not all stored yet
+        published = 0
+        for (segment, end_index), stored in zip(batch, complete, strict=True):
             subject = delivery_subject(segment.session)
             for _, data in segment.frames:
                 await self.nc.publish(subject, data)
-        for msg in msgs:
-            await msg.ack()
-        self.metrics.batches.inc()
-        self.metrics.frames_stored.inc(sum(len(segment.frames) for segment in segments))
-        for segment in segments:
-            if segment.turn_end is not None:
-                extra = {"session": segment.session, "turn": segment.turn_end[0], "trace": segment.trace}
+            published += len(segment.frames)
+            if segment.end is None:
+                continue
+            if stored:
+                await self.nc.publish(subject, segment.end.frame)
+                published += 1
+                extra = {"session": segment.session, "turn": segment.end.turn, "trace": segment.trace}
                 log.info("turn stored", extra={**extra, "event": "turn_stored"})
+            elif end_index is not None:
+                waiting.add(end_index)
+        for index, msg in enumerate(msgs):
+            if index in waiting:
+                await msg.nak(delay=min(END_RETRY_MAX_S, END_RETRY_S * generated[index].deliveries))
+            else:
+                await msg.ack()
+        self.metrics.batches.inc()
+        self.metrics.frames_stored.inc(published)
 
     async def on_replay(self, msg: Msg) -> None:
         """Answer a gateway's replay request with frames after its cursor."""

@@ -161,7 +161,11 @@ class OpenAICompatible:
                 decoder = SSEDecoder()
                 finish_reason: str | None = None
                 async for raw in response.aiter_raw():
-                    for event in decoder.feed(raw):
+                    try:
+                        events = decoder.feed(raw)
+                    except ValueError:  # a line or event past the decoder's bound
+                        raise UpstreamError("The model API sent an event too large to read. Try again.") from None
+                    for event in events:
                         if event.data.strip() == "[DONE]":
                             yield Delta(finish_reason=finish_reason or "stop")
                             return

@@ -4,7 +4,22 @@ stream the model, publish numbered frames, obey ``stop``.
 Seq numbering: the gateway claimed the turn in Redis and passed the session's
 last seq (``base_seq``); only this worker produces frames for the session
 until the turn's ``done`` is stored, so numbering from ``base_seq + 1`` is
-gap-free (docs/architecture.md).
+gap-free (docs/architecture.md). A seq is used up only once JetStream has
+acknowledged its frame.
+
+The order of effects per turn is what makes every turn end (PROTOCOL.md
+guarantee 5):
+1. subscribe to the session's controls and flush, so the server holds the
+   subscription before the stop flag is read: a ``stop`` is either in the
+   record the claim reads or is heard as a broadcast;
+2. claim the turn in Redis (which reports a stop already asked for), then
+   ack the request;
+3. stream the model, publishing chunks; the lease keeper renews the lease
+   and rereads the stop flag every third of the lease;
+4. publish exactly one ``done``, whatever happened in 3: the model's reason,
+   ``length`` at the answer cap, ``stopped``, or ``error`` naming the cause.
+   If even that cannot be published, give the turn up: its lease expires at
+   once and a buffer's reaper ends it after what the stream really holds.
 """
 
 from __future__ import annotations
@@ -14,9 +29,11 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -32,6 +49,7 @@ from shared.subjects import (
     control_subject,
     generated_subject,
 )
+from shared.text import SurrogateJoiner, scrub, split_utf8, truncate_utf8
 
 from .metrics import WorkerMetrics
 from .providers import Delta, Message, Provider
@@ -44,19 +62,53 @@ log = logging.getLogger(__name__)
 PUBLISH_RETRY_S = 0.25
 PUBLISH_GIVE_UP_S = 120.0
 FETCH_MAX = 64  # turn requests taken per fetch, at most
+# A chunk's text is at most this many UTF-8 bytes: coalesced or huge model
+# deltas are split, so no frame nears NATS's max_payload (1 MiB by default)
+# or a client's frame limit.
+MAX_CHUNK_BYTES = 16 * 1024
+MAX_MESSAGE_CHARS = 500  # a done's error message
+
+
+class PublishFailed(BrokerUnavailable):
+    """JetStream did not take a frame for ``PUBLISH_GIVE_UP_S``: the turn is given up."""
 
 
 @dataclass
 class Turn:
-    """One generation in progress."""
+    """One claimed turn, from its claim to its ``done``."""
 
     request: TurnRequest
-    seq: int
-    parts: list[str] = field(default_factory=list)
-    stop_requested: bool = False
-    reaped: bool = False  # the lease ran out and a buffer ended the turn: publish nothing more
     trace: str = ""  # from the request's Chat-Trace header, carried on the turn's end
+    seq: int = field(init=False)  # the last seq JetStream acknowledged
+    answer_bytes: int = 0
+    chunks: int = 0
+    stop_requested: bool = False
+    reaped: bool = False  # the lease is no longer ours (a reaper ends the turn): publish nothing more
     started_at: float = 0.0  # monotonic, for the time to first token
+    producer: asyncio.Task[None] | None = None
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.seq = self.request.base_seq
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+        if self.producer is not None:
+            self.producer.cancel()  # closes the upstream HTTP request
+
+    def abandon(self) -> None:
+        self.reaped = True
+        if self.producer is not None:
+            self.producer.cancel()
+
+
+def failure_message(exc: BaseException) -> str:
+    """What a user reads in the ``done`` of a turn that failed with ``exc``."""
+    if isinstance(exc, UpstreamError):
+        return str(exc)
+    if isinstance(exc, BrokerUnavailable):
+        return "The session store was unavailable, so the answer could not go on. Please try again."
+    return f"The model worker failed unexpectedly ({type(exc).__name__}). Please try again."
 
 
 class Worker:
@@ -148,126 +200,191 @@ class Worker:
             log.error("dropping malformed request", extra={"event": "bad_request"})
             await msg.term()
             return
-        trace = (msg.headers or {}).get(TRACE_HEADER, "")
-        extra = {"session": request.session, "turn": request.turn, "trace": trace}
+        turn = Turn(request=request, trace=(msg.headers or {}).get(TRACE_HEADER, ""))
+        extra = {"session": request.session, "turn": request.turn, "trace": turn.trace}
+        sub = None
         try:
+            # Step 1: listen for stop before reading the flag (module docstring).
+            sub = await self.nc.subscribe(control_subject(request.session), cb=partial(self._on_control, turn))
+            await self.nc.flush(timeout=5)
             claim = await self.store.claim_turn(
                 request.session, request.turn, self.worker_id, lease_until=time.time() + self.settings.lease_s
             )
-        except BrokerUnavailable:
-            await msg.nak(delay=1.0)  # try again once Redis is back
+        except Exception as exc:  # NATS or Redis away: try again shortly
+            log.warning("could not claim the turn: %s", exc, extra=extra)
+            await msg.nak(delay=1.0)
+            await self._unsubscribe(sub)
             return
-        # Ack once claimed: a worker that dies mid-turn must not make another
-        # start the same turn over (issue 6 ends such a turn with done/error).
-        await msg.ack()
-        if claim.status != "claimed":
-            log.warning("request skipped: turn %s", claim.status, extra=extra)
-            return
-        await self.generate(request, stop_requested=claim.stop_requested, trace=trace)
-
-    async def generate(self, request: TurnRequest, *, stop_requested: bool = False, trace: str = "") -> None:
-        """Run one claimed turn to its ``done``, whatever happens upstream."""
-        turn = Turn(request=request, seq=request.base_seq, trace=trace)
-        extra = {"session": request.session, "turn": request.turn, "trace": trace}
-        waited = time.time() - request.enqueued_at
-        if waited > self.settings.queue_timeout_s:
-            await self._end(turn, "error", "No model worker was free in time. Please try again.")
-            return
-        if stop_requested:
-            await self._end(turn, "stopped")
-            return
-
-        # Unbounded: the model paces the producer, and one answer is bounded
-        # by the model's length limit. None marks the producer's end.
-        deltas: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
-        producer = asyncio.create_task(self._produce(await self._messages(request), deltas))
-        producer.add_done_callback(lambda _: deltas.put_nowait(None))
-
-        async def on_control(msg: Msg) -> None:
-            try:
-                control = decode_control(msg.data)
-            except Exception:
+        try:
+            # Ack once claimed: a worker that dies mid-turn must not make another
+            # start the same turn over (its lease runs out; a reaper ends it).
+            await msg.ack()
+            if claim.status != "claimed":
+                log.warning("request skipped: turn %s", claim.status, extra=extra)
                 return
-            if control.action == "stop" and control.turn in (None, request.turn):
-                turn.stop_requested = True
-                producer.cancel()  # closes the upstream HTTP request
+            turn.stop_requested = turn.stop_requested or claim.stop_requested
+            await self.generate(turn)
+        finally:
+            await self._unsubscribe(sub)
 
-        sub = await self.nc.subscribe(control_subject(request.session), cb=on_control)
-        keeper = asyncio.create_task(self._keep_lease(turn, producer))
-        self.metrics.turns_started.inc()
-        self.metrics.queue_wait.observe(max(0.0, waited))
-        self.metrics.active_turns.inc()
-        turn.started_at = time.monotonic()
-        log.info("turn started", extra={**extra, "event": "turn_started", "queued_s": round(waited, 3)})
+    @staticmethod
+    async def _unsubscribe(sub: Subscription | None) -> None:
+        if sub is None:
+            return
+        try:
+            await sub.unsubscribe()
+        except Exception:  # the connection is closed or reconnecting: nothing to undo
+            pass
+
+    async def _on_control(self, turn: Turn, msg: Msg) -> None:
+        try:
+            control = decode_control(msg.data)
+        except Exception:
+            return
+        if control.action == "stop" and control.turn in (None, turn.request.turn):
+            turn.request_stop()
+
+    async def generate(self, turn: Turn) -> None:
+        """Run one claimed turn to exactly one ``done``, whatever happens."""
+        request = turn.request
+        extra = {"session": request.session, "turn": request.turn, "trace": turn.trace}
+        keeper = asyncio.create_task(self._keep_lease(turn))
         cancelled = False
         try:
-            reason, message = await self._relay(turn, deltas)
+            reason, message = await self._answer(turn)
         except asyncio.CancelledError:
             # The worker is shutting down: end the turn cleanly rather than leave it open.
             cancelled = True
             reason, message = "error", "The model worker restarted before the answer finished. Please send it again."
+        except PublishFailed:
+            reason, message = "", None  # nothing more can be published: a reaper ends it
+        except Exception as exc:
+            log.error("turn failed", exc_info=exc, extra={**extra, "event": "turn_failed"})
+            reason, message = "error", failure_message(exc)
         finally:
-            producer.cancel()
+            # The lease keeper must not outlive the turn: a renewal after the
+            # turn's end would misreport it as lost (and a Redis call may
+            # swallow the cancellation, redis/redis-py#2028, #2551).
+            turn.finished.set()
             keeper.cancel()
-            self.metrics.active_turns.dec()
-            await sub.unsubscribe()
+            if turn.producer is not None:
+                turn.producer.cancel()
         if not turn.reaped:
-            await self._end(turn, reason, message)
+            if reason:
+                await self._end(turn, reason, message)
+            else:
+                await self._abandon(turn)
         if cancelled:
             raise asyncio.CancelledError
 
-    async def _keep_lease(self, turn: Turn, producer: asyncio.Task[None]) -> None:
-        """Renew the turn's lease every third of it; if the turn is no longer ours, stop."""
+    async def _answer(self, turn: Turn) -> tuple[str, str | None]:
+        """Stream the model into chunks; return the turn's (reason, message)."""
+        request = turn.request
+        waited = time.time() - request.enqueued_at
+        if waited > self.settings.queue_timeout_s:
+            return "error", "No model worker was free in time. Please try again."
+        if turn.stop_requested:
+            return "stopped", None
+        messages = await self._messages(request)
+        if turn.stop_requested:
+            return "stopped", None
+        # Unbounded: the model paces the producer, and the answer cap bounds
+        # what one turn takes. None marks the producer's end.
+        deltas: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
+        turn.producer = asyncio.create_task(self._produce(messages, deltas))
+        turn.producer.add_done_callback(lambda _: deltas.put_nowait(None))
+        self.metrics.turns_started.inc()
+        self.metrics.queue_wait.observe(max(0.0, waited))
+        self.metrics.active_turns.inc()
+        turn.started_at = time.monotonic()
+        log.info(
+            "turn started",
+            extra={"session": request.session, "turn": request.turn, "trace": turn.trace,
+                   "event": "turn_started", "queued_s": round(waited, 3)},
+        )
+        try:
+            return await self._relay(turn, deltas)
+        finally:
+            self.metrics.active_turns.dec()
+
+    async def _keep_lease(self, turn: Turn) -> None:
+        """Renew the turn's lease every third of it until the turn finishes;
+        obey a stop read from the record; if the turn is no longer ours, stop."""
         request = turn.request
         while True:
-            await asyncio.sleep(self.settings.lease_s / 3)
             try:
-                ours = await self.store.renew_lease(
+                await asyncio.wait_for(turn.finished.wait(), self.settings.lease_s / 3)
+                return
+            except TimeoutError:
+                pass
+            try:
+                renewal = await self.store.renew_lease(
                     request.session, request.turn, self.worker_id, lease_until=time.time() + self.settings.lease_s
                 )
             except BrokerUnavailable:
                 continue  # Redis is away: keep generating, try again
-            if not ours:
+            if turn.finished.is_set():
+                return  # ended meanwhile: the record may already say so
+            if not renewal.ours:
                 log.warning("lease lost; abandoning the turn", extra={"session": request.session, "turn": request.turn})
-                turn.reaped = True
-                producer.cancel()
+                turn.abandon()
                 return
+            if renewal.stop_requested and not turn.stop_requested:
+                turn.request_stop()  # the broadcast was missed (a NATS reconnect)
 
     async def _relay(self, turn: Turn, deltas: asyncio.Queue[Delta | BaseException | None]) -> tuple[str, str | None]:
         """Publish deltas as chunks until the stream ends; return (reason, message)."""
+        joiner = SurrogateJoiner()  # halves of a character split across deltas
         while True:
             item = await deltas.get()
             texts: list[str] = []
             # Coalesce what is already queued into one chunk; never wait to
             # batch, so an idle stream sends each token at once.
-            while isinstance(item, Delta) and item.finish_reason is None:
-                texts.append(item.text)
-                if deltas.empty():
+            while isinstance(item, Delta):
+                texts.append(joiner.feed(item.text))
+                if item.finish_reason is not None or deltas.empty():
                     break
                 item = deltas.get_nowait()
-            if texts and "".join(texts):
-                await self._publish_chunk(turn, "".join(texts))
+            ended = not isinstance(item, Delta) or item.finish_reason is not None
+            if ended:
+                texts.append(joiner.flush())
+            if turn.reaped:
+                return "error", None  # never published: the reaper's done stands
+            if not await self._publish_text(turn, "".join(texts)):
+                return "length", None  # the answer cap (CHAT_MAX_ANSWER_BYTES)
+            if not ended:
+                continue
             if isinstance(item, Delta):
-                if item.finish_reason is None:
-                    continue
+                assert item.finish_reason is not None
                 return item.finish_reason, None
-            if isinstance(item, UpstreamError):
-                return "error", str(item)
             if isinstance(item, BaseException):
-                log.error("provider failed", exc_info=item, extra={"session": turn.request.session})
-                return "error", "The model failed unexpectedly. Please try again."
+                if not isinstance(item, UpstreamError):
+                    log.error("provider failed", exc_info=item, extra={"session": turn.request.session})
+                return "error", failure_message(item)
             if turn.stop_requested:
                 return "stopped", None
             return "error", "The model stopped without finishing. Please try again."
 
+    async def _publish_text(self, turn: Turn, text: str) -> bool:
+        """Publish ``text`` as chunks of at most ``MAX_CHUNK_BYTES``; False once
+        the answer has reached the cap (what fits is published)."""
+        if not text:
+            return True
+        size = len(text) if text.isascii() else len(text.encode())
+        room = self.settings.max_answer_bytes - turn.answer_bytes
+        capped = size > room
+        if capped:
+            text = truncate_utf8(text, room)
+            size = len(text.encode())
+        for piece in split_utf8(text, MAX_CHUNK_BYTES):
+            await self._publish_chunk(turn, piece)
+        turn.answer_bytes += size
+        return not capped
+
     async def _messages(self, request: TurnRequest) -> list[Message]:
         messages: list[Message] = []
         if self.settings.context_turns:
-            try:
-                history = await self.store.history(request.session, last=self.settings.context_turns)
-            except BrokerUnavailable:
-                history = []
-            for entry in history:
+            for entry in await self.store.history(request.session, last=self.settings.context_turns):
                 messages.append(Message("user", entry.prompt))
                 if entry.answer:
                     messages.append(Message("assistant", entry.answer))
@@ -284,20 +401,26 @@ class Worker:
             out.put_nowait(exc)
 
     async def _publish_chunk(self, turn: Turn, text: str) -> None:
-        if not turn.parts:
+        if not turn.chunks:
             self.metrics.first_token.observe(time.monotonic() - turn.started_at)
+        frame = protocol.Chunk(seq=turn.seq + 1, turn=turn.request.turn, text=text)
+        await self._publish(turn, frame.seq, protocol.encode(frame))
+        turn.seq = frame.seq
+        turn.chunks += 1
         self.metrics.chunks.inc()
-        turn.seq += 1
-        turn.parts.append(text)
-        frame = protocol.Chunk(seq=turn.seq, turn=turn.request.turn, text=text)
-        await self._publish(turn, protocol.encode(frame))
 
     async def _end(self, turn: Turn, reason: str, message: str | None = None) -> None:
+        """Publish the turn's one ``done``; if it cannot be published, give the turn up."""
         request = turn.request
-        turn.seq += 1
-        done = protocol.Done(seq=turn.seq, turn=request.turn, reason=reason, message=message)  # type: ignore[arg-type]
-        end = TurnEnd(done=done, prompt=request.prompt, answer="".join(turn.parts), user=request.user)
-        await self._publish(turn, protocol.encode(end), with_trace=True)
+        if message is not None:
+            message = scrub(message)[:MAX_MESSAGE_CHARS]
+        done = protocol.Done(seq=turn.seq + 1, turn=request.turn, reason=reason, message=message)  # type: ignore[arg-type]
+        try:
+            await self._publish(turn, done.seq, protocol.encode(TurnEnd(done=done, user=request.user)), with_trace=True)
+        except PublishFailed:
+            await self._abandon(turn)
+            return
+        turn.seq = done.seq
         self.metrics.turns_finished.labels(reason).inc()
         log.info(
             "turn finished",
@@ -307,14 +430,27 @@ class Worker:
             },
         )
 
-    async def _publish(self, turn: Turn, payload: bytes, *, with_trace: bool = False) -> None:
-        """Publish to JetStream until stored; the message id makes retries idempotent.
+    async def _abandon(self, turn: Turn) -> None:
+        """Hand the turn to a reaper: JetStream would not take its frames."""
+        request = turn.request
+        message = "The message broker was unreachable, so the answer could not be delivered. Please try again."
+        log.error("giving up the turn", extra={"session": request.session, "turn": request.turn, "event": "turn_abandoned"})
+        try:
+            await self.store.abandon_turn(request.session, request.turn, self.worker_id, reason=message)
+        except BrokerUnavailable:
+            pass  # the lease is no longer renewed: it runs out and a reaper ends the turn anyway
+
+    async def _publish(self, turn: Turn, seq: int, payload: bytes, *, with_trace: bool = False) -> None:
+        """Publish frame ``seq`` to JetStream until stored; the message id makes retries idempotent.
 
         Only the turn's end carries the trace id: the buffer logs it there, and
         a header on every chunk is bytes nats-server and the buffer parse for nothing.
+
+        Raises:
+            PublishFailed: not stored within ``PUBLISH_GIVE_UP_S``.
         """
         subject = generated_subject(turn.request.session)
-        headers = {"Nats-Msg-Id": f"{turn.request.session}:{turn.seq}"}
+        headers = {"Nats-Msg-Id": f"{turn.request.session}:{seq}"}
         if with_trace:
             headers[TRACE_HEADER] = turn.trace
         deadline = time.monotonic() + PUBLISH_GIVE_UP_S
@@ -325,8 +461,6 @@ class Worker:
                 return
             except Exception as exc:  # timeouts, no responders, reconnecting
                 if time.monotonic() > deadline:
-                    raise BrokerUnavailable(f"could not publish frame {turn.seq}") from exc
+                    raise PublishFailed(f"could not publish frame {seq}") from exc
                 log.warning("publish failed, retrying: %s", exc, extra={"event": "publish_retry"})
                 await asyncio.sleep(PUBLISH_RETRY_S)
-
-

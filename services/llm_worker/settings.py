@@ -43,6 +43,7 @@ class Settings:
     context_turns: int = 20
     queue_timeout_s: float = 30.0
     lease_s: float = 10.0  # a turn whose worker stops renewing for this long is ended by a buffer
+    max_answer_bytes: int = 2 * 1024 * 1024  # a longer answer ends with done reason "length"
     drain_timeout_s: float = 20.0
     health: HealthSettings = field(default_factory=HealthSettings)
     log_level: str = "INFO"
@@ -68,6 +69,7 @@ class Settings:
             context_turns=env_int(environ, "CHAT_CONTEXT_TURNS", 20, minimum=0),
             queue_timeout_s=env_float(environ, "CHAT_QUEUE_TIMEOUT_S", 30.0, minimum=0.1),
             lease_s=env_float(environ, "CHAT_LEASE_S", 10.0, minimum=0.3),
+            max_answer_bytes=env_int(environ, "CHAT_MAX_ANSWER_BYTES", cls.max_answer_bytes, minimum=1),
             drain_timeout_s=env_float(environ, "CHAT_DRAIN_TIMEOUT_S", 20.0, minimum=0.0),
             health=HealthSettings.from_env(environ),
             log_level=env_log_level(environ),

@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-import msgspec
 import pytest
 import redis.asyncio as aioredis
 
 from devstack.servers import Server
+from shared.protocol import Chunk, Done, encode
 from shared.settings import RetentionSettings
-from shared.store import HistoryTurn, Segment, SessionStore
-from shared.subjects import log_key, session_key
+from shared.store import Segment, SegmentEnd, SessionStore
+from shared.subjects import LEASES_KEY, log_key, session_key
 from tests.stack import new_session
 
 
@@ -25,8 +25,12 @@ async def store(redis_server: Server) -> AsyncIterator[SessionStore]:
         await client.aclose()
 
 
-def entry(turn: int, last_seq: int) -> bytes:
-    return msgspec.json.encode(HistoryTurn(turn=turn, prompt="p", answer=f"a{turn}", reason="stop", last_seq=last_seq))
+def chunk(seq: int, turn: int = 1, text: str | None = None) -> tuple[int, bytes]:
+    return seq, encode(Chunk(seq=seq, turn=turn, text=f"w{seq}" if text is None else text))
+
+
+def end(seq: int, turn: int = 1, *, force: bool = False) -> SegmentEnd:
+    return SegmentEnd(turn=turn, seq=seq, frame=encode(Done(seq=seq, turn=turn, reason="stop")), reason="stop", force=force)
 
 
 async def test_one_turn_at_a_time_and_contiguous_seq(store: SessionStore) -> None:
@@ -36,7 +40,7 @@ async def test_one_turn_at_a_time_and_contiguous_seq(store: SessionStore) -> Non
     assert (first.started, first.turn, first.base_seq) == (True, 1, 0)
     busy = await store.start_turn(session, "p2")
     assert (busy.started, busy.turn) == (False, 1)
-    await store.store_segments([Segment(session, [(1, b"c1"), (2, b"d2")], turn_end=(1, 2, entry(1, 2)))])
+    assert await store.store_segments([Segment(session, [chunk(1)], end=end(2))]) == [True]
     second = await store.start_turn(session, "p2")
     assert (second.started, second.turn, second.base_seq) == (True, 2, 2)
 
@@ -64,12 +68,46 @@ async def test_redelivered_batch_changes_nothing(store: SessionStore) -> None:
     """Storing the same frames and turn end twice keeps one copy and one history entry."""
     session = new_session()
     await store.start_turn(session, "p")
-    segment = Segment(session, [(1, b"c1"), (2, b"d2")], turn_end=(1, 2, entry(1, 2)))
-    await store.store_segments([segment])
-    await store.store_segments([segment])
+    segment = Segment(session, [chunk(1)], end=end(2))
+    assert await store.store_segments([segment]) == [True]
+    assert await store.store_segments([segment]) == [True]
     frames, first, hwm = await store.read_frames(session, after=0, limit=10)
-    assert frames == [(1, b"c1"), (2, b"d2")] and first == 1 and hwm == 2
+    assert frames == [chunk(1), (2, end(2).frame)] and first == 1 and hwm == 2
     assert [t.turn for t in await store.history(session)] == [1]
+
+
+async def test_history_is_built_from_the_stored_chunks(store: SessionStore) -> None:
+    """The turn's end carries no text: its history entry is the prompt and its stored chunks, in seq order."""
+    session = new_session()
+    await store.start_turn(session, "what is \"json\"?")
+    frames = [chunk(1, text="a \"q\" / "), chunk(2, text="\U0001f600\n"), chunk(3, text="é\u0000")]
+    await store.store_segments([Segment(session, [frames[2], frames[0]])])
+    assert await store.store_segments([Segment(session, [frames[1]], end=end(4))]) == [True]
+    [turn] = await store.history(session)
+    assert (turn.turn, turn.prompt, turn.answer, turn.reason, turn.last_seq) == (
+        1, 'what is "json"?', 'a "q" / \U0001f600\né\u0000', "stop", 4,
+    )
+
+
+async def test_turn_end_waits_for_chunks_stored_elsewhere(store: SessionStore) -> None:
+    """A done whose turn still misses chunks (another buffer holds them) is not stored, and the session
+    stays busy, until they are; forced, it is stored with what is there."""
+    session = new_session()
+    await store.start_turn(session, "p")
+    assert await store.store_segments([Segment(session, [chunk(3)], end=end(4))]) == [False]
+    frames, _, hwm = await store.read_frames(session, after=0, limit=10)
+    assert frames == [chunk(3)] and hwm == 3  # the chunk is stored, the done is not
+    assert (await store.meta(session)).active_turn == 1 and await store.history(session) == []
+    await store.store_segments([Segment(session, [chunk(1), chunk(2)])])
+    assert await store.store_segments([Segment(session, [], end=end(4))]) == [True]
+    assert (await store.history(session))[0].answer == "w1w2w3"
+    assert (await store.meta(session)).active_turn is None
+
+    other = new_session()
+    await store.start_turn(other, "p")
+    assert await store.store_segments([Segment(other, [chunk(2)], end=end(3, force=True))]) == [True]
+    assert (await store.history(other))[0].answer == "w2"
+    assert (await store.start_turn(other, "next")).started
 
 
 async def test_storing_survives_a_script_flush(store: SessionStore) -> None:
@@ -100,8 +138,9 @@ async def test_caps_and_ttl(store: SessionStore) -> None:
     await store.store_segments([Segment(session, [(seq, f"c{seq}".encode()) for seq in range(1, 9)])])
     frames, first, hwm = await store.read_frames(session, after=0, limit=100)
     assert [seq for seq, _ in frames] == [4, 5, 6, 7, 8] and first == 4 and hwm == 8
+    await store.redis.hset(session_key(session), "seq", 8)  # those frames were an earlier turn's
     for turn in (1, 2, 3):
-        await store.store_segments([Segment(session, [(8 + turn, b"d")], turn_end=(turn, 8 + turn, entry(turn, 8 + turn)))])
+        assert await store.store_segments([Segment(session, [], end=end(8 + turn, turn))]) == [True]
     assert [t.turn for t in await store.history(session)] == [2, 3]
     for key in (session_key(session), log_key(session)):
         assert 0 < await store.redis.ttl(key) <= 600
@@ -129,20 +168,20 @@ async def test_abort_releases_only_its_turn(store: SessionStore) -> None:
     assert (await store.start_turn(session, "q")).turn == 2
 
 
-async def test_resent_chat_id_gets_its_turn_back(store: SessionStore) -> None:
-    """A chat resent with the last accepted id returns that turn, even after it ended."""
+async def test_resent_chat_id_gets_its_turn_back_while_it_generates(store: SessionStore) -> None:
+    """A chat resent with the generating turn's id and prompt returns that turn; once the turn has
+    ended, the same id and prompt start a new turn (never an accepted that produces nothing)."""
     session = new_session()
     first = await store.start_turn(session, "p", client_id="c1")
     assert first.started and first.turn == 1
     again = await store.start_turn(session, "p", client_id="c1")
-    assert (again.started, again.duplicate, again.turn) == (False, True, 1)
-    await store.store_segments([Segment(session, [(1, b"d1")], turn_end=(1, 1, entry(1, 1)))])
-    assert (await store.start_turn(session, "p", client_id="c1")).duplicate
-    reused = await store.start_turn(session, "a different prompt", client_id="c1")
-    assert reused.started and reused.turn == 2  # same id, new prompt: a new chat
-    await store.store_segments([Segment(session, [(2, b"d2")], turn_end=(2, 2, entry(2, 2)))])
-    other = await store.start_turn(session, "q", client_id="c2")
-    assert other.started and other.turn == 3
+    assert (again.started, again.duplicate, again.turn, again.base_seq) == (False, True, 1, 0)
+    assert not (await store.start_turn(session, "other", client_id="c1")).started  # busy
+    await store.store_segments([Segment(session, [chunk(1)], end=end(2))])
+    reused = await store.start_turn(session, "p", client_id="c1")
+    assert (reused.started, reused.duplicate, reused.turn, reused.base_seq) == (True, False, 2, 2)
+    resent = await store.start_turn(session, "p", client_id="c1")
+    assert (resent.duplicate, resent.turn, resent.base_seq) == (True, 2, 2)
     assert not (await store.start_turn(session, "r")).duplicate  # no id: busy, never a duplicate
 
 
@@ -163,15 +202,84 @@ async def test_leases_follow_the_turn(store: SessionStore) -> None:
     assert session in await store.expired_leases(now + 6)
     await store.claim_turn(session, 1, "w1", lease_until=now + 60)
     assert session not in await store.expired_leases(now + 6)
-    assert await store.renew_lease(session, 1, "w1", lease_until=now + 120)
-    assert not await store.renew_lease(session, 1, "w2", lease_until=now + 120)  # not its turn
-    await store.store_segments([Segment(session, [(1, b"d1")], turn_end=(1, 1, entry(1, 1)))])
+    assert (await store.renew_lease(session, 1, "w1", lease_until=now + 120)).ours
+    assert not (await store.renew_lease(session, 1, "w2", lease_until=now + 120)).ours  # not its turn
+    await store.store_segments([Segment(session, [], end=end(1))])
     assert session not in await store.expired_leases(now + 10_000)
-    assert not await store.renew_lease(session, 1, "w1", lease_until=now + 120)  # ended: stop
+    assert not (await store.renew_lease(session, 1, "w1", lease_until=now + 120)).ours  # ended: stop
 
 
-async def test_an_expired_lease_is_taken_once(store: SessionStore) -> None:
-    """Of several reapers, exactly one takes an expired lease."""
+async def test_renewal_reports_a_stop(store: SessionStore) -> None:
+    """A stop asked for after the claim reaches the worker at its next renewal, even without the broadcast."""
     session = new_session()
-    await store.start_turn(session, "p", now=time.time() - 100, claim_within_s=1)
-    assert [await store.take_expired_lease(session) for _ in range(3)] == [True, False, False]
+    await store.start_turn(session, "p")
+    await store.claim_turn(session, 1, "w", lease_until=time.time() + 60)
+    assert not (await store.renew_lease(session, 1, "w", lease_until=time.time() + 60)).stop_requested
+    await store.request_stop(session)
+    renewal = await store.renew_lease(session, 1, "w", lease_until=time.time() + 60)
+    assert renewal.ours and renewal.stop_requested
+
+
+async def test_an_expired_lease_is_taken_once_and_kept_until_the_done(store: SessionStore) -> None:
+    """Of several reapers exactly one takes an expired lease; it stays, due again at the retry time,
+    so a reaper that fails is followed by another; storing the done removes it."""
+    session = new_session()
+    now = time.time()
+    await store.start_turn(session, "p", now=now - 100, claim_within_s=1)
+    taken = [await store.take_expired_lease(session, now=now, retry_at=now + 5) for _ in range(3)]
+    assert taken == [True, False, False]
+    assert await store.redis.zscore(LEASES_KEY, session) == pytest.approx(now + 5)
+    meta = await store.meta(session)
+    assert meta.worker == "-" and not meta.claimed  # taken unclaimed: ...
+    assert (await store.claim_turn(session, 1, "late", lease_until=now + 60)).status == "taken"  # ... no late claim
+    assert await store.take_expired_lease(session, now=now + 6, retry_at=now + 11)  # the retry
+    await store.store_segments([Segment(session, [], end=end(1))])
+    assert await store.redis.zscore(LEASES_KEY, session) is None
+
+
+async def test_a_lease_without_a_turn_is_dropped(store: SessionStore) -> None:
+    """A lease whose session record is gone (expired, or Redis lost it) is removed, not retried forever."""
+    session = new_session()
+    await store.redis.zadd(LEASES_KEY, {session: 1})
+    assert not await store.take_expired_lease(session, now=time.time(), retry_at=time.time() + 5)
+    assert await store.redis.zscore(LEASES_KEY, session) is None
+
+
+async def test_stop_before_any_claim_expires_the_lease(store: SessionStore) -> None:
+    """Stopping a turn no worker has claimed makes its lease due now, so a reaper ends it at once;
+    a claimed turn's lease is left to its worker."""
+    session = new_session()
+    now = time.time()
+    await store.start_turn(session, "p", now=now, claim_within_s=600)
+    assert session not in await store.expired_leases(now)
+    assert await store.request_stop(session) == 1
+    assert session in await store.expired_leases(now)
+    claimed = new_session()
+    await store.start_turn(claimed, "p", now=now, claim_within_s=600)
+    await store.claim_turn(claimed, 1, "w", lease_until=now + 60)
+    await store.request_stop(claimed)
+    assert claimed not in await store.expired_leases(now)
+
+
+async def test_abandoned_turn_is_due_now_with_its_reason(store: SessionStore) -> None:
+    """A worker that gives up its turn makes the lease due now and leaves the reason for the reaper."""
+    session = new_session()
+    now = time.time()
+    await store.start_turn(session, "p", now=now)
+    await store.claim_turn(session, 1, "w", lease_until=now + 60)
+    await store.abandon_turn(session, 1, "other", reason="not yours")
+    assert session not in await store.expired_leases(now)
+    await store.abandon_turn(session, 1, "w", reason="broker down")
+    assert session in await store.expired_leases(now)
+    assert (await store.meta(session)).failure == "broker down"
+
+
+async def test_transcript_resume_point_excludes_the_generating_turn(store: SessionStore) -> None:
+    """The transcript's base seq is the last finished turn's done, not the chunks of the turn generating."""
+    session = new_session()
+    await store.start_turn(session, "p")
+    await store.store_segments([Segment(session, [chunk(1)], end=end(2))])
+    await store.start_turn(session, "q")
+    await store.store_segments([Segment(session, [chunk(3, turn=2), chunk(4, turn=2)])])
+    turns, meta = await store.transcript(session)
+    assert [t.last_seq for t in turns] == [2] and meta.base_seq == 2 and meta.hwm == 4

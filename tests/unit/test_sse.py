@@ -67,3 +67,13 @@ def test_encode_round_trip() -> None:
     data = encode_event('{"type":"chunk"}', event="chunk", id=3)
     assert data == b'id: 3\nevent: chunk\ndata: {"type":"chunk"}\n\n'
     assert SSEDecoder().feed(data) == [SSEEvent(data='{"type":"chunk"}', event="chunk", id="3")]
+
+
+def test_an_event_of_many_data_lines_is_bounded_like_one_line() -> None:
+    """Many short data lines that never end their event cannot grow memory past the bound."""
+    decoder = SSEDecoder(max_line_bytes=100)
+    assert decoder.feed(b"data: " + b"x" * 40 + b"\n" + b"data: " + b"y" * 40 + b"\n\n") == [
+        SSEEvent(data="x" * 40 + "\n" + "y" * 40)
+    ]
+    with pytest.raises(ValueError, match="over 100"):
+        decoder.feed((b"data: " + b"z" * 40 + b"\n") * 3)
