@@ -35,6 +35,7 @@ __all__ = [
     "Ack",
     "ClientFrame",
     "Ready",
+    "LastChat",
     "Accepted",
     "Chunk",
     "Done",
@@ -114,11 +115,21 @@ class _ServerFrame(msgspec.Struct, tag_field="type", omit_defaults=True, frozen=
     pass
 
 
+class LastChat(msgspec.Struct, frozen=True):
+    """The session's last accepted chat that had an id, and its turn."""
+
+    id: str
+    turn: int
+
+
 class Ready(_ServerFrame, tag="ready", frozen=True):
     session: str
     last_seq: int
     paused: bool
     exp: int | None = None
+    # Extension: lets a client that lost its connection right after a chat
+    # know it was accepted, instead of resending it once its turn has ended.
+    last_chat: LastChat | None = None
 
 
 class Accepted(_ServerFrame, tag="accepted", frozen=True):

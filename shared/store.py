@@ -264,7 +264,7 @@ return tonumber(active)
 """
 
 
-_META_FIELDS = ["hwm", "paused", "pv", "active", "prompt", "stop", "seq", "worker", "tuser", "fail"]
+_META_FIELDS = ["hwm", "paused", "pv", "active", "prompt", "stop", "seq", "worker", "tuser", "fail", "cid", "cturn"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +279,8 @@ class SessionMeta:
     worker: str | None = None  # the worker that claimed the active turn
     turn_user: str | None = None  # the user who started it
     failure: str | None = None  # why its worker gave it up, for the done a reaper sends
+    last_chat_id: str | None = None  # the last accepted chat that had an id ...
+    last_chat_turn: int | None = None  # ... and its turn
 
     @property
     def claimed(self) -> bool:
@@ -364,7 +366,7 @@ def _str(value: Any) -> str | None:
 
 
 def _parse_meta(raw: Sequence[Any]) -> SessionMeta:
-    hwm, paused, version, active, prompt, stop, base, worker, turn_user, failure = raw
+    hwm, paused, version, active, prompt, stop, base, worker, turn_user, failure, chat_id, chat_turn = raw
     return SessionMeta(
         hwm=_int(hwm) or 0,
         paused=paused == b"1",
@@ -376,6 +378,8 @@ def _parse_meta(raw: Sequence[Any]) -> SessionMeta:
         worker=_str(worker),
         turn_user=_str(turn_user) or None,
         failure=_str(failure),
+        last_chat_id=_str(chat_id) or None,
+        last_chat_turn=_int(chat_turn),
     )
 
 

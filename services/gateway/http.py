@@ -204,15 +204,23 @@ async def stop(request: Request) -> Response:
 
 @_handle_errors
 async def history(request: Request) -> Response:
+    """The finished turns, the one generating, and where to resume.
+
+    ``resume_from`` (and ``last_seq``, the same) is the seq of the last
+    finished turn's ``done``: a connection opened with ``last_seq`` set to it
+    gets everything after ``turns``, the generating turn from its first chunk.
+    Read in one transaction with the turns, so the two always agree.
+    """
     gateway, session, _ = await _session_access(request)
-    turns, meta = await asyncio.gather(gateway.store.history(session), gateway.store.meta(session))
+    turns, meta = await gateway.store.transcript(session)
     active = None
     if meta.active_turn is not None:
         active = {"turn": meta.active_turn, "prompt": meta.active_prompt}
     return JSONResponse(
         {
             "session": session,
-            "last_seq": meta.hwm,
+            "last_seq": meta.base_seq,
+            "resume_from": meta.base_seq,
             "paused": meta.paused,
             "turns": [
                 {"turn": t.turn, "prompt": t.prompt, "answer": t.answer, "reason": t.reason, "last_seq": t.last_seq}

@@ -27,6 +27,7 @@ from shared.protocol import (
     Chat,
     Chunk,
     Error,
+    LastChat,
     Ping,
     Pong,
     Ready,
@@ -134,7 +135,12 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.accept(subprotocol=handshake.subprotocol)
         connection = Connection(gateway, websocket, handshake, meta, principal)
         if not handshake.compat:
-            ready = Ready(session=handshake.session, last_seq=meta.hwm, paused=meta.paused, exp=principal.exp)
+            last_chat = None
+            if meta.last_chat_id is not None and meta.last_chat_turn is not None:
+                last_chat = LastChat(id=meta.last_chat_id, turn=meta.last_chat_turn)
+            ready = Ready(
+                session=handshake.session, last_seq=meta.hwm, paused=meta.paused, exp=principal.exp, last_chat=last_chat
+            )
             connection.send(ready)
         await connection.serve()
     finally:

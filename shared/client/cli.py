@@ -205,13 +205,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.last_seq is None:
-        # An existing session's earlier turns were seen already: start after them.
+        # An existing session's finished turns were seen already: start after them.
         args.last_seq = _last_seq(args.url, args.session) if args.session else 0
     sys.exit(asyncio.run(chat_command(args, sys.stdout, sys.stderr)))
 
 
 def _last_seq(url: str, session: str) -> int:
-    """The session's current last seq, read from the gateway's history endpoint."""
+    """Where to resume the session: after its last finished turn (history's
+    ``resume_from``), so an answer still generating is shown from its start."""
     import json
     import urllib.error
     import urllib.request
@@ -221,7 +222,7 @@ def _last_seq(url: str, session: str) -> int:
     history = urlunsplit((scheme, parts.netloc, f"/api/sessions/{session}/history", "", ""))
     try:
         with urllib.request.urlopen(history, timeout=10) as response:
-            return int(json.load(response)["last_seq"])
+            return int(json.load(response)["resume_from"])
     except (urllib.error.URLError, OSError, ValueError, KeyError):
         return 0  # replay the whole session instead
 

@@ -2,8 +2,9 @@
 
 :class:`SessionState` keeps the resume cursor, drops frames the client
 already has, queues frames sent while offline, remembers chats not yet
-acknowledged (resent after a reconnect; the gateway deduplicates them by
-id) and the pause the user asked for. :func:`close_action` and
+acknowledged (resent after a reconnect unless ``ready.last_chat`` says the
+server accepted it; while its turn generates the gateway also deduplicates a
+resend by id) and the pause the user asked for. :func:`close_action` and
 :func:`handshake_action` decide, purely, what a close code or a refused
 handshake means for reconnecting.
 """
@@ -199,7 +200,7 @@ class SessionState:
         frame = decode_server_frame(data)
         match frame:
             case Ready():
-                self._on_ready(frame)
+                return [frame, *self._on_ready(frame)]
             case Chunk() | Done():
                 if frame.seq <= self.last_seq:
                     return []  # already delivered before a reconnect
@@ -221,11 +222,19 @@ class SessionState:
                 pass
         return [frame]
 
-    def _on_ready(self, ready: Ready) -> None:
+    def _on_ready(self, ready: Ready) -> list[ServerFrame]:
+        """Reconcile with the session as the server has it; return frames to
+        report after ``ready`` (the ``accepted`` of a chat the connection lost)."""
         self.session = ready.session
         self.paused = ready.paused
         self.ready = True
-        # Chats the server may not have seen, then the pause the user wants,
+        answered: list[ServerFrame] = []
+        last = ready.last_chat
+        if last is not None and self.unacknowledged.pop(last.id, None) is not None:
+            # Accepted before the connection dropped: resending it would start
+            # a second turn once this one has ended (protocol.md, resent chats).
+            answered.append(Accepted(id=last.id, turn=last.turn))
+        # Chats the server has not seen, then the pause the user wants,
         # then what was queued offline, in the order it was sent.
         for chat in self.unacknowledged.values():
             self._to_send.append(encode(chat).decode())
@@ -235,6 +244,7 @@ class SessionState:
             self.want_paused = None
         while self.queue:
             self._to_send.append(encode(self.queue.popleft()).decode())
+        return answered
 
     def connection_lost(self) -> None:
         """The socket is gone: queue from now on until the next ``ready``."""

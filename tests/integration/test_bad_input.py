@@ -161,20 +161,52 @@ async def test_http_bad_bodies(stack: Stack) -> None:
             assert response.json()["code"] == code
 
 
-async def test_resent_chat_starts_one_turn(clients: Clients) -> None:
-    """A chat resent with the same id (a retry after a reconnect) is accepted again as the same turn."""
+async def test_resent_chat_starts_one_turn(paced: Clients) -> None:
+    """A chat resent with the same id while its turn generates (a retry after a reconnect) gets that turn
+    back; once the turn has ended, the same chat starts a new turn with its own done."""
     session = new_session()
-    client, _ = await clients.open(session)
+    client, _ = await paced.open(session)
     await client.send({"type": "chat", "prompt": "once", "id": "retry-1"})
     first = await client.until("accepted")
     await client.send({"type": "chat", "prompt": "once", "id": "retry-1"})
     second = await client.until("accepted")
     assert first == second == {"type": "accepted", "turn": 1, "id": "retry-1"}
-    await client.until("done")
+    assert (await client.until("done"))["turn"] == 1
     await client.send({"type": "chat", "prompt": "once", "id": "retry-1"})
-    assert (await client.until("accepted"))["turn"] == 1
-    turn, _, _ = await client.turn("next")
-    assert turn == 2
+    assert (await client.until("accepted"))["turn"] == 2
+    assert (await client.until("done"))["turn"] == 2
+
+
+async def test_ready_names_the_last_accepted_chat(clients: Clients) -> None:
+    """A client that lost its connection right after a chat learns from ready that it was accepted, and as
+    which turn, so it need not resend it (a resend after the turn ended would start a second one)."""
+    session = new_session()
+    client, ready = await clients.open(session)
+    assert "last_chat" not in ready
+    await client.send({"type": "chat", "prompt": "no id"})
+    await client.until("done")
+    _, ready = await clients.open(session)
+    assert "last_chat" not in ready  # a chat without an id cannot be resent, so is not named
+    await client.send({"type": "chat", "prompt": "remember me", "id": "x-1"})
+    turn = (await client.until("accepted"))["turn"]
+    await client.until("done")
+    _, ready = await clients.open(session)
+    assert ready["last_chat"] == {"id": "x-1", "turn": turn}
+
+
+async def test_chat_ids_restarting_on_every_page_load(paced: Clients) -> None:
+    """A client whose ids restart at "c1" on each load sends the same chat on two connections:
+    each load gets a new turn and its done, never an accepted that produces nothing."""
+    session = new_session()
+    for expected_turn in (1, 2):
+        client, _ = await paced.open(session)  # replays the whole session, as a fresh page load may
+        await client.send({"type": "chat", "prompt": "continue", "id": "c1"})
+        accepted = await client.until("accepted")
+        assert accepted["turn"] == expected_turn
+        while (frame := await client.until("done"))["turn"] != expected_turn:
+            pass
+        assert frame["reason"] == "length"
+        await client.ws.close()
 
 
 async def test_reused_chat_id_with_new_prompt_is_a_new_turn(paced: Clients) -> None:

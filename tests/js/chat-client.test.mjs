@@ -117,6 +117,18 @@ test("frames sent offline go out in order once the next connection is ready", ()
   assert.deepEqual(state.dataToSend().map((d) => JSON.parse(d)), [{ type: "stop" }, { type: "ping", t: 1 }, { type: "ping", t: 2 }]);
 });
 
+test("a chat accepted before the connection dropped is reported from ready.last_chat, not resent", () => {
+  const state = new SessionState();
+  state.receive(JSON.stringify(ready()));
+  state.send({ type: "chat", prompt: "hi", id: "a" });
+  state.send({ type: "chat", prompt: "and this", id: "b" });
+  state.dataToSend();
+  state.connectionLost();
+  const frames = state.receive(JSON.stringify({ ...ready(), last_seq: 9, last_chat: { id: "a", turn: 3 } }));
+  assert.deepEqual(frames.slice(1), [{ type: "accepted", id: "a", turn: 3 }]);
+  assert.deepEqual(state.dataToSend().map((d) => JSON.parse(d)), [{ type: "chat", prompt: "and this", id: "b" }]);
+});
+
 test("the offline queue is bounded", () => {
   const state = new SessionState({ maxQueue: 1 });
   state.send({ type: "stop" });

@@ -11,7 +11,8 @@
 // seq and drops duplicates (listeners see every seq once, in order), sends an
 // application ping and replaces a connection that stays silent (half-open),
 // queues what is sent while offline, and resends a chat until the server
-// acknowledges it (the server deduplicates by id). Time, randomness and the
+// acknowledges it (unless `ready.last_chat` shows it was accepted before the
+// connection dropped; while its turn generates the server also deduplicates by id). Time, randomness and the
 // WebSocket class can be injected, so it runs under Node's test runner.
 
 export const SUBPROTOCOL = "chat.v1";
@@ -118,8 +119,7 @@ export class SessionState {
     const frame = JSON.parse(text);
     switch (frame.type) {
       case "ready":
-        this.onReady(frame);
-        break;
+        return [frame, ...this.onReady(frame)];
       case "chunk":
       case "done":
         if (frame.seq <= this.lastSeq) return [];
@@ -144,10 +144,17 @@ export class SessionState {
     return [frame];
   }
 
+  /** Reconcile with the server's session; returns frames to report after ready. */
   onReady(ready) {
     this.session = ready.session;
     this.paused = ready.paused;
     this.ready = true;
+    const answered = [];
+    const last = ready.last_chat;
+    if (last && this.unacknowledged.delete(last.id)) {
+      // Accepted before the connection dropped: a resend would start a second turn once this one ended.
+      answered.push({ type: "accepted", id: last.id, turn: last.turn });
+    }
     for (const chat of this.unacknowledged.values()) this.toSend.push(JSON.stringify(chat));
     if (this.wantPaused !== null && this.wantPaused !== ready.paused) {
       this.toSend.push(JSON.stringify({ type: this.wantPaused ? "pause" : "resume" }));
@@ -155,6 +162,7 @@ export class SessionState {
       this.wantPaused = null;
     }
     while (this.queue.length) this.toSend.push(JSON.stringify(this.queue.shift()));
+    return answered;
   }
 
   connectionLost() {

@@ -1,7 +1,7 @@
 // The chat page: renders a session's conversation and drives it through ChatClient.
 //
 // On load it shows the session's finished turns from /history, then connects
-// with last_seq = the last finished turn's last seq, so the turn in progress
+// with last_seq = its resume_from (the last finished turn's done), so the turn in progress
 // is replayed from its start and nothing is shown twice. The session id lives
 // in localStorage, so a reload or a new tab continues the same conversation.
 import { ChatClient } from "./chat-client.js";
@@ -136,8 +136,8 @@ if (session) {
       const entry = entryFor(turn.turn, turn.prompt);
       entry.text = turn.answer;
       finish(entry, turn.reason);
-      lastSeq = turn.last_seq;
     }
+    lastSeq = record.resume_from; // after the finished turns: a generating one streams from its start
     if (record.active) {
       entryFor(record.active.turn, record.active.prompt);
       setGenerating(true);

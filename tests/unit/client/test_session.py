@@ -14,7 +14,7 @@ from shared.client.session import (
     close_action,
     handshake_action,
 )
-from shared.protocol import Chat, Chunk, Done, Pause, Ping, Ready, Resume, Stop, encode
+from shared.protocol import Accepted, Chat, Chunk, Done, LastChat, Pause, Ping, Ready, Resume, Stop, encode
 
 
 def ready(session: str = "s1", paused: bool = False) -> str:
@@ -91,6 +91,22 @@ def test_chat_gets_an_id_and_is_resent_until_acknowledged() -> None:
     state.connection_lost()
     state.receive(ready())
     assert sent(state) == []
+
+
+def test_chat_accepted_before_the_drop_is_not_resent() -> None:
+    """A chat whose accepted was lost with the connection is reported accepted from ready.last_chat,
+    not resent (a resend after its turn ended would start a second turn); other chats are resent."""
+    state = SessionState()
+    state.receive(ready())
+    lost = state.send(Chat(prompt="hi", id="a"))
+    other = state.send(Chat(prompt="and this", id="b"))
+    state.data_to_send()
+    state.connection_lost()
+    frames = state.receive(encode(Ready(session="s1", last_seq=9, paused=False, last_chat=LastChat(id="a", turn=3))).decode())
+    assert frames[1:] == [Accepted(id="a", turn=3)] and lost.id not in state.unacknowledged  # type: ignore[union-attr]
+    assert sent(state) == [{"type": "chat", "prompt": "and this", "id": other.id}]
+    state.connection_lost()
+    assert state.receive(encode(Ready(session="s1", last_seq=9, paused=False, last_chat=LastChat(id="a", turn=3))).decode())[1:] == []
 
 
 def test_refused_chat_is_not_resent() -> None:
