@@ -21,7 +21,8 @@ frames takes one script per session per batch, never one per frame.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -357,6 +358,15 @@ class HistoryTurn(msgspec.Struct, frozen=True):
 _history_decoder = msgspec.json.Decoder(HistoryTurn)
 
 
+@contextmanager
+def _redis_errors() -> Iterator[None]:
+    """Translate redis-py's failures into :class:`BrokerUnavailable`, in one place."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise BrokerUnavailable("the session store is unavailable") from exc
+
+
 def _int(value: Any) -> int | None:
     return None if value is None else int(value)
 
@@ -429,30 +439,24 @@ class SessionStore:
         return user_turns_key(user) if user else session_key(session)
 
     async def meta(self, session: str) -> SessionMeta:
-        try:
+        with _redis_errors():
             raw = await self.redis.hmget(session_key(session), _META_FIELDS)
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("the session store is unavailable") from exc
         return _parse_meta(raw)
 
     async def transcript(self, session: str) -> tuple[list[HistoryTurn], SessionMeta]:
         """The finished turns and the record, read in one transaction, so
         ``meta.base_seq`` is exactly the ``done`` of the last turn listed
         (or of one trimmed before it)."""
-        try:
+        with _redis_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.lrange(history_key(session), 0, -1)
                 pipe.hmget(session_key(session), _META_FIELDS)
                 rows, raw = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("the session store is unavailable") from exc
         return [_history_decoder.decode(row) for row in rows], _parse_meta(raw)
 
     async def _run(self, script: Any, session: str, args: Sequence[Any]) -> Any:
-        try:
+        with _redis_errors():
             return await script(keys=self._keys(session), args=list(args))
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("the session store is unavailable") from exc
 
     async def start_turn(
         self,
@@ -475,10 +479,8 @@ class SessionStore:
             prompt, self.retention.retention_s, client_id or "", digest, user or "", max_turns_per_user, now, session,
             now + claim_within_s,
         ]
-        try:
+        with _redis_errors():
             status, turn, base = await self._start(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("the session store is unavailable") from exc
         return StartResult(
             started=status == 1, turn=int(turn), base_seq=int(base), duplicate=status == 2, too_many=status == 3
         )
@@ -490,55 +492,43 @@ class SessionStore:
     async def claim_turn(self, session: str, turn: int, worker: str, *, lease_until: float) -> Claim:
         """Claim the active turn for one worker, leased until ``lease_until``;
         any later claim of it is refused."""
-        try:
+        with _redis_errors():
             status, stop = await self._claim(
                 keys=[session_key(session), LEASES_KEY], args=[turn, worker, lease_until, session]
             )
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("the session store is unavailable") from exc
         return Claim(status=_CLAIM_STATUS[int(status)], stop_requested=bool(stop))
 
     async def renew_lease(self, session: str, turn: int, worker: str, *, lease_until: float) -> Renewal:
         """Extend the worker's lease on its turn, and report a stop asked for meanwhile."""
-        try:
+        with _redis_errors():
             renewed = await self._renew(keys=[session_key(session), LEASES_KEY], args=[turn, worker, lease_until, session])
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("the session store is unavailable") from exc
         return Renewal(ours=bool(renewed), stop_requested=int(renewed) == 2)
 
     async def abandon_turn(self, session: str, turn: int, worker: str, *, reason: str) -> None:
         """Give up a claimed turn: its lease expires now and a reaper ends it with ``reason``."""
-        try:
+        with _redis_errors():
             await self._abandon(keys=[session_key(session), LEASES_KEY], args=[turn, worker, session, reason])
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("the session store is unavailable") from exc
 
     async def expired_leases(self, now: float, *, limit: int = 100) -> list[str]:
         """Sessions whose turn lease ended before ``now``."""
-        try:
+        with _redis_errors():
             rows = await self.redis.zrangebyscore(LEASES_KEY, "-inf", now, start=0, num=limit)
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("the session store is unavailable") from exc
         return [row.decode() if isinstance(row, bytes) else str(row) for row in rows]
 
     async def take_expired_lease(self, session: str, *, now: float, retry_at: float) -> bool:
         """Take a lease that expired before ``now``; True for the one caller that
         took it, which ends the turn. The lease stays, due again at ``retry_at``,
         until the turn's ``done`` is stored: a reaper that fails is retried."""
-        try:
+        with _redis_errors():
             taken = await self._take(keys=[session_key(session), LEASES_KEY], args=[session, now, retry_at])
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("the session store is unavailable") from exc
         return bool(taken)
 
     async def abort_turn(self, session: str, turn: int, *, user: str | None = None) -> None:
         """Release a turn that was never handed to a worker."""
-        try:
+        with _redis_errors():
             await self._abort(
                 keys=[session_key(session), self._user_key(session, user), LEASES_KEY], args=[turn, session]
             )
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("the session store is unavailable") from exc
 
     async def set_paused(self, session: str, paused: bool) -> tuple[bool, int]:
         """Set the pause flag; return (whether it changed, the flag's version)."""
@@ -553,10 +543,8 @@ class SessionStore:
         A turn no worker has claimed yet has its lease expire now, so a
         reaper ends it with ``stopped`` without waiting for a worker.
         """
-        try:
+        with _redis_errors():
             turn = await self._stop(keys=[session_key(session), LEASES_KEY], args=[session])
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("the session store is unavailable") from exc
         return int(turn) or None
 
     async def store_segments(self, segments: Sequence[Segment]) -> list[bool]:
@@ -588,14 +576,12 @@ class SessionStore:
             user = end.user if end is not None else None
             keys = [*self._keys(segment.session), self._user_key(segment.session, user), LEASES_KEY]
             calls.append((len(keys), *keys, *args))
-        try:
+        with _redis_errors():
             try:
                 results = await self._evalsha_all(self._store.sha, calls)
             except NoScriptError:  # Redis restarted or flushed its scripts: load, then redo (idempotent)
                 await self.redis.script_load(_STORE_FRAMES)
                 results = await self._evalsha_all(self._store.sha, calls)
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("the session store is unavailable") from exc
         return [bool(result) for result in results]
 
     async def _evalsha_all(self, sha: str, calls: list[tuple[Any, ...]]) -> list[Any]:
@@ -613,21 +599,17 @@ class SessionStore:
         cap: a lower seq that is merely not stored yet does not count as lost.
         """
         key = log_key(session)
-        try:
+        with _redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zrangebyscore(key, f"({after}", "+inf", start=0, num=limit, withscores=True)
                 pipe.hmget(session_key(session), ["floor", "hwm"])
                 rows, (floor, hwm) = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("the session store is unavailable") from exc
         frames = [(int(score), data) for data, score in rows]
         return frames, (_int(floor) or 0) + 1, _int(hwm) or 0
 
     async def history(self, session: str, *, last: int | None = None) -> list[HistoryTurn]:
         """The session's finished turns, oldest first (the last ``last`` of them)."""
         start = -last if last else 0
-        try:
+        with _redis_errors():
             rows = await self.redis.lrange(history_key(session), start, -1)
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("the session store is unavailable") from exc
         return [_history_decoder.decode(row) for row in rows]
