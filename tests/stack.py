@@ -224,8 +224,11 @@ class Clients:
             await client.ws.close()
 
 
-async def history(stack: Stack, session: str) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=stack.http_url) as http:
+async def history(stack: Stack, session: str, *, gateway: int = 0, token: str | None = None) -> dict[str, Any]:
+    """The session's history from the stack's ``gateway``-th gateway."""
+    port = stack.gateways[gateway].env["CHAT_PORT"]
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as http:
         response = await http.get(f"/api/sessions/{session}/history")
         response.raise_for_status()
         result: dict[str, Any] = response.json()

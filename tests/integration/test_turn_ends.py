@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import httpx
 import jwt
@@ -14,7 +13,7 @@ import pytest
 
 from devstack.servers import Server
 from tests.fake_openai import FakeOpenAI, serve_in_thread
-from tests.stack import WAIT_S, Client, Clients, Stack, isolated_stack, new_session
+from tests.stack import WAIT_S, Client, Clients, Stack, history, isolated_stack, new_session
 
 ANSWER_CAP = 1_200_000  # above the 1.05 MB runaway answer, so the model's own "length" is what ends it
 EMOJI = "\U0001f600"
@@ -51,19 +50,6 @@ async def eclients(ends_stack: Stack) -> AsyncIterator[Clients]:
         yield opened
 
 
-def second_gateway(stack: Stack) -> str:
-    return f"http://127.0.0.1:{stack.gateways[1].env['CHAT_PORT']}"
-
-
-async def history(stack: Stack, session: str, token: str | None = None) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with httpx.AsyncClient(base_url=second_gateway(stack), headers=headers) as http:
-        response = await http.get(f"/api/sessions/{session}/history")
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
-
-
 async def dev_token(stack: Stack, user: str) -> str:
     async with httpx.AsyncClient(base_url=stack.http_url) as http:
         response = await http.post("/api/token", json={"user": user})
@@ -80,7 +66,7 @@ async def test_an_answer_over_one_mebibyte_ends_and_frees_everything(ends_stack:
     turn, text, done = await client.turn("[text:1050000:length] go on", wait_s=3 * WAIT_S)
     assert (len(text), done["reason"]) == (1_050_000, "length")
     assert all(len(f["text"].encode()) <= 16 * 1024 for f in client.frames if f["type"] == "chunk")
-    record = await history(ends_stack, session, token)
+    record = await history(ends_stack, session, gateway=1, token=token)
     assert [(t["turn"], t["reason"], t["answer"] == text) for t in record["turns"]] == [(turn, "length", True)]
     assert record["active"] is None and record["resume_from"] == done["seq"]
     # The user's only turn slot (CHAT_MAX_TURNS_PER_USER=1) was released with the done.
@@ -97,7 +83,7 @@ async def test_a_one_megabyte_answer_ends_normally(ends_stack: Stack, eclients: 
     client, _ = await eclients.open(session)
     _, text, done = await client.turn("[text:1000000:stop] write a lot", wait_s=3 * WAIT_S)
     assert (len(text), done["reason"]) == (1_000_000, "stop")
-    assert (await history(ends_stack, session))["turns"][0]["answer"] == text
+    assert (await history(ends_stack, session, gateway=1))["turns"][0]["answer"] == text
 
 
 async def test_an_endless_answer_stops_at_the_cap(ends_stack: Stack, eclients: Clients, fake: FakeOpenAI) -> None:
@@ -116,7 +102,7 @@ async def test_surrogate_halves_split_across_events(ends_stack: Stack, eclients:
     _, text, done = await client.turn("[surrogates]")
     assert done["reason"] == "stop"
     assert text == f"a{EMOJI}b\ufffdc\ufffdd\ufffd"
-    assert (await history(ends_stack, session))["turns"][0]["answer"] == text
+    assert (await history(ends_stack, session, gateway=1))["turns"][0]["answer"] == text
 
 
 async def test_a_malformed_event_ends_the_turn_at_once(ends_stack: Stack, eclients: Clients) -> None:
@@ -218,8 +204,7 @@ async def test_history_says_where_to_resume(paced_stack: Stack, paced: Clients) 
     await client.send({"type": "chat", "prompt": "second", "id": "b"})
     await client.until("chunk")
     await client.until("chunk")
-    async with httpx.AsyncClient(base_url=paced_stack.http_url) as http:
-        record = (await http.get(f"/api/sessions/{session}/history")).json()
+    record = await history(paced_stack, session)
     assert (record["resume_from"], record["last_seq"]) == (finished_at, finished_at)
     assert record["active"]["turn"] == 2 and [t["last_seq"] for t in record["turns"]] == [finished_at]
     resumed, _ = await paced.open(session, last_seq=record["resume_from"])
