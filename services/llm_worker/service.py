@@ -218,7 +218,11 @@ class Worker:
         try:
             # Ack once claimed: a worker that dies mid-turn must not make another
             # start the same turn over (its lease runs out; a reaper ends it).
-            await msg.ack()
+            # A failed ack only means a redelivery, which the claim refuses.
+            try:
+                await msg.ack()
+            except Exception as exc:
+                log.warning("could not ack the request: %s", exc, extra=extra)
             if claim.status != "claimed":
                 log.warning("request skipped: turn %s", claim.status, extra=extra)
                 return
