@@ -5,8 +5,9 @@ them in one slot and the scripts below stay atomic):
 
 - ``meta`` (hash): ``hwm`` highest stored seq, ``seq`` last seq of the last
   finished turn, ``turns`` turn counter, ``active``/``prompt`` the generating
-  turn, ``worker`` the worker that claimed it (``-``: a reaper ended it
-  unclaimed), ``fail`` why that worker gave it up, ``cid``/``cdigest``/``cturn``
+  turn, ``worker`` the worker that claimed it (``-`` once a reaper took its
+  lease; ``lapsed`` then names the worker that held it, empty if none),
+  ``fail`` why that worker gave it up, ``cid``/``cdigest``/``cturn``
   the last client chat's id, prompt digest and turn, ``owner`` the user who
   owns it, ``stop`` a turn asked to stop, ``paused`` and ``pv`` (pause
   version), ``ended`` last turn written to history, ``floor`` highest seq
@@ -75,7 +76,7 @@ local turn = redis.call('HINCRBY', KEYS[1], 'turns', 1)
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1], 'cid', ARGV[3], 'cdigest', ARGV[4], 'cturn', turn,
   'tuser', ARGV[5])
-redis.call('HDEL', KEYS[1], 'stop', 'worker', 'fail')
+redis.call('HDEL', KEYS[1], 'stop', 'worker', 'fail', 'lapsed')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[9], ARGV[8])
 return {1, turn, seq}
@@ -125,7 +126,8 @@ return 1
 # A reaper takes an expired lease by pushing its deadline to ARGV[3], not by
 # removing it: if the reaper dies or cannot publish the turn's done, the lease
 # expires again and another reaper retries. Only storing the done removes it.
-# A turn no worker claimed is marked so that no late claim starts it now.
+# The turn's worker becomes '-': no late claim starts the turn and no late
+# renewal revives it ('lapsed' keeps who held it, for the done's message).
 # KEYS: meta, leases. ARGV: session, now, retry deadline.
 _TAKE_EXPIRED_LEASE = """
 local deadline = redis.call('ZSCORE', KEYS[2], ARGV[1])
@@ -135,7 +137,8 @@ if not redis.call('HGET', KEYS[1], 'active') then
   return 0
 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-if not redis.call('HGET', KEYS[1], 'worker') then redis.call('HSET', KEYS[1], 'worker', '-') end
+local worker = redis.call('HGET', KEYS[1], 'worker')
+if worker ~= '-' then redis.call('HSET', KEYS[1], 'worker', '-', 'lapsed', worker or '') end
 return 1
 """
 
@@ -216,7 +219,7 @@ if ARGV[rest] then
       redis.call('HSET', meta, 'seq', done_seq)
     end
     if tonumber(redis.call('HGET', meta, 'active') or '0') == turn then
-      redis.call('HDEL', meta, 'active', 'prompt', 'stop', 'worker', 'fail')
+      redis.call('HDEL', meta, 'active', 'prompt', 'stop', 'worker', 'fail', 'lapsed')
     end
     if KEYS[4] ~= meta then redis.call('ZREM', KEYS[4], ARGV[rest + 4]) end
     redis.call('ZREM', KEYS[5], ARGV[rest + 4])
@@ -265,7 +268,9 @@ return tonumber(active)
 """
 
 
-_META_FIELDS = ["hwm", "paused", "pv", "active", "prompt", "stop", "seq", "worker", "tuser", "fail", "cid", "cturn"]
+_META_FIELDS = [
+    "hwm", "paused", "pv", "active", "prompt", "stop", "seq", "worker", "tuser", "fail", "lapsed", "cid", "cturn",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,13 +285,9 @@ class SessionMeta:
     worker: str | None = None  # the worker that claimed the active turn
     turn_user: str | None = None  # the user who started it
     failure: str | None = None  # why its worker gave it up, for the done a reaper sends
+    lapsed_worker: str | None = None  # once a reaper took the lease: who held it ('' nobody)
     last_chat_id: str | None = None  # the last accepted chat that had an id ...
     last_chat_turn: int | None = None  # ... and its turn
-
-    @property
-    def claimed(self) -> bool:
-        """Whether a worker took the active turn (a reaper marks an unclaimed one ``-``)."""
-        return self.worker not in (None, "-")
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,7 +377,7 @@ def _str(value: Any) -> str | None:
 
 
 def _parse_meta(raw: Sequence[Any]) -> SessionMeta:
-    hwm, paused, version, active, prompt, stop, base, worker, turn_user, failure, chat_id, chat_turn = raw
+    hwm, paused, version, active, prompt, stop, base, worker, turn_user, failure, lapsed, chat_id, chat_turn = raw
     return SessionMeta(
         hwm=_int(hwm) or 0,
         paused=paused == b"1",
@@ -388,6 +389,7 @@ def _parse_meta(raw: Sequence[Any]) -> SessionMeta:
         worker=_str(worker),
         turn_user=_str(turn_user) or None,
         failure=_str(failure),
+        lapsed_worker=_str(lapsed),
         last_chat_id=_str(chat_id) or None,
         last_chat_turn=_int(chat_turn),
     )

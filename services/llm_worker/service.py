@@ -14,8 +14,11 @@ guarantee 5):
    record the claim reads or is heard as a broadcast;
 2. claim the turn in Redis (which reports a stop already asked for), then
    ack the request;
-3. stream the model, publishing chunks; the lease keeper renews the lease
-   and rereads the stop flag every third of the lease;
+3. stream the model, publishing chunks, but only while the lease is surely
+   ours: the keeper renews it and rereads the stop flag every third of the
+   lease, and a frame waits (the model goes on) once the last renewal is two
+   thirds of a lease old, so a worker cut off from Redis never publishes
+   after the done a reaper gives its turn;
 4. publish exactly one ``done``, whatever happened in 3: the model's reason,
    ``length`` at the answer cap, ``stopped``, or ``error`` naming the cause.
    If even that cannot be published, give the turn up: its lease expires at
@@ -30,11 +33,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from functools import partial
+from typing import NamedTuple
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -53,6 +56,7 @@ from shared.text import SurrogateJoiner, scrub, split_utf8, truncate_utf8
 
 from .metrics import WorkerMetrics
 from .providers import Delta, Message, Provider
+from .pull import RequestPuller
 from .settings import Settings
 
 __all__ = ["Worker"]
@@ -67,10 +71,27 @@ FETCH_MAX = 64  # turn requests taken per fetch, at most
 # or a client's frame limit.
 MAX_CHUNK_BYTES = 16 * 1024
 MAX_MESSAGE_CHARS = 500  # a done's error message
+# A lease counts as ours until two thirds of it have passed since the renewal
+# that extended it was sent: the last third covers clock skew between this
+# host and a reaper's, and the renewal's own latency.
+LEASE_TRUSTED_FRACTION = 2 / 3
+LEASE_RETRY_S = 0.5  # how soon a failed renewal is tried again once the lease is no longer trusted
 
 
 class PublishFailed(BrokerUnavailable):
     """JetStream did not take a frame for ``PUBLISH_GIVE_UP_S``: the turn is given up."""
+
+
+class LeaseLost(Exception):
+    """The turn's lease went to a reaper, which ends the turn: publish nothing more."""
+
+
+class Ending(NamedTuple):
+    """How a turn ends: its ``done``'s reason, message and code."""
+
+    reason: str
+    message: str | None = None
+    code: str | None = None
 
 
 @dataclass
@@ -87,6 +108,8 @@ class Turn:
     started_at: float = 0.0  # monotonic, for the time to first token
     producer: asyncio.Task[None] | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    lease_trusted_until: float = 0.0  # monotonic; frames are published only before it
+    lease_renewed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.seq = self.request.base_seq
@@ -96,8 +119,16 @@ class Turn:
         if self.producer is not None:
             self.producer.cancel()  # closes the upstream HTTP request
 
+    def trust_lease(self, until: float) -> None:
+        self.lease_trusted_until = until
+        self.lease_renewed.set()
+
+    def lease_trusted(self) -> bool:
+        return time.monotonic() < self.lease_trusted_until
+
     def abandon(self) -> None:
         self.reaped = True
+        self.lease_renewed.set()  # wakes a frame waiting for the lease: it will not be published
         if self.producer is not None:
             self.producer.cancel()
 
@@ -126,12 +157,19 @@ class Worker:
 
     async def run(self) -> None:
         """Pull requests until :meth:`stop`; then wait for running turns (bounded)."""
-        psub = await self.js.pull_subscribe(
-            SUBJECT_REQUESTS,
-            durable=CONSUMER_WORKERS,
+        requests = RequestPuller(
+            self.nc,
+            self.js,
             stream=STREAM_REQUESTS,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=-1),
+            config=ConsumerConfig(
+                durable_name=CONSUMER_WORKERS,
+                filter_subject=SUBJECT_REQUESTS,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30,
+                max_ack_pending=-1,
+            ),
         )
+        await requests.start()
         log.info("worker ready", extra={"event": "ready", "concurrency": self.settings.concurrency})
         try:
             while not self.stopping.is_set():
@@ -140,10 +178,7 @@ class Worker:
                     self._release(slots)
                     break
                 try:
-                    msgs = await psub.fetch(slots, timeout=1.0)
-                except (TimeoutError, NatsTimeoutError):
-                    self._release(slots)
-                    continue
+                    msgs = await requests.pull(slots, wait_s=1.0)
                 except Exception as exc:  # broker restart: wait it out
                     self._release(slots)
                     log.warning("fetch failed: %s", exc, extra={"event": "fetch_failed"})
@@ -155,7 +190,7 @@ class Worker:
                     self.turns.add(task)
                     task.add_done_callback(self._finished)
         finally:
-            await psub.unsubscribe()
+            await requests.close()
             await self._drain()
             await self.provider.aclose()
 
@@ -207,9 +242,11 @@ class Worker:
             # Step 1: listen for stop before reading the flag (module docstring).
             sub = await self.nc.subscribe(control_subject(request.session), cb=partial(self._on_control, turn))
             await self.nc.flush(timeout=5)
+            claimed_at = time.monotonic()
             claim = await self.store.claim_turn(
                 request.session, request.turn, self.worker_id, lease_until=time.time() + self.settings.lease_s
             )
+            turn.trust_lease(claimed_at + self.settings.lease_s * LEASE_TRUSTED_FRACTION)
         except Exception as exc:  # NATS or Redis away: try again shortly
             log.warning("could not claim the turn: %s", exc, extra=extra)
             await msg.nak(delay=1.0)
@@ -224,7 +261,8 @@ class Worker:
             except Exception as exc:
                 log.warning("could not ack the request: %s", exc, extra=extra)
             if claim.status != "claimed":
-                log.warning("request skipped: turn %s", claim.status, extra=extra)
+                # Routine: a redelivery, or a turn stopped or timed out before any worker took it.
+                log.info("request skipped: turn %s", claim.status, extra=extra)
                 return
             turn.stop_requested = turn.stop_requested or claim.stop_requested
             await self.generate(turn)
@@ -254,17 +292,18 @@ class Worker:
         extra = {"session": request.session, "turn": request.turn, "trace": turn.trace}
         keeper = asyncio.create_task(self._keep_lease(turn))
         cancelled = False
+        ending: Ending | None = None  # None: nothing more can be published, a reaper ends the turn
         try:
-            reason, message = await self._answer(turn)
+            ending = await self._answer(turn)
         except asyncio.CancelledError:
             # The worker is shutting down: end the turn cleanly rather than leave it open.
             cancelled = True
-            reason, message = "error", "The model worker restarted before the answer finished. Please send it again."
-        except PublishFailed:
-            reason, message = "", None  # nothing more can be published: a reaper ends it
+            ending = Ending("error", "The model worker restarted before the answer finished. Please send it again.")
+        except (PublishFailed, LeaseLost):
+            pass
         except Exception as exc:
             log.error("turn failed", exc_info=exc, extra={**extra, "event": "turn_failed"})
-            reason, message = "error", failure_message(exc)
+            ending = Ending("error", failure_message(exc))
         finally:
             # The lease keeper must not outlive the turn: a renewal after the
             # turn's end would misreport it as lost (and a Redis call may
@@ -274,24 +313,24 @@ class Worker:
             if turn.producer is not None:
                 turn.producer.cancel()
         if not turn.reaped:
-            if reason:
-                await self._end(turn, reason, message)
+            if ending is not None:
+                await self._end(turn, ending)
             else:
                 await self._abandon(turn)
         if cancelled:
             raise asyncio.CancelledError
 
-    async def _answer(self, turn: Turn) -> tuple[str, str | None]:
-        """Stream the model into chunks; return the turn's (reason, message)."""
+    async def _answer(self, turn: Turn) -> Ending:
+        """Stream the model into chunks; return how the turn ends."""
         request = turn.request
         waited = time.time() - request.enqueued_at
         if waited > self.settings.queue_timeout_s:
-            return "error", "No model worker was free in time. Please try again."
+            return Ending("error", "No model worker was free in time. Please try again.", "unavailable")
         if turn.stop_requested:
-            return "stopped", None
+            return Ending("stopped")
         messages = await self._messages(request)
         if turn.stop_requested:
-            return "stopped", None
+            return Ending("stopped")
         # Unbounded: the model paces the producer, and the answer cap bounds
         # what one turn takes. None marks the producer's end.
         deltas: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
@@ -312,35 +351,50 @@ class Worker:
             self.metrics.active_turns.dec()
 
     async def _keep_lease(self, turn: Turn) -> None:
-        """Renew the turn's lease every third of it until the turn finishes;
-        obey a stop read from the record; if the turn is no longer ours, stop."""
+        """Renew the turn's lease every third of it until the turn finishes
+        (sooner after a failure, once the lease is no longer trusted); obey a
+        stop read from the record; if the turn is no longer ours, stop."""
         request = turn.request
+        lease_s = self.settings.lease_s
         while True:
             try:
-                await asyncio.wait_for(turn.finished.wait(), self.settings.lease_s / 3)
+                wait_s = lease_s / 3 if turn.lease_trusted() else LEASE_RETRY_S
+                await asyncio.wait_for(turn.finished.wait(), wait_s)
                 return
             except TimeoutError:
                 pass
+            sent_at = time.monotonic()
             try:
                 renewal = await self.store.renew_lease(
-                    request.session, request.turn, self.worker_id, lease_until=time.time() + self.settings.lease_s
+                    request.session, request.turn, self.worker_id, lease_until=time.time() + lease_s
                 )
             except BrokerUnavailable:
-                continue  # Redis is away: keep generating, try again
+                continue  # Redis is away: keep generating (frames wait once the lease is not trusted)
             if turn.finished.is_set():
                 return  # ended meanwhile: the record may already say so
             if not renewal.ours:
                 log.warning("lease lost; abandoning the turn", extra={"session": request.session, "turn": request.turn})
                 turn.abandon()
                 return
+            turn.trust_lease(sent_at + lease_s * LEASE_TRUSTED_FRACTION)
             if renewal.stop_requested and not turn.stop_requested:
                 turn.request_stop()  # the broadcast was missed (a NATS reconnect)
 
-    async def _relay(self, turn: Turn, deltas: asyncio.Queue[Delta | BaseException | None]) -> tuple[str, str | None]:
-        """Publish deltas as chunks until the stream ends; return (reason, message)."""
+    async def _relay(self, turn: Turn, deltas: asyncio.Queue[Delta | BaseException | None]) -> Ending:
+        """Publish deltas as chunks until the stream ends; return how the turn ends."""
         joiner = SurrogateJoiner()  # halves of a character split across deltas
+        # Keep-alives and empty events reach no queue: a model that sends no
+        # text for this long is stalled, however busy its connection looks.
+        stall_s = self.settings.openai.read_timeout_s
         while True:
-            item = await deltas.get()
+            if deltas.empty():
+                try:
+                    async with asyncio.timeout(stall_s):
+                        item = await deltas.get()
+                except TimeoutError:
+                    return Ending("error", f"The model sent no text for {stall_s:g} s. Try again later.")
+            else:
+                item = deltas.get_nowait()
             texts: list[str] = []
             # Coalesce what is already queued into one chunk; never wait to
             # batch, so an idle stream sends each token at once.
@@ -352,26 +406,27 @@ class Worker:
             ended = not isinstance(item, Delta) or item.finish_reason is not None
             if ended:
                 texts.append(joiner.flush())
-            if turn.reaped:
-                return "error", None  # never published: the reaper's done stands
+            if turn.stop_requested:
+                return Ending("stopped")  # a stop beats whatever the model sent meanwhile
             if not await self._publish_text(turn, "".join(texts)):
-                return "length", None  # the answer cap (CHAT_MAX_ANSWER_BYTES)
+                # Cut short: by a stop that came while publishing, or by the answer cap.
+                return Ending("stopped") if turn.stop_requested else Ending("length")
             if not ended:
                 continue
             if isinstance(item, Delta):
                 assert item.finish_reason is not None
-                return item.finish_reason, None
+                return Ending(item.finish_reason)
             if isinstance(item, BaseException):
                 if not isinstance(item, UpstreamError):
                     log.error("provider failed", exc_info=item, extra={"session": turn.request.session})
-                return "error", failure_message(item)
+                return Ending("error", failure_message(item))
             if turn.stop_requested:
-                return "stopped", None
-            return "error", "The model stopped without finishing. Please try again."
+                return Ending("stopped")
+            return Ending("error", "The model stopped without finishing. Please try again.")
 
     async def _publish_text(self, turn: Turn, text: str) -> bool:
-        """Publish ``text`` as chunks of at most ``MAX_CHUNK_BYTES``; False once
-        the answer has reached the cap (what fits is published)."""
+        """Publish ``text`` as chunks of at most ``MAX_CHUNK_BYTES``; False if
+        cut short, by a stop or by the answer cap (what fits is published)."""
         if not text:
             return True
         size = len(text) if text.isascii() else len(text.encode())
@@ -381,6 +436,8 @@ class Worker:
             text = truncate_utf8(text, room)
             size = len(text.encode())
         for piece in split_utf8(text, MAX_CHUNK_BYTES):
+            if turn.stop_requested:
+                return False
             await self._publish_chunk(turn, piece)
         turn.answer_bytes += size
         return not capped
@@ -413,24 +470,27 @@ class Worker:
         turn.chunks += 1
         self.metrics.chunks.inc()
 
-    async def _end(self, turn: Turn, reason: str, message: str | None = None) -> None:
+    async def _end(self, turn: Turn, ending: Ending) -> None:
         """Publish the turn's one ``done``; if it cannot be published, give the turn up."""
         request = turn.request
-        if message is not None:
-            message = scrub(message)[:MAX_MESSAGE_CHARS]
-        done = protocol.Done(seq=turn.seq + 1, turn=request.turn, reason=reason, message=message)  # type: ignore[arg-type]
+        message = None if ending.message is None else scrub(ending.message)[:MAX_MESSAGE_CHARS]
+        done = protocol.Done(
+            seq=turn.seq + 1, turn=request.turn, reason=ending.reason, message=message, code=ending.code  # type: ignore[arg-type]
+        )
         try:
             await self._publish(turn, done.seq, protocol.encode(TurnEnd(done=done, user=request.user)), with_trace=True)
         except PublishFailed:
             await self._abandon(turn)
             return
+        except LeaseLost:
+            return  # a reaper ends the turn
         turn.seq = done.seq
-        self.metrics.turns_finished.labels(reason).inc()
+        self.metrics.turns_finished.labels(ending.reason).inc()
         log.info(
             "turn finished",
             extra={
                 "session": request.session, "turn": request.turn, "trace": turn.trace,
-                "event": "turn_finished", "reason": reason,
+                "event": "turn_finished", "reason": ending.reason,
             },
         )
 
@@ -444,6 +504,19 @@ class Worker:
         except BrokerUnavailable:
             pass  # the lease is no longer renewed: it runs out and a reaper ends the turn anyway
 
+    async def _within_lease(self, turn: Turn) -> None:
+        """Return once the lease is trusted; a frame published after a reaper
+        took the lease would follow the done the reaper gave the turn.
+
+        Raises:
+            LeaseLost: the lease went to a reaper.
+        """
+        while not turn.lease_trusted() and not turn.reaped:
+            turn.lease_renewed.clear()
+            await turn.lease_renewed.wait()
+        if turn.reaped:
+            raise LeaseLost
+
     async def _publish(self, turn: Turn, seq: int, payload: bytes, *, with_trace: bool = False) -> None:
         """Publish frame ``seq`` to JetStream until stored; the message id makes retries idempotent.
 
@@ -452,7 +525,9 @@ class Worker:
 
         Raises:
             PublishFailed: not stored within ``PUBLISH_GIVE_UP_S``.
+            LeaseLost: the turn's lease went to a reaper meanwhile.
         """
+        await self._within_lease(turn)
         subject = generated_subject(turn.request.session)
         headers = {"Nats-Msg-Id": f"{turn.request.session}:{seq}"}
         if with_trace:

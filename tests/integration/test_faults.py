@@ -6,6 +6,7 @@ import asyncio
 import signal
 
 from devstack.servers import LocalRedis, Server
+from tests.faultproxy import FaultProxy
 from tests.stack import WAIT_S, Client, Clients, history, isolated_stack, new_session
 
 FAST_LEASES = {"CHAT_LEASE_S": "1", "CHAT_REAP_INTERVAL_S": "0.2"}
@@ -146,3 +147,52 @@ async def test_adding_a_worker_adds_capacity(redis_server: Server) -> None:
             stack.start_worker()
             a_done, b_chunk = await a_done_and_b_first_chunk()
             assert b_chunk < a_done - 0.5  # two workers: b streamed while a still had most of its answer to go
+
+
+async def test_a_full_worker_never_holds_a_request_another_could_start(redis_server: Server) -> None:
+    """Two workers of two slots, four long turns asked for in quick succession (exactly the capacity):
+    every turn starts at once; none waits in a full worker's hands while the other has room."""
+    env = {"CHAT_WORKER_CONCURRENCY": "2", "CHAT_DEMO_TOKENS_PER_S": "5", "CHAT_DEMO_ANSWER_TOKENS": "1000"}
+    with isolated_stack(redis_server.url, env) as stack:
+        stack.start_worker()
+        async with Clients(stack) as clients:
+            for _ in range(3):  # each round, the requests reach idle workers' outstanding pulls anew
+                opened = [(await clients.open(new_session()))[0] for _ in range(4)]
+                for client in opened:
+                    await client.send({"type": "chat", "prompt": "a long one"})
+                    await asyncio.sleep(0.02)  # the spacing is the variable: requests arrive one by one
+                firsts = await asyncio.gather(*(client.until("chunk", wait_s=WAIT_S) for client in opened))
+                assert len(firsts) == 4
+                for client in opened:
+                    await client.send({"type": "stop"})
+                    assert (await client.until("done"))["reason"] == "stopped"
+
+
+async def test_a_worker_cut_off_from_redis_publishes_nothing_after_the_reaper(redis_server: Server) -> None:
+    """A worker loses Redis (and so its lease) mid-turn while NATS and the buffer's Redis still work: it
+    stops publishing before a reaper may end the turn, so the turn gets one done and no frame of it
+    follows; once Redis is back the worker learns the turn is gone, and the next turn streams whole."""
+    env = {"CHAT_LEASE_S": "1", "CHAT_REAP_INTERVAL_S": "0.1", "CHAT_DEMO_TOKENS_PER_S": "50", "CHAT_DEMO_ANSWER_TOKENS": "4000"}
+    redis_port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    async with FaultProxy("127.0.0.1", redis_port) as proxy:
+        with isolated_stack(redis_server.url, env, worker=False) as stack:
+            stack.start_worker({"CHAT_REDIS_URL": stack.env["CHAT_REDIS_URL"].replace(f":{redis_port}/", f":{proxy.port}/")})
+            async with Clients(stack) as clients:
+                session = new_session()
+                client, _ = await clients.open(session)
+                await client.send({"type": "chat", "prompt": "cut off", "id": "a"})
+                for _ in range(5):
+                    await client.until("chunk")
+                proxy.refuse = True
+                proxy.cut_all()
+                done = await client.until("done")  # Client checks every seq on the way
+                assert (done["turn"], done["reason"]) == (1, "error")
+                proxy.refuse = False
+                await client.send({"type": "chat", "prompt": "after it", "id": "b"})
+                assert (await client.until("accepted"))["turn"] == 2
+                for _ in range(20):  # a stale frame of turn 1 would break the seq check or this one
+                    assert (await client.until("chunk", wait_s=3 * WAIT_S))["turn"] == 2
+                await client.send({"type": "stop"})
+                assert (await client.until("done"))["turn"] == 2
+                record = await history(stack, session)
+                assert [(t["turn"], t["answer"]) for t in record["turns"]] == [(1, client.texts(1)), (2, client.texts(2))]

@@ -230,7 +230,7 @@ async def test_an_expired_lease_is_taken_once_and_kept_until_the_done(store: Ses
     assert taken == [True, False, False]
     assert await store.redis.zscore(LEASES_KEY, session) == pytest.approx(now + 5)
     meta = await store.meta(session)
-    assert meta.worker == "-" and not meta.claimed  # taken unclaimed: ...
+    assert (meta.worker, meta.lapsed_worker) == ("-", "")  # taken unclaimed: ...
     assert (await store.claim_turn(session, 1, "late", lease_until=now + 60)).status == "taken"  # ... no late claim
     assert await store.take_expired_lease(session, now=now + 6, retry_at=now + 11)  # the retry
     await store.store_segments([Segment(session, [], end=end(1))])
@@ -283,3 +283,15 @@ async def test_transcript_resume_point_excludes_the_generating_turn(store: Sessi
     await store.store_segments([Segment(session, [chunk(3, turn=2), chunk(4, turn=2)])])
     turns, meta = await store.transcript(session)
     assert [t.last_seq for t in turns] == [2] and meta.base_seq == 2 and meta.hwm == 4
+
+
+async def test_a_taken_lease_is_not_revived_by_its_worker(store: SessionStore) -> None:
+    """A worker whose lease a reaper took (it was away longer than the lease) is told the turn is no
+    longer its at its next renewal, so it publishes nothing after the reaper's done."""
+    session = new_session()
+    now = time.time()
+    await store.start_turn(session, "p", now=now)
+    await store.claim_turn(session, 1, "w", lease_until=now - 1)  # the lease ran out while Redis was away
+    assert await store.take_expired_lease(session, now=now, retry_at=now + 5)
+    assert (await store.meta(session)).lapsed_worker == "w"
+    assert not (await store.renew_lease(session, 1, "w", lease_until=now + 60)).ours

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from services.llm_worker.service import Turn, Worker, failure_message
+from services.llm_worker.service import LeaseLost, Turn, Worker, failure_message
 from services.llm_worker.settings import Settings
 from shared.errors import BrokerUnavailable, UpstreamError
 from shared.messages import TurnRequest
@@ -44,6 +44,7 @@ def keeper_for(store: Store) -> tuple[Turn, asyncio.Task[None]]:
     worker = Worker(Settings(lease_s=LEASE_S), nc=None, js=None, store=store, provider=None)  # type: ignore[arg-type]
     turn = Turn(request=TurnRequest(session="s", turn=1, prompt="p", base_seq=0, enqueued_at=time.time()))
     turn.producer = asyncio.create_task(asyncio.Event().wait())  # stands for the model stream
+    turn.trust_lease(time.monotonic() + LEASE_S)  # as the claim does
     return turn, asyncio.create_task(worker._keep_lease(turn))
 
 
@@ -81,6 +82,24 @@ async def test_keeper_obeys_a_stop_read_from_the_record() -> None:
     assert turn.stop_requested and not turn.reaped
     turn.finished.set()
     await asyncio.wait_for(keeper, 1.0)
+
+
+async def test_frames_wait_while_the_lease_is_not_trusted() -> None:
+    """Past the trusted part of its lease (Redis away), a frame waits; a renewal lets it go,
+    and a lease taken by a reaper means it is never published."""
+    worker = Worker(Settings(lease_s=LEASE_S), nc=None, js=None, store=None, provider=None)  # type: ignore[arg-type]
+    turn = Turn(request=TurnRequest(session="s", turn=1, prompt="p", base_seq=0, enqueued_at=time.time()))
+    waiting = asyncio.create_task(worker._within_lease(turn))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    turn.trust_lease(time.monotonic() + 60)
+    await asyncio.wait_for(waiting, 1.0)
+    turn.trust_lease(0.0)
+    waiting = asyncio.create_task(worker._within_lease(turn))
+    await asyncio.sleep(0)
+    turn.abandon()
+    with pytest.raises(LeaseLost):
+        await asyncio.wait_for(waiting, 1.0)
 
 
 def test_failure_messages_name_the_cause() -> None:

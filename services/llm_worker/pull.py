@@ -1,0 +1,126 @@
+"""Pulling turn requests from JetStream without ever holding one there is no room for.
+
+nats-py's ``fetch(n)`` can return while its pull request still lingers on the
+server (a status message meant for an earlier request ends the wait early),
+and the messages that request goes on delivering wait in the subscription
+until the next fetch, which takes all of them, however many slots are free.
+A worker that fills up meanwhile sits on requests it cannot start while
+another worker idles, until their claim deadline ends them with "no model
+worker was free" (seen with 32 slow turns on two workers of 16 slots).
+
+Here a pull is over before :meth:`RequestPuller.pull` returns: it asks for
+what is there without waiting (``no_wait``), and only if nothing is, waits
+for exactly one. Every pull request has a reply subject of its own, so a
+status that ends an earlier one cannot end the current one. A message that
+arrives while no pull is waiting, or past the room asked for, is handed back
+at once (``nak``) for another worker to take. The pull request
+fields are JetStream's ``CONSUMER.MSG.NEXT`` API (nats-server's
+``consumer.go``, ``processNextMsgRequest``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
+from nats.js.errors import NotFoundError
+
+__all__ = ["RequestPuller"]
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = "100"  # a status that does not end a pull request
+PULL_GRACE_S = 1.0  # past its expiry, the server's end of a pull is taken as lost
+
+
+@dataclass
+class _Pull:
+    reply: str
+    room: int
+    msgs: list[Msg] = field(default_factory=list)
+    over: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class RequestPuller:
+    """Pulls messages of one durable pull consumer, at most as many as the caller has room for."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, *, stream: str, config: ConsumerConfig) -> None:
+        assert config.durable_name is not None
+        self.nc = nc
+        self.js = js
+        self.stream = stream
+        self.config = config
+        self.api_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{config.durable_name}"
+        self._inbox = ""
+        self._sub: Subscription | None = None
+        self._pull: _Pull | None = None
+        self._serial = 0
+
+    async def start(self) -> None:
+        """Create the durable consumer if it does not exist yet, and listen for deliveries."""
+        assert self.config.durable_name is not None
+        try:
+            await self.js.consumer_info(self.stream, self.config.durable_name)
+        except NotFoundError:
+            await self.js.add_consumer(self.stream, self.config)
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    async def pull(self, room: int, *, wait_s: float) -> list[Msg]:
+        """Return up to ``room`` messages: what is waiting, else the first to
+        arrive within ``wait_s``, else none."""
+        msgs = await self._request(room)
+        if msgs:
+            return msgs
+        return await self._request(1, expires_s=wait_s)
+
+    async def _request(self, batch: int, *, expires_s: float | None = None) -> list[Msg]:
+        """One pull request, over when this returns: ``no_wait`` without ``expires_s``."""
+        body: dict[str, object] = {"batch": batch}
+        if expires_s is None:
+            body["no_wait"] = True
+        else:
+            body["expires"] = int(expires_s * 1e9)  # nanoseconds
+        self._serial += 1
+        pull = self._pull = _Pull(reply=f"{self._inbox}.{self._serial}", room=batch)
+        try:
+            await self.nc.publish(self.api_subject, json.dumps(body).encode(), reply=pull.reply)
+            await asyncio.wait_for(pull.over.wait(), (expires_s or 0.0) + PULL_GRACE_S)
+        except TimeoutError:
+            pass  # the server's answer was lost (a reconnect): whatever it sends later is handed back
+        finally:
+            self._pull = None
+        return pull.msgs
+
+    async def _on_msg(self, msg: Msg) -> None:
+        # A status comes on the reply subject of the pull it ends (one for an
+        # earlier pull is stale); a message comes on its stream subject.
+        status = JetStreamContext.is_status_msg(msg)
+        pull = self._pull
+        if status is not None:
+            if pull is not None and msg.subject == pull.reply and status != HEARTBEAT:
+                pull.over.set()  # 404 no messages, 408 expired or requests pending, 409: this pull is over
+            return
+        if pull is None or len(pull.msgs) >= pull.room:
+            await self._hand_back(msg)
+            return
+        pull.msgs.append(msg)
+        if len(pull.msgs) == pull.room:
+            pull.over.set()
+
+    async def _hand_back(self, msg: Msg) -> None:
+        try:
+            await msg.nak()  # redelivered at once, to whichever worker asks next
+        except Exception as exc:  # not acked: redelivered after ack_wait instead
+            log.warning("could not hand back a request: %s", exc, extra={"event": "hand_back_failed"})

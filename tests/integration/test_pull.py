@@ -1,0 +1,89 @@
+"""The worker's request puller against a real nats-server: never more than the room asked for,
+and a delivery nobody asked for is handed back at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+
+from devstack.servers import Server
+from services.llm_worker.pull import RequestPuller
+from tests.stack import WAIT_S
+
+
+@pytest.fixture
+async def jetstream(nats_server: Server) -> AsyncIterator[tuple[NATS, str, ConsumerConfig]]:
+    """A fresh stream and consumer config for each test."""
+    nc = await nats.connect(nats_server.url)
+    name = "T" + uuid.uuid4().hex[:10]
+    await nc.jetstream().add_stream(StreamConfig(name=name, subjects=[f"{name}.requests"]))
+    config = ConsumerConfig(
+        durable_name="workers", filter_subject=f"{name}.requests", ack_policy=AckPolicy.EXPLICIT, ack_wait=30
+    )
+    try:
+        yield nc, name, config
+    finally:
+        await nc.jetstream().delete_stream(name)
+        await nc.close()
+
+
+async def puller(nc: NATS, stream: str, config: ConsumerConfig) -> RequestPuller:
+    pulling = RequestPuller(nc, nc.jetstream(), stream=stream, config=config)
+    await pulling.start()
+    return pulling
+
+
+async def test_a_pull_takes_no_more_than_its_room(jetstream: tuple[NATS, str, ConsumerConfig]) -> None:
+    """Five waiting requests, pulls of room 2: 2, 2, 1, then none after the wait; each exactly once."""
+    nc, stream, config = jetstream
+    requests = await puller(nc, stream, config)
+    for n in range(5):
+        await nc.jetstream().publish(f"{stream}.requests", str(n).encode())
+    seen: list[bytes] = []
+    for expected in (2, 2, 1, 0):
+        msgs = await requests.pull(2, wait_s=0.2)
+        assert len(msgs) == expected
+        for msg in msgs:
+            seen.append(msg.data)
+            await msg.ack()
+    assert seen == [b"0", b"1", b"2", b"3", b"4"]
+    await requests.close()
+
+
+async def test_an_idle_pull_returns_the_first_request_at_once(jetstream: tuple[NATS, str, ConsumerConfig]) -> None:
+    """With nothing waiting, a pull returns as soon as one request arrives, not at the end of its wait."""
+    nc, stream, config = jetstream
+    requests = await puller(nc, stream, config)
+    pulling = asyncio.create_task(requests.pull(16, wait_s=30))
+    await asyncio.sleep(0.1)  # the pull is waiting on the server
+    await nc.jetstream().publish(f"{stream}.requests", b"late")
+    msgs = await asyncio.wait_for(pulling, WAIT_S)
+    assert [m.data for m in msgs] == [b"late"]
+    await requests.close()
+
+
+async def test_a_delivery_for_a_pull_that_is_over_is_handed_back(jetstream: tuple[NATS, str, ConsumerConfig]) -> None:
+    """A request delivered to a worker that did not ask for it (a pull it had given up on) goes back at once,
+    and another worker gets it within moments, not after the 30 s ack wait."""
+    nc, stream, config = jetstream
+    busy = await puller(nc, stream, config)
+    idle = await puller(nc, stream, config)
+    # A pull request with a reply subject of the busy worker's that no pull of its is waiting on.
+    stale = {"batch": 1, "expires": int(WAIT_S * 1e9)}
+    await nc.publish(busy.api_subject, json.dumps(stale).encode(), reply=f"{busy._inbox}.stale")
+    await nc.flush()
+    await nc.jetstream().publish(f"{stream}.requests", b"orphan")
+    msgs: list[object] = []
+    async with asyncio.timeout(5):
+        while not msgs:
+            msgs = await idle.pull(1, wait_s=0.5)
+    assert [m.data for m in msgs] == [b"orphan"]  # type: ignore[attr-defined]
+    await busy.close()
+    await idle.close()
