@@ -9,7 +9,11 @@ in OpenAI's ``length`` finish); ``[forever]`` text as fast as it is read,
 never finishing; ``[stall]`` a role chunk, then silence until the client
 leaves; ``[surrogates]`` an emoji cut into its two UTF-16 halves across two
 events (what proxies that cut by UTF-16 unit send), then lone halves;
-``[bad-delta]`` a ``delta`` that is a list, not an object; anything else a
+``[bad-delta]`` a ``delta`` that is a list, not an object; ``[keepalive]``
+one delta, then only comments and empty deltas, never closing;
+``[finish-then-idle]`` an answer and its finish, then keep-alives, never
+``[DONE]`` nor the end of the response; ``[burst:N]`` a delta, then N bytes of
+text and the finish in one write (a model far faster than delivery); anything else a
 normal answer whose SSE events are split across writes, merged into one
 write, and interleaved with keep-alive comments.
 """
@@ -94,6 +98,25 @@ class FakeOpenAI:
         if "[bad-delta]" in prompt:
             yield _delta("before")
             yield _event({"choices": [{"index": 0, "delta": ["not", "an", "object"], "finish_reason": None}]})
+            yield b"data: [DONE]\n\n"
+            return
+        if "[keepalive]" in prompt:
+            yield _delta("hold on")
+            while True:
+                yield b": still here\n\n"
+                yield _event({"choices": [{"index": 0, "delta": {}, "finish_reason": None}]})
+                await asyncio.sleep(0.2)
+        if "[finish-then-idle]" in prompt:
+            yield _delta("all done")
+            yield _event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            while True:
+                yield b": idle\n\n"
+                await asyncio.sleep(0.2)
+        if burst := re.search(r"\[burst:(\d+)\]", prompt):
+            yield _delta("first")
+            await asyncio.sleep(0.05)
+            blocks = [_delta(TEXT_BLOCK)] * (int(burst.group(1)) // len(TEXT_BLOCK))
+            yield b"".join([*blocks, _event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})])
             yield b"data: [DONE]\n\n"
             return
         if "[long]" in prompt:

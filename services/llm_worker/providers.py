@@ -158,8 +158,11 @@ class OpenAICompatible:
                         f"The model API answered HTTP {response.status_code}{detail}. "
                         "Try again, or check the model settings."
                     )
+                if "json" in response.headers.get("content-type", ""):
+                    # A JSON body instead of a stream: an error some servers send with 200.
+                    detail = await _error_detail(response)
+                    raise UpstreamError(f"The model API answered with JSON, not a stream{detail}. Try again.")
                 decoder = SSEDecoder()
-                finish_reason: str | None = None
                 async for raw in response.aiter_raw():
                     try:
                         events = decoder.feed(raw)
@@ -167,52 +170,68 @@ class OpenAICompatible:
                         raise UpstreamError("The model API sent an event too large to read. Try again.") from None
                     for event in events:
                         if event.data.strip() == "[DONE]":
-                            yield Delta(finish_reason=finish_reason or "stop")
+                            yield Delta(finish_reason="stop")
                             return
                         delta = _parse_event(event.data)
                         if delta.text:
                             yield Delta(text=delta.text)
                         if delta.finish_reason:
-                            finish_reason = delta.finish_reason
-                if finish_reason is not None:
-                    # Some servers end the stream without [DONE].
-                    yield Delta(finish_reason=finish_reason)
-                    return
+                            # The answer is complete: whatever follows ([DONE], or
+                            # keep-alives from a server that never closes) is not awaited.
+                            yield Delta(finish_reason=delta.finish_reason)
+                            return
                 raise UpstreamError("The model API ended the answer early. Try again.")
 
 
 def _parse_event(data: str) -> Delta:
+    """One ``chat.completion.chunk`` event as a Delta.
+
+    Raises:
+        UpstreamError: the event is not JSON, is an error, or has a shape no
+            OpenAI-compatible server sends (the message says so, instead of
+            the worker's exception).
+    """
     try:
         payload = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise UpstreamError("The model API sent malformed data. Try again.") from None
     if not isinstance(payload, dict):
         raise UpstreamError("The model API sent malformed data. Try again.")
-    if "error" in payload:
-        error = payload["error"]
+    error = payload.get("error")
+    if error:  # "error": null is no error
         message = error.get("message") if isinstance(error, dict) else error
         raise UpstreamError(f"The model API reported an error: {_short(str(message))}")
-    choices = payload.get("choices") or []
-    if not choices or not isinstance(choices[0], dict):
-        return Delta()
-    choice = choices[0]
-    content = (choice.get("delta") or {}).get("content") or ""
-    reason = choice.get("finish_reason")
-    if reason not in (None, "stop", "length"):
+    try:
+        choices = payload.get("choices") or []
+        if not choices or not isinstance(choices[0], dict):
+            return Delta()
+        choice = choices[0]
+        content = (choice.get("delta") or {}).get("content") or ""
+        reason = choice.get("finish_reason")
+    except (AttributeError, TypeError, KeyError):
+        raise UpstreamError("The model API sent an event of an unexpected shape. Try again.") from None
+    if not reason:
+        reason = None  # null, or the "" some proxies send on every chunk
+    elif reason not in ("stop", "length"):
         reason = "stop"  # tool_calls, content_filter: the text part ended
     return Delta(text=content if isinstance(content, str) else "", finish_reason=reason)
 
 
-async def _error_detail(response: httpx.Response) -> str:
+async def _error_detail(response: httpx.Response, *, max_bytes: int = 4096) -> str:
+    """The error message in the first ``max_bytes`` of a failed response's body, as ``": …"``."""
+    raw = b""
     try:
-        raw = await response.aread()
+        async for part in response.aiter_bytes():
+            raw += part
+            if len(raw) >= max_bytes:
+                break
     except httpx.HTTPError:
         return ""
     try:
-        payload = json.loads(raw[:4096])
+        payload = json.loads(raw[:max_bytes])
         error = payload.get("error", payload) if isinstance(payload, dict) else payload
         message = error.get("message") if isinstance(error, dict) else error
-    except ValueError:
+    except (ValueError, RecursionError):
         message = raw[:200].decode("utf-8", errors="replace")
     return f": {_short(str(message))}" if message else ""
 

@@ -33,7 +33,7 @@ def ends_stack(fake: FakeOpenAI, redis_server: Server) -> Iterator[Stack]:
     env = {
         "CHAT_MODEL_PROVIDER": "openai",
         "CHAT_OPENAI_BASE_URL": fake.url,  # type: ignore[attr-defined]
-        "CHAT_UPSTREAM_READ_TIMEOUT_S": "30",
+        "CHAT_UPSTREAM_READ_TIMEOUT_S": "3",
         "CHAT_MAX_ANSWER_BYTES": str(ANSWER_CAP),
         "CHAT_MAX_TURNS_PER_USER": "1",
     }
@@ -116,6 +116,38 @@ async def test_a_malformed_event_ends_the_turn_at_once(ends_stack: Stack, eclien
     assert time.monotonic() - started < 5  # the lease is 10 s: this was not the reaper
     _, _, again = await client.turn("[text:5:stop]")
     assert again["reason"] == "stop"
+
+
+async def test_a_model_that_sends_no_text_is_stalled(ends_stack: Stack, eclients: Clients) -> None:
+    """Keep-alive comments and empty deltas are not progress: after CHAT_UPSTREAM_READ_TIMEOUT_S (3 s here)
+    without text the turn ends with an error saying so, and the session goes on."""
+    client, _ = await eclients.open(new_session())
+    _, text, done = await client.turn("[keepalive]")
+    assert text == "hold on" and done["reason"] == "error" and "no text for 3 s" in done["message"]
+    _, _, again = await client.turn("[text:5:stop]")
+    assert again["reason"] == "stop"
+
+
+async def test_a_finish_ends_the_turn_without_waiting_for_the_stream_to_close(ends_stack: Stack, eclients: Clients) -> None:
+    """A server that sends the finish, then keep-alives, and never [DONE] nor EOF: the turn ends at the finish."""
+    client, _ = await eclients.open(new_session())
+    started = time.monotonic()
+    _, text, done = await client.turn("[finish-then-idle]")
+    assert (text, done["reason"]) == ("all done", "stop")
+    assert time.monotonic() - started < 3  # not the stall timeout
+
+
+async def test_a_stop_beats_what_the_model_already_sent(ends_stack: Stack, eclients: Clients) -> None:
+    """A model far faster than delivery has its whole answer and finish queued at the worker; a stop
+    accepted meanwhile still ends the turn stopped, and what was queued is not published after it."""
+    client, _ = await eclients.open(new_session())
+    await client.send({"type": "chat", "prompt": "[burst:1150000]"})
+    for _ in range(3):
+        await client.until("chunk")
+    await client.send({"type": "stop"})
+    done = await client.until("done", wait_s=3 * WAIT_S)
+    assert done["reason"] == "stopped"
+    assert len(client.texts().encode()) < 1_150_000
 
 
 async def test_stop_while_the_model_has_sent_nothing(ends_stack: Stack, eclients: Clients, fake: FakeOpenAI) -> None:

@@ -3,6 +3,7 @@ stream parsing and error mapping (httpx.MockTransport, no sockets)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 
@@ -60,6 +61,22 @@ async def test_parses_split_merged_and_commented_events() -> None:
     assert await collect(provider(handler).stream([Message("user", "x")])) == ("Hello", "stop")
 
 
+async def test_a_finish_ends_the_stream_without_waiting_for_more() -> None:
+    """After finish_reason the answer is complete: keep-alives that follow (a server that never sends
+    [DONE] nor closes) are not awaited; "error": null and finish_reason "" are no error and no finish."""
+
+    async def endless() -> AsyncIterator[bytes]:
+        yield b'data: {"choices":[{"delta":{"content":"a"},"finish_reason":""}],"error":null}\n\n'
+        yield b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'
+        while True:
+            yield b": keep-alive\n\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=endless(), headers={"content-type": "text/event-stream"})
+
+    assert await asyncio.wait_for(collect(provider(handler).stream([])), 5) == ("a", "stop")
+
+
 async def test_finish_reason_length_is_kept() -> None:
     """finish_reason length ends the turn with length."""
     final = b'data: {"choices":[{"delta":{},"finish_reason":"length"}]}\n\n'
@@ -74,10 +91,15 @@ async def test_finish_reason_length_is_kept() -> None:
         (sse_body(delta("a"), b'data: {"error": {"message": "quota"}}\n\n'), "quota"),
         (sse_body(b"data: {not json\n\n"), "malformed"),
         (sse_body(delta("a")), "ended the answer early"),
+        (sse_body(delta("a"), b'data: {"choices":[{"delta":"text"}]}\n\n'), "unexpected shape"),
+        (sse_body(b'data: {"choices":5}\n\n'), "unexpected shape"),
+        (sse_body(b"data: " + b"[" * 100_000 + b"\n\n"), "malformed"),
+        (lambda r: httpx.Response(200, json={"error": {"message": "You exceeded your quota"}}), "exceeded your quota"),
     ],
 )
 async def test_upstream_errors_become_user_messages(handler, needle: str) -> None:  # type: ignore[no-untyped-def]
-    """HTTP errors, error payloads, bad JSON and early EOF raise UpstreamError with an actionable message."""
+    """HTTP errors, error payloads (also as a 200 JSON body), bad or odd-shaped JSON and early EOF raise
+    UpstreamError with a message naming the model API, not a worker exception."""
     with pytest.raises(UpstreamError, match=needle):
         await collect(provider(handler).stream([Message("user", "x")]))
 
