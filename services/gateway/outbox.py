@@ -32,15 +32,19 @@ class Outbox(Generic[T]):
         if self.overflowed.is_set():
             return
         if len(self.items) >= self.maxsize:
-            self.items.clear()
-            self.overflowed.set()
-            self.ready.set()
-            self.half_empty.set()
+            self.overflow()
             return
         self.items.append(item)
         self.ready.set()
         if len(self.items) > self.maxsize // 2:
             self.half_empty.clear()
+
+    def overflow(self) -> None:
+        """Give up on this reader: drop what is queued; :meth:`get` returns None."""
+        self.items.clear()
+        self.overflowed.set()
+        self.ready.set()
+        self.half_empty.set()
 
     async def get(self) -> T | None:
         """The next item, or None once overflowed."""

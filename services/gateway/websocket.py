@@ -163,6 +163,7 @@ class Connection:
         self.bucket = TokenBucket(rate_per_s=limits.frames_per_s, burst=limits.frame_burst)
         self.over_limit = 0
         self.close_with: tuple[int, str] | None = None  # set by a task that ends the connection
+        self.held: list[Send] | None = None  # the feed's frames held while a chat is being answered
         self.outbox: Outbox[str] = Outbox(gateway.settings.limits.send_queue_frames)
         # The original client tracks no seq: it gets what is generated from now on.
         cursor = meta.hwm if handshake.compat else handshake.last_seq
@@ -172,6 +173,14 @@ class Connection:
         self.outbox.put(encode(frame).decode())
 
     def emit(self, send: Send) -> None:
+        if self.held is not None:
+            # A chat is being answered: its accepted goes out before any frame
+            # of the turn it starts (a worker may be quicker than the reply).
+            if len(self.held) >= self.outbox.maxsize:
+                self.outbox.overflow()  # as a full send queue: the client resumes by replay
+            else:
+                self.held.append(send)
+            return
         if not self.compat:
             self.outbox.put(send.data.decode())
             return
@@ -326,10 +335,16 @@ class Connection:
                 case ProtocolError():
                     raise frame
                 case Chat(prompt=prompt, id=chat_id):
-                    result = await gateway.start_turn(
-                        self.session, prompt, client_id=chat_id, user=self.principal.user
-                    )
-                    self.send(Accepted(id=chat_id, turn=result.turn))
+                    self.held = []
+                    try:
+                        result = await gateway.start_turn(
+                            self.session, prompt, client_id=chat_id, user=self.principal.user
+                        )
+                        self.send(Accepted(id=chat_id, turn=result.turn))
+                    finally:
+                        held, self.held = self.held, None
+                        for send in held:
+                            self.emit(send)
                 case protocol.Pause():
                     self.feed.submit(LocalPause(await gateway.pause(self.session)))
                 case protocol.Resume():

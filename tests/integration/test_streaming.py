@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from tests.stack import WAIT_S, Bus, Clients, Stack, history, new_session
+import asyncio
+import uuid
+
+from devstack.servers import Server
+from tests.stack import WAIT_S, Bus, Client, Clients, Stack, history, isolated_stack, new_session
 
 
 async def test_three_turn_conversation_matches_history(stack: Stack, clients: Clients) -> None:
@@ -156,3 +160,23 @@ async def test_new_session_id_when_omitted(stack: Stack, clients: Clients) -> No
 def test_wait_budget_is_positive() -> None:
     """The scaled wait is usable (guards a bad CHAT_TEST_TIMEOUT_FACTOR)."""
     assert WAIT_S > 0
+
+
+async def test_accepted_comes_before_its_turns_frames(redis_server: Server) -> None:
+    """A worker can be quicker than the gateway's reply to a chat; still, on the connection that sent
+    the chat, accepted arrives before any frame of the turn it started (100 connections of short turns
+    keep the gateway busy enough for the worker to win the race often)."""
+    env = {"CHAT_DEMO_TOKENS_PER_S": "5000", "CHAT_DEMO_ANSWER_TOKENS": "3"}
+    with isolated_stack(redis_server.url, env) as stack:
+        stack.start_worker()
+        async with Clients(stack) as clients:
+
+            async def turns(client: Client) -> None:
+                for _ in range(15):
+                    await client.send({"type": "chat", "prompt": "quick", "id": uuid.uuid4().hex})
+                    frame = await client.recv()
+                    assert frame["type"] == "accepted", f"{frame} came before accepted"
+                    await client.until("done")
+
+            opened = [(await clients.open(new_session()))[0] for _ in range(100)]
+            await asyncio.gather(*(turns(client) for client in opened))
