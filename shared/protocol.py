@@ -226,8 +226,8 @@ def decode_client_frame(data: str | bytes) -> ClientFrame:
     by :func:`validate_prompt`, so the error can name the chat's id.
 
     Raises:
-        ProtocolError: malformed JSON, unknown ``type``, missing or extra
-            fields, wrong types, an over-long chat id.
+        ProtocolError: malformed or too deeply nested JSON, unknown
+            ``type``, missing or extra fields, wrong types, an over-long chat id.
     """
     try:
         frame: ClientFrame = _client_decoder.decode(data)
@@ -235,6 +235,8 @@ def decode_client_frame(data: str | bytes) -> ClientFrame:
         raise ProtocolError(f"invalid frame: {exc}") from None
     except msgspec.DecodeError:
         raise ProtocolError("malformed JSON") from None
+    except RecursionError:  # msgspec's guard against deeply nested input
+        raise ProtocolError("JSON nested too deeply") from None
     if isinstance(frame, Chat) and frame.id is not None and len(frame.id) > MAX_CLIENT_ID_CHARS:
         raise ProtocolError(f"chat id longer than {MAX_CLIENT_ID_CHARS} characters")
     return frame
@@ -271,7 +273,7 @@ def decode_compat_frame(data: str | bytes) -> CompatAction | None:
     heartbeat), or None for anything else, which is ignored."""
     try:
         frame = _compat_decoder.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     if frame.action == "pause":
         return "pause"

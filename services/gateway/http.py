@@ -46,6 +46,8 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         value = json.loads(body)
     except ValueError:
         raise ProtocolError("malformed JSON") from None
+    except RecursionError:
+        raise ProtocolError("JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise ProtocolError("expected a JSON object")
     return value

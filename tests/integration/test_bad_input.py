@@ -30,10 +30,11 @@ async def _still_alive(client) -> None:  # type: ignore[no-untyped-def]
         ('["chat"]', "Expected `object`"),
         ('{"type":"pause","extra":1}', "unknown field"),
         ('"just a string"', "Expected `object`"),
+        ('{"type":"ping","t":' + "[" * 3000 + "]" * 3000 + "}", "nested too deeply"),
     ],
 )
 async def test_malformed_frames_get_invalid(clients: Clients, payload: str, needle: str) -> None:
-    """Malformed JSON, unknown type, missing or wrong fields: error invalid, connection open."""
+    """Malformed or too deeply nested JSON, unknown type, missing or wrong fields: error invalid, connection open."""
     client, _ = await clients.open(new_session())
     await client.ws.send(payload)
     error = await client.until("error")
@@ -145,7 +146,7 @@ async def test_unknown_subprotocol_refused(stack: Stack) -> None:
 
 
 async def test_http_bad_bodies(stack: Stack) -> None:
-    """POST /api/chat refuses malformed JSON, non-objects, bad prompts and huge bodies."""
+    """POST /api/chat refuses malformed or too deeply nested JSON, non-objects, bad prompts and huge bodies."""
     async with httpx.AsyncClient(base_url=stack.http_url) as http:
         cases = [
             (b"{nope", 400, "invalid"),
@@ -154,6 +155,8 @@ async def test_http_bad_bodies(stack: Stack) -> None:
             (json.dumps({"prompt": ""}).encode(), 400, "invalid"),
             (json.dumps({"prompt": "z" * 16_001}).encode(), 413, "too_big"),
             (json.dumps({"prompt": "z" * 70_000}).encode(), 413, "too_big"),
+            (b'{"prompt":' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid"),
+            (json.dumps({"prompt": "half \ud83d"}).encode(), 400, "invalid"),  # valid JSON, not valid Unicode
         ]
         for body, status, code in cases:
             response = await http.post("/api/chat", content=body, headers={"Content-Type": "application/json"})

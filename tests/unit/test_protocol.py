@@ -59,6 +59,7 @@ def test_decodes_every_client_frame(data: str, expected: object) -> None:
         ('{"type":"chat","prompt":"x","id":"' + "i" * 129 + '"}', "invalid"),
         ('{"type":"ack","seq":"3"}', "invalid"),
         ('{"type":"stop","turn":1}', "invalid"),
+        ('{"type":"ping","t":' + "[" * 5000 + "]" * 5000 + "}", "invalid"),  # nested past msgspec's guard
     ],
 )
 def test_rejects_bad_frames_with_code(data: str, code: str) -> None:
