@@ -224,11 +224,11 @@ class Clients:
             await client.ws.close()
 
 
-async def history(stack: Stack, session: str, *, gateway: int = 0, token: str | None = None) -> dict[str, Any]:
-    """The session's history from the stack's ``gateway``-th gateway."""
-    port = stack.gateways[gateway].env["CHAT_PORT"]
+async def history(stack: Stack, session: str, *, gateway: int | None = None, token: str | None = None) -> dict[str, Any]:
+    """The session's history from the stack's ``gateway``-th gateway (default: the one ``stack.port`` names)."""
+    url = stack.http_url if gateway is None else f"http://127.0.0.1:{stack.gateways[gateway].env['CHAT_PORT']}"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as http:
+    async with httpx.AsyncClient(base_url=url, headers=headers) as http:
         response = await http.get(f"/api/sessions/{session}/history")
         response.raise_for_status()
         result: dict[str, Any] = response.json()

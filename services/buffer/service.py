@@ -127,7 +127,7 @@ def _reaped_end(meta: SessionMeta) -> tuple[str, str | None, str | None, str]:
     """How a reaper ends the active turn: (reason, message, code, cause for the metric)."""
     if meta.stop_turn is not None and meta.stop_turn == meta.active_turn:
         return "stopped", None, None, "stopped"
-    if not meta.claimed:
+    if not meta.lapsed_worker:  # its lease was the claim deadline: no worker ever took it
         return "error", "No model worker was free in time. Please try again.", "unavailable", "unclaimed"
     if meta.failure:
         return "error", meta.failure, None, "abandoned"
@@ -217,7 +217,9 @@ class Buffer:
         await self.js.publish(
             generated_subject(session), protocol.encode(TurnEnd(done=done, user=meta.turn_user)), headers=headers, timeout=5
         )
-        log.warning(
+        # A stop before any worker took the turn is routine; the other causes are failures.
+        log.log(
+            logging.INFO if cause == "stopped" else logging.WARNING,
             "ended an abandoned turn",
             extra={"session": session, "turn": meta.active_turn, "event": "turn_reaped", "cause": cause},
         )
