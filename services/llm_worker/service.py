@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 
 PUBLISH_RETRY_S = 0.25
 PUBLISH_GIVE_UP_S = 120.0
-FETCH_MAX = 64  # turn requests taken per fetch, at most
+PULL_MAX = 64  # turn requests taken per pull, at most
 # A chunk's text is at most this many UTF-8 bytes: coalesced or huge model
 # deltas are split, so no frame nears NATS's max_payload (1 MiB by default)
 # or a client's frame limit.
@@ -181,7 +181,7 @@ class Worker:
                     msgs = await requests.pull(slots, wait_s=1.0)
                 except Exception as exc:  # broker restart: wait it out
                     self._release(slots)
-                    log.warning("fetch failed: %s", exc, extra={"event": "fetch_failed"})
+                    log.warning("pull failed: %s", exc, extra={"event": "pull_failed"})
                     await asyncio.sleep(PUBLISH_RETRY_S)
                     continue
                 self._release(slots - len(msgs))
@@ -196,11 +196,11 @@ class Worker:
 
     async def _free_slots(self) -> int:
         """Wait for one free slot, then take every other free one (up to a
-        fetch's worth): one fetch per burst of requests, not one per turn,
+        pull's worth): one pull per burst of requests, not one per turn,
         or claiming turns falls behind under a burst of new chats."""
         await self.capacity.acquire()
         slots = 1
-        while slots < FETCH_MAX and not self.capacity.locked():
+        while slots < PULL_MAX and not self.capacity.locked():
             await self.capacity.acquire()  # free: returns at once
             slots += 1
         return slots
