@@ -13,7 +13,8 @@ events (what proxies that cut by UTF-16 unit send), then lone halves;
 one delta, then only comments and empty deltas, never closing;
 ``[finish-then-idle]`` an answer and its finish, then keep-alives, never
 ``[DONE]`` nor the end of the response; ``[burst:N]`` a delta, then N bytes of
-text and the finish in one write (a model far faster than delivery); anything else a
+text and the finish in one write (a model far faster than delivery);
+``[gated]`` a delta, then the finish once the test sets ``gate``; anything else a
 normal answer whose SSE events are split across writes, merged into one
 write, and interleaved with keep-alive comments.
 """
@@ -52,6 +53,7 @@ class FakeOpenAI:
         self.requests: list[dict] = []  # type: ignore[type-arg]
         self.disconnected = threading.Event()
         self.requested = threading.Event()  # a completion request arrived
+        self.gate = threading.Event()  # a "[gated]" answer finishes once this is set
         self.authorization: list[str | None] = []
         self.app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
 
@@ -99,6 +101,11 @@ class FakeOpenAI:
             yield _delta("before")
             yield _event({"choices": [{"index": 0, "delta": ["not", "an", "object"], "finish_reason": None}]})
             yield b"data: [DONE]\n\n"
+            return
+        if "[gated]" in prompt:
+            yield _delta("waiting")
+            await asyncio.to_thread(self.gate.wait)
+            yield _event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
             return
         if "[keepalive]" in prompt:
             yield _delta("hold on")

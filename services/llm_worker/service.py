@@ -105,6 +105,7 @@ class Turn:
     chunks: int = 0
     stop_requested: bool = False
     reaped: bool = False  # the lease is no longer ours (a reaper ends the turn): publish nothing more
+    ending: bool = False  # its done is being published: the record may let the turn go any moment
     started_at: float = 0.0  # monotonic, for the time to first token
     producer: asyncio.Task[None] | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
@@ -290,33 +291,38 @@ class Worker:
         """Run one claimed turn to exactly one ``done``, whatever happens."""
         request = turn.request
         extra = {"session": request.session, "turn": request.turn, "trace": turn.trace}
+        # The keeper runs until the done is out: the done, like any frame,
+        # waits for a trusted lease, and only the keeper can renew it.
         keeper = asyncio.create_task(self._keep_lease(turn))
         cancelled = False
         ending: Ending | None = None  # None: nothing more can be published, a reaper ends the turn
         try:
-            ending = await self._answer(turn)
-        except asyncio.CancelledError:
-            # The worker is shutting down: end the turn cleanly rather than leave it open.
-            cancelled = True
-            ending = Ending("error", "The model worker restarted before the answer finished. Please send it again.")
-        except (PublishFailed, LeaseLost):
-            pass
-        except Exception as exc:
-            log.error("turn failed", exc_info=exc, extra={**extra, "event": "turn_failed"})
-            ending = Ending("error", failure_message(exc))
+            try:
+                ending = await self._answer(turn)
+            except asyncio.CancelledError:
+                # The worker is shutting down: end the turn cleanly rather than leave it open.
+                cancelled = True
+                ending = Ending("error", "The model worker restarted before the answer finished. Please send it again.")
+            except (PublishFailed, LeaseLost):
+                pass
+            except Exception as exc:
+                log.error("turn failed", exc_info=exc, extra={**extra, "event": "turn_failed"})
+                ending = Ending("error", failure_message(exc))
+            finally:
+                if turn.producer is not None:
+                    turn.producer.cancel()
+            if not turn.reaped:
+                turn.ending = True
+                if ending is not None:
+                    await self._end(turn, ending)
+                else:
+                    await self._abandon(turn)
         finally:
             # The lease keeper must not outlive the turn: a renewal after the
             # turn's end would misreport it as lost (and a Redis call may
             # swallow the cancellation, redis/redis-py#2028, #2551).
             turn.finished.set()
             keeper.cancel()
-            if turn.producer is not None:
-                turn.producer.cancel()
-        if not turn.reaped:
-            if ending is not None:
-                await self._end(turn, ending)
-            else:
-                await self._abandon(turn)
         if cancelled:
             raise asyncio.CancelledError
 
@@ -373,7 +379,8 @@ class Worker:
             if turn.finished.is_set():
                 return  # ended meanwhile: the record may already say so
             if not renewal.ours:
-                log.warning("lease lost; abandoning the turn", extra={"session": request.session, "turn": request.turn})
+                if not turn.ending:  # else its done was stored meanwhile, or a reaper's will be
+                    log.warning("lease lost; abandoning the turn", extra={"session": request.session, "turn": request.turn})
                 turn.abandon()
                 return
             turn.trust_lease(sent_at + lease_s * LEASE_TRUSTED_FRACTION)

@@ -13,6 +13,7 @@ import pytest
 
 from devstack.servers import Server
 from tests.fake_openai import FakeOpenAI, serve_in_thread
+from tests.faultproxy import FaultProxy
 from tests.stack import WAIT_S, Client, Clients, Stack, history, isolated_stack, new_session
 
 ANSWER_CAP = 1_200_000  # above the 1.05 MB runaway answer, so the model's own "length" is what ends it
@@ -271,3 +272,31 @@ async def test_no_lease_is_lost_after_its_turn(redis_server: Server) -> None:
             await asyncio.sleep(1.0)
         logs = "".join(process.output() for process in stack.processes)
     assert "lease lost" not in logs and "turn_reaped" not in logs
+
+
+async def test_a_done_that_waits_for_redis_still_frees_the_worker(fake: FakeOpenAI, redis_server: Server) -> None:
+    """The model finishes while its worker cannot reach Redis (so its lease is not trusted): the turn
+    still gets one done, from the worker once Redis is back or from a reaper, and the worker's only
+    slot is free again for the next turn."""
+    env = {
+        "CHAT_MODEL_PROVIDER": "openai", "CHAT_OPENAI_BASE_URL": fake.url,  # type: ignore[attr-defined]
+        "CHAT_WORKER_CONCURRENCY": "1", "CHAT_LEASE_S": "1", "CHAT_REAP_INTERVAL_S": "0.1",
+    }
+    redis_port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    async with FaultProxy("127.0.0.1", redis_port) as proxy:
+        with isolated_stack(redis_server.url, env, worker=False) as stack:
+            stack.start_worker({"CHAT_REDIS_URL": stack.env["CHAT_REDIS_URL"].replace(f":{redis_port}/", f":{proxy.port}/")})
+            async with Clients(stack) as clients:
+                client, _ = await clients.open(new_session())
+                fake.gate.clear()
+                await client.send({"type": "chat", "prompt": "[gated]", "id": "a"})
+                await client.until("chunk")
+                proxy.refuse = True
+                proxy.cut_all()
+                await asyncio.sleep(1.0)  # a lease's length without Redis: the worker no longer trusts it
+                fake.gate.set()  # the model finishes now; its done must wait for the lease
+                proxy.refuse = False
+                done = await client.until("done")
+                assert done["turn"] == 1
+                _, text, again = await client.turn("[text:5:stop]")  # needs the worker's one slot
+                assert (text, again["reason"]) == ("0000 ", "stop")
