@@ -76,6 +76,7 @@ MAX_MESSAGE_CHARS = 500  # a done's error message
 # host and a reaper's, and the renewal's own latency.
 LEASE_TRUSTED_FRACTION = 2 / 3
 LEASE_RETRY_S = 0.5  # how soon a failed renewal is tried again once the lease is no longer trusted
+DRAIN_END_S = 5.0  # on shutdown, how long the done of an interrupted turn may take to go out
 
 
 class PublishFailed(BrokerUnavailable):
@@ -218,7 +219,14 @@ class Worker:
         _, unfinished = await asyncio.wait(self.turns, timeout=self.settings.drain_timeout_s)
         for task in unfinished:
             task.cancel()  # generate() publishes the turn's done/error before it ends
-        await asyncio.gather(*unfinished, return_exceptions=True)
+        if not unfinished:
+            return
+        _, stuck = await asyncio.wait(unfinished, timeout=DRAIN_END_S)
+        for task in stuck:
+            # Its done cannot go out (no trusted lease, or JetStream away): stop
+            # trying; the lease runs out and a reaper ends the turn.
+            task.cancel()
+        await asyncio.gather(*stuck, return_exceptions=True)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.turns.discard(task)

@@ -196,3 +196,26 @@ async def test_a_worker_cut_off_from_redis_publishes_nothing_after_the_reaper(re
                 assert (await client.until("done"))["turn"] == 2
                 record = await history(stack, session)
                 assert [(t["turn"], t["answer"]) for t in record["turns"]] == [(1, client.texts(1)), (2, client.texts(2))]
+
+
+async def test_a_worker_cut_off_from_redis_still_shuts_down(redis_server: Server) -> None:
+    """SIGTERM to a worker whose Redis is gone mid-turn: it cannot publish the turn's done (its lease is
+    not trusted), so it gives up within its bounds and exits; a reaper ends the turn."""
+    env = {"CHAT_LEASE_S": "1", "CHAT_REAP_INTERVAL_S": "0.1", "CHAT_DRAIN_TIMEOUT_S": "0.5",
+           "CHAT_DEMO_TOKENS_PER_S": "50", "CHAT_DEMO_ANSWER_TOKENS": "4000"}
+    redis_port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    async with FaultProxy("127.0.0.1", redis_port) as proxy:
+        with isolated_stack(redis_server.url, env, worker=False) as stack:
+            worker = stack.start_worker({"CHAT_REDIS_URL": stack.env["CHAT_REDIS_URL"].replace(f":{redis_port}/", f":{proxy.port}/")})
+            async with Clients(stack) as clients:
+                client, _ = await clients.open(new_session())
+                await client.send({"type": "chat", "prompt": "cut off, then told to stop", "id": "a"})
+                await client.until("chunk")
+                proxy.refuse = True
+                proxy.cut_all()
+                await asyncio.sleep(1.0)  # a lease's length without Redis: the worker no longer trusts it
+                worker.signal(signal.SIGTERM)
+                assert worker.process is not None
+                assert await asyncio.to_thread(worker.process.wait, 15) in (0, -signal.SIGTERM)
+                done = await client.until("done")
+                assert (done["turn"], done["reason"]) == (1, "error")
