@@ -73,6 +73,7 @@ ErrorCode = Literal[
 ]
 
 MAX_CLIENT_ID_CHARS = 128
+MAX_PING_NESTING = 32  # a ping's ``t`` is echoed: msgspec encodes less depth than it decodes
 
 
 class _ClientFrame(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, frozen=True):
@@ -239,7 +240,21 @@ def decode_client_frame(data: str | bytes) -> ClientFrame:
         raise ProtocolError("JSON nested too deeply") from None
     if isinstance(frame, Chat) and frame.id is not None and len(frame.id) > MAX_CLIENT_ID_CHARS:
         raise ProtocolError(f"chat id longer than {MAX_CLIENT_ID_CHARS} characters")
+    if isinstance(frame, Ping) and _nested_deeper(frame.t, MAX_PING_NESTING):
+        raise ProtocolError(f"ping 't' nested deeper than {MAX_PING_NESTING} levels")
     return frame
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` has arrays or objects nested more than ``limit`` deep (iteratively)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return True
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def decode_server_frame(data: str | bytes) -> ServerFrame:

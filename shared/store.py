@@ -74,8 +74,10 @@ if ARGV[5] ~= '' then
 end
 local turn = redis.call('HINCRBY', KEYS[1], 'turns', 1)
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1], 'cid', ARGV[3], 'cdigest', ARGV[4], 'cturn', turn,
-  'tuser', ARGV[5])
+redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1], 'tuser', ARGV[5])
+if ARGV[3] ~= '' then  -- the last chat that had an id: a chat without one cannot be resent
+  redis.call('HSET', KEYS[1], 'cid', ARGV[3], 'cdigest', ARGV[4], 'cturn', turn)
+end
 redis.call('HDEL', KEYS[1], 'stop', 'worker', 'fail', 'lapsed')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[9], ARGV[8])

@@ -30,7 +30,6 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
-from nats.js.errors import NotFoundError
 
 __all__ = ["RequestPuller"]
 
@@ -64,12 +63,9 @@ class RequestPuller:
         self._serial = 0
 
     async def start(self) -> None:
-        """Create the durable consumer if it does not exist yet, and listen for deliveries."""
-        assert self.config.durable_name is not None
-        try:
-            await self.js.consumer_info(self.stream, self.config.durable_name)
-        except NotFoundError:
-            await self.js.add_consumer(self.stream, self.config)
+        """Create the durable consumer, or bring an existing one's settings
+        (``ack_wait``) up to date, and listen for deliveries."""
+        await self.js.add_consumer(self.stream, self.config)
         self._inbox = self.nc.new_inbox()
         self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
 

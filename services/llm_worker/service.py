@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 PUBLISH_RETRY_S = 0.25
 PUBLISH_GIVE_UP_S = 120.0
 PULL_MAX = 64  # turn requests taken per pull, at most
+REQUEST_ACK_WAIT_S = 5.0
 # A chunk's text is at most this many UTF-8 bytes: coalesced or huge model
 # deltas are split, so no frame nears NATS's max_payload (1 MiB by default)
 # or a client's frame limit.
@@ -167,7 +168,10 @@ class Worker:
                 durable_name=CONSUMER_WORKERS,
                 filter_subject=SUBJECT_REQUESTS,
                 ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=30,
+                # A worker acks a request as soon as it has claimed it, within
+                # milliseconds; one that froze or died holding a request gives
+                # it back to the others after this, well inside the queue timeout.
+                ack_wait=REQUEST_ACK_WAIT_S,
                 max_ack_pending=-1,
             ),
         )
@@ -199,8 +203,15 @@ class Worker:
     async def _free_slots(self) -> int:
         """Wait for one free slot, then take every other free one (up to a
         pull's worth): one pull per burst of requests, not one per turn,
-        or claiming turns falls behind under a burst of new chats."""
-        await self.capacity.acquire()
+        or claiming turns falls behind under a burst of new chats. Returns 0
+        if the worker is told to stop first: a full worker still drains."""
+        acquiring = asyncio.create_task(self.capacity.acquire())
+        stopping = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not acquiring.done():
+            acquiring.cancel()  # a cancelled acquire takes no slot
+            return 0
         slots = 1
         while slots < PULL_MAX and not self.capacity.locked():
             await self.capacity.acquire()  # free: returns at once

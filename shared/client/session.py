@@ -138,6 +138,7 @@ class SessionState:
         self.paused = False
         self.queue: deque[ClientFrame] = deque()
         self.unacknowledged: dict[str, Chat] = {}
+        self.sent: set[str] = set()  # ids of unacknowledged chats written to some connection
         self.want_paused: bool | None = None
         self._to_send: list[str] = []
 
@@ -173,6 +174,8 @@ class SessionState:
             self.want_paused = False
         if self.ready:
             self._to_send.append(encode(frame).decode())
+            if isinstance(frame, Chat):
+                self.sent.add(frame.id)  # type: ignore[arg-type]
         elif isinstance(frame, Chat):
             pass  # resent from ``unacknowledged`` once ready
         elif isinstance(frame, (Pause, Resume)):
@@ -210,6 +213,7 @@ class SessionState:
             case Accepted(id=chat_id) | Error(id=chat_id):
                 if chat_id is not None:
                     self.unacknowledged.pop(chat_id, None)
+                    self.sent.discard(chat_id)
             case Paused():
                 self.paused = True
                 if self.want_paused:
@@ -230,14 +234,18 @@ class SessionState:
         self.ready = True
         answered: list[ServerFrame] = []
         last = ready.last_chat
-        if last is not None and self.unacknowledged.pop(last.id, None) is not None:
-            # Accepted before the connection dropped: resending it would start
-            # a second turn once this one has ended (protocol.md, resent chats).
+        if last is not None and last.id in self.sent:
+            # Sent, and accepted before the connection dropped: resending it would
+            # start a second turn once this one has ended (protocol.md, resent
+            # chats). A chat never sent cannot be it, whatever its id.
+            del self.unacknowledged[last.id]
+            self.sent.discard(last.id)
             answered.append(Accepted(id=last.id, turn=last.turn))
         # Chats the server has not seen, then the pause the user wants,
         # then what was queued offline, in the order it was sent.
         for chat in self.unacknowledged.values():
             self._to_send.append(encode(chat).decode())
+            self.sent.add(chat.id)  # type: ignore[arg-type]
         if self.want_paused is not None and self.want_paused != ready.paused:
             self._to_send.append(encode(Pause() if self.want_paused else Resume()).decode())
         else:

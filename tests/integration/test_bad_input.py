@@ -195,6 +195,10 @@ async def test_ready_names_the_last_accepted_chat(clients: Clients) -> None:
     await client.until("done")
     _, ready = await clients.open(session)
     assert ready["last_chat"] == {"id": "x-1", "turn": turn}
+    await client.send({"type": "chat", "prompt": "no id again"})  # a chat without an id does not replace it
+    await client.until("done")
+    _, ready = await clients.open(session)
+    assert ready["last_chat"] == {"id": "x-1", "turn": turn}
 
 
 async def test_chat_ids_restarting_on_every_page_load(paced: Clients) -> None:

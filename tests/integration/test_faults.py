@@ -219,3 +219,23 @@ async def test_a_worker_cut_off_from_redis_still_shuts_down(redis_server: Server
                 assert await asyncio.to_thread(worker.process.wait, 15) in (0, -signal.SIGTERM)
                 done = await client.until("done")
                 assert (done["turn"], done["reason"]) == (1, "error")
+
+
+async def test_a_frozen_idle_worker_does_not_keep_a_request(redis_server: Server) -> None:
+    """A worker frozen while idle (SIGSTOP: its last pull still open on the server) may be handed a request
+    it will not take; the request reaches the other worker within the request ack wait (5 s), not after
+    the 30 s queue timeout."""
+    env = {"CHAT_WORKER_CONCURRENCY": "4", "CHAT_DEMO_TOKENS_PER_S": "50", "CHAT_DEMO_ANSWER_TOKENS": "20"}
+    with isolated_stack(redis_server.url, env) as stack:
+        frozen = next(p for p in stack.processes if p.module == "services.llm_worker")
+        stack.start_worker()
+        async with Clients(stack) as clients:
+            opened = [(await clients.open(new_session()))[0] for _ in range(4)]
+            frozen.signal(signal.SIGSTOP)
+            try:
+                for client in opened:
+                    await client.send({"type": "chat", "prompt": "anyone awake?"})
+                dones = await asyncio.gather(*(client.until("done", wait_s=WAIT_S) for client in opened))
+                assert [done["reason"] for done in dones] == ["length"] * 4
+            finally:
+                frozen.signal(signal.SIGCONT)

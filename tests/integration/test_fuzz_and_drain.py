@@ -119,9 +119,12 @@ async def test_gateway_sigterm_mid_stream_moves_the_client(two_gateways: Stack) 
     assert "".join(text) == (await history(two_gateways, session))["turns"][0]["answer"]
 
 
-async def test_worker_sigterm_ends_unfinished_turns_cleanly(redis_server: Server) -> None:
-    """A worker told to stop mid-turn ends the turn with done/error after its drain timeout; the session goes on."""
-    env = {"CHAT_DEMO_TOKENS_PER_S": "50", "CHAT_DEMO_ANSWER_TOKENS": "2000", "CHAT_DRAIN_TIMEOUT_S": "0.5"}
+@pytest.mark.parametrize("slots", ["16", "1"])
+async def test_worker_sigterm_ends_unfinished_turns_cleanly(redis_server: Server, slots: str) -> None:
+    """A worker told to stop mid-turn, with room to spare or with every slot taken, ends the turn with
+    done/error after its drain timeout; the session goes on."""
+    env = {"CHAT_DEMO_TOKENS_PER_S": "50", "CHAT_DEMO_ANSWER_TOKENS": "2000", "CHAT_DRAIN_TIMEOUT_S": "0.5",
+           "CHAT_WORKER_CONCURRENCY": slots}
     with isolated_stack(redis_server.url, env) as stack:
         async with connect(stack.ws_url(session=new_session()), subprotocols=["chat.v1"]) as ws:  # type: ignore[list-item]
             await ws.recv()

@@ -129,6 +129,14 @@ test("a chat accepted before the connection dropped is reported from ready.last_
   assert.deepEqual(state.dataToSend().map((d) => JSON.parse(d)), [{ type: "chat", prompt: "and this", id: "b" }]);
 });
 
+test("a chat never sent is not taken for ready.last_chat, whatever its id", () => {
+  const state = new SessionState({ session: "s1" });
+  state.send({ type: "chat", prompt: "continue", id: "c1" }); // before the first ready: never sent
+  const frames = state.receive(JSON.stringify({ ...ready(), last_seq: 9, last_chat: { id: "c1", turn: 3 } }));
+  assert.deepEqual(frames.slice(1), []);
+  assert.deepEqual(state.dataToSend().map((d) => JSON.parse(d)), [{ type: "chat", prompt: "continue", id: "c1" }]);
+});
+
 test("the offline queue is bounded", () => {
   const state = new SessionState({ maxQueue: 1 });
   state.send({ type: "stop" });

@@ -60,6 +60,8 @@ def test_decodes_every_client_frame(data: str, expected: object) -> None:
         ('{"type":"ack","seq":"3"}', "invalid"),
         ('{"type":"stop","turn":1}', "invalid"),
         ('{"type":"ping","t":' + "[" * 5000 + "]" * 5000 + "}", "invalid"),  # nested past msgspec's guard
+        ('{"type":"ping","t":' + '{"a":' * 986 + "1" + "}" * 986 + "}", "invalid"),  # decodes, but no pong encodes
+        ('{"type":"ping","t":' + "[" * 33 + "]" * 33 + "}", "invalid"),
     ],
 )
 def test_rejects_bad_frames_with_code(data: str, code: str) -> None:
@@ -132,3 +134,12 @@ def test_prompt_with_a_lone_surrogate_is_invalid() -> None:
     with pytest.raises(ProtocolError, match="not valid Unicode") as error:
         protocol.validate_prompt("hi \ud83d", max_prompt_chars=100)
     assert error.value.code == "invalid"
+
+
+def test_a_ping_t_within_the_nesting_limit_round_trips() -> None:
+    """A ping's t nested up to the limit is echoed as is."""
+    t = [[{"a": [1, "x"]}]] * 3
+    frame = decode_client_frame(json.dumps({"type": "ping", "t": t}))
+    assert isinstance(frame, Ping) and json.loads(encode(protocol.Pong(t=frame.t))) == {"type": "pong", "t": t}
+    deepest = json.loads("[" * 32 + "]" * 32)
+    assert decode_client_frame(json.dumps({"type": "ping", "t": deepest})) == Ping(t=deepest)

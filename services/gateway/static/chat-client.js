@@ -74,6 +74,7 @@ export class SessionState {
     this.paused = false;
     this.queue = [];
     this.unacknowledged = new Map(); // chat id -> chat frame
+    this.sent = new Set(); // ids of unacknowledged chats written to some connection
     this.wantPaused = null;
     this.toSend = [];
   }
@@ -98,6 +99,7 @@ export class SessionState {
     }
     if (this.ready) {
       this.toSend.push(JSON.stringify(frame));
+      if (frame.type === "chat") this.sent.add(frame.id);
     } else if (!["chat", "pause", "resume"].includes(frame.type)) {
       // chats are resent from `unacknowledged`, pause/resume reconciled from `wantPaused`
       if (this.queue.length >= this.maxQueue) {
@@ -128,7 +130,10 @@ export class SessionState {
         break;
       case "accepted":
       case "error":
-        if (frame.id !== undefined && frame.id !== null) this.unacknowledged.delete(frame.id);
+        if (frame.id !== undefined && frame.id !== null) {
+          this.unacknowledged.delete(frame.id);
+          this.sent.delete(frame.id);
+        }
         break;
       case "paused":
         this.paused = true;
@@ -151,11 +156,17 @@ export class SessionState {
     this.ready = true;
     const answered = [];
     const last = ready.last_chat;
-    if (last && this.unacknowledged.delete(last.id)) {
-      // Accepted before the connection dropped: a resend would start a second turn once this one ended.
+    if (last && this.sent.has(last.id)) {
+      // Sent, and accepted before the connection dropped: a resend would start a second turn once
+      // this one ended. A chat never sent cannot be it, whatever its id.
+      this.unacknowledged.delete(last.id);
+      this.sent.delete(last.id);
       answered.push({ type: "accepted", id: last.id, turn: last.turn });
     }
-    for (const chat of this.unacknowledged.values()) this.toSend.push(JSON.stringify(chat));
+    for (const chat of this.unacknowledged.values()) {
+      this.toSend.push(JSON.stringify(chat));
+      this.sent.add(chat.id);
+    }
     if (this.wantPaused !== null && this.wantPaused !== ready.paused) {
       this.toSend.push(JSON.stringify({ type: this.wantPaused ? "pause" : "resume" }));
     } else {

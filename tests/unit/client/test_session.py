@@ -109,6 +109,16 @@ def test_chat_accepted_before_the_drop_is_not_resent() -> None:
     assert state.receive(encode(Ready(session="s1", last_seq=9, paused=False, last_chat=LastChat(id="a", turn=3))).decode())[1:] == []
 
 
+def test_a_chat_never_sent_is_not_taken_for_the_last_accepted_one() -> None:
+    """A new client (a page load) whose chat reuses the id of the session's last accepted chat sends it:
+    only a chat written to an earlier connection can be the one ready.last_chat names."""
+    state = SessionState(session="s1")
+    state.send(Chat(prompt="continue", id="c1"))  # before the first ready: never sent
+    frames = state.receive(encode(Ready(session="s1", last_seq=9, paused=False, last_chat=LastChat(id="c1", turn=3))).decode())
+    assert frames[1:] == []
+    assert sent(state) == [{"type": "chat", "prompt": "continue", "id": "c1"}]
+
+
 def test_refused_chat_is_not_resent() -> None:
     """An error naming the chat's id settles it."""
     state = SessionState()
