@@ -99,6 +99,18 @@ class Stack:
     def start_worker(self, env: Mapping[str, str] | None = None) -> ServiceProcess:
         return self._start("services.llm_worker", env)
 
+    def start_worker_through(self, proxy_port: int) -> ServiceProcess:
+        """A worker that reaches Redis only through a proxy on ``proxy_port`` to
+        the stack's Redis, so a test can cut that worker alone off from it."""
+        parts = urlsplit(self.env["CHAT_REDIS_URL"])
+        proxied = urlunsplit(parts._replace(netloc=f"127.0.0.1:{proxy_port}"))
+        return self.start_worker({"CHAT_REDIS_URL": proxied})
+
+    def redis_address(self) -> tuple[str, int]:
+        parts = urlsplit(self.env["CHAT_REDIS_URL"])
+        assert parts.hostname is not None and parts.port is not None
+        return parts.hostname, parts.port
+
     def start_gateway(self, env: Mapping[str, str] | None = None) -> ServiceProcess:
         port = free_port()
         process = self._start("services.gateway", {"CHAT_PORT": str(port), **(env or {})})

@@ -173,10 +173,9 @@ async def test_a_worker_cut_off_from_redis_publishes_nothing_after_the_reaper(re
     stops publishing before a reaper may end the turn, so the turn gets one done and no frame of it
     follows; once Redis is back the worker learns the turn is gone, and the next turn streams whole."""
     env = {"CHAT_LEASE_S": "1", "CHAT_REAP_INTERVAL_S": "0.1", "CHAT_DEMO_TOKENS_PER_S": "50", "CHAT_DEMO_ANSWER_TOKENS": "4000"}
-    redis_port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
-    async with FaultProxy("127.0.0.1", redis_port) as proxy:
-        with isolated_stack(redis_server.url, env, worker=False) as stack:
-            stack.start_worker({"CHAT_REDIS_URL": stack.env["CHAT_REDIS_URL"].replace(f":{redis_port}/", f":{proxy.port}/")})
+    with isolated_stack(redis_server.url, env, worker=False) as stack:
+        async with FaultProxy(*stack.redis_address()) as proxy:
+            stack.start_worker_through(proxy.port)
             async with Clients(stack) as clients:
                 session = new_session()
                 client, _ = await clients.open(session)
@@ -203,10 +202,9 @@ async def test_a_worker_cut_off_from_redis_still_shuts_down(redis_server: Server
     not trusted), so it gives up within its bounds and exits; a reaper ends the turn."""
     env = {"CHAT_LEASE_S": "1", "CHAT_REAP_INTERVAL_S": "0.1", "CHAT_DRAIN_TIMEOUT_S": "0.5",
            "CHAT_DEMO_TOKENS_PER_S": "50", "CHAT_DEMO_ANSWER_TOKENS": "4000"}
-    redis_port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
-    async with FaultProxy("127.0.0.1", redis_port) as proxy:
-        with isolated_stack(redis_server.url, env, worker=False) as stack:
-            worker = stack.start_worker({"CHAT_REDIS_URL": stack.env["CHAT_REDIS_URL"].replace(f":{redis_port}/", f":{proxy.port}/")})
+    with isolated_stack(redis_server.url, env, worker=False) as stack:
+        async with FaultProxy(*stack.redis_address()) as proxy:
+            worker = stack.start_worker_through(proxy.port)
             async with Clients(stack) as clients:
                 client, _ = await clients.open(new_session())
                 await client.send({"type": "chat", "prompt": "cut off, then told to stop", "id": "a"})

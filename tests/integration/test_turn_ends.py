@@ -282,10 +282,9 @@ async def test_a_done_that_waits_for_redis_still_frees_the_worker(fake: FakeOpen
         "CHAT_MODEL_PROVIDER": "openai", "CHAT_OPENAI_BASE_URL": fake.url,  # type: ignore[attr-defined]
         "CHAT_WORKER_CONCURRENCY": "1", "CHAT_LEASE_S": "1", "CHAT_REAP_INTERVAL_S": "0.1",
     }
-    redis_port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
-    async with FaultProxy("127.0.0.1", redis_port) as proxy:
-        with isolated_stack(redis_server.url, env, worker=False) as stack:
-            stack.start_worker({"CHAT_REDIS_URL": stack.env["CHAT_REDIS_URL"].replace(f":{redis_port}/", f":{proxy.port}/")})
+    with isolated_stack(redis_server.url, env, worker=False) as stack:
+        async with FaultProxy(*stack.redis_address()) as proxy:
+            stack.start_worker_through(proxy.port)
             async with Clients(stack) as clients:
                 client, _ = await clients.open(new_session())
                 fake.gate.clear()
