@@ -1,8 +1,25 @@
 """Server-sent events: an incremental decoder and an encoder.
 
-:class:`SSEDecoder` follows the WHATWG event-stream parsing rules: it accepts
-events split across network reads or several in one read, CRLF/CR/LF line
-ends, comments (keep-alives) and multi-line ``data``.
+:class:`SSEDecoder` follows the WHATWG event-stream parsing rules
+(https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation):
+events split across network reads or several in one read; CRLF, CR or LF
+line ends (a CRLF split between two reads included); one leading UTF-8 byte
+order mark stripped; comments; ``data`` with or without the space after the
+colon, on several lines joined by LF; ``event``, ``id`` (kept across events,
+ignored if it holds NUL) and ``retry`` (digits only); a line without a colon
+is a field with an empty value; unknown fields are ignored; an event without
+``data`` lines is not dispatched.
+
+Two departures, both for model servers that call themselves OpenAI-compatible:
+
+- an ``error`` field (llama.cpp's server writes streaming errors as
+  ``error: {...}``, ``server_sent_event(sink, "error", ...)`` in its
+  ``server.cpp``) makes its event dispatch with type ``error`` and that value
+  as data, even without ``data`` lines;
+- :meth:`SSEDecoder.close` dispatches an event whose lines all arrived but
+  whose closing blank line did not (a server that ends the body right after
+  its last line), where the spec discards it. :attr:`SSEDecoder.truncated`
+  then says whether the body ended inside a line: cut mid-event.
 """
 
 from __future__ import annotations
@@ -10,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["SSEEvent", "SSEDecoder", "encode_event"]
+
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,10 +47,13 @@ class SSEDecoder:
         self._max_line_bytes = max_line_bytes
         self._data: list[str] = []
         self._data_chars = 0  # an event of many data lines is bounded like one line
+        self._error: str | None = None
         self._event = ""
         self._id: str | None = None
         self._retry: int | None = None
         self._pending_cr = False
+        self._started = False  # past the first bytes, where a BOM may be
+        self.truncated = False
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Return the events completed by ``chunk``.
@@ -39,6 +61,12 @@ class SSEDecoder:
         Raises:
             ValueError: a single line, or one event's data, exceeds ``max_line_bytes``.
         """
+        if not self._started:
+            self._buffer += chunk
+            if len(self._buffer) < len(_BOM) and _BOM.startswith(self._buffer):
+                return []  # maybe a BOM split across reads: wait for more
+            chunk, self._buffer = self._buffer.removeprefix(_BOM), b""
+            self._started = True
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # the LF of a CRLF split across reads
         self._pending_cr = False
@@ -61,6 +89,14 @@ class SSEDecoder:
                 events.append(event)
         return events
 
+    def close(self) -> list[SSEEvent]:
+        """The body ended: the last event, if its lines all arrived without
+        its blank line; sets :attr:`truncated` if it ended inside a line."""
+        self.truncated = bool(self._buffer.strip())
+        self._buffer = b""
+        event = None if self.truncated else self._dispatch()
+        return [event] if event is not None else []
+
     def _line(self, line: str) -> SSEEvent | None:
         if not line:
             return self._dispatch()
@@ -80,17 +116,23 @@ class SSEDecoder:
             self._id = value
         elif field == "retry" and value.isdigit():
             self._retry = int(value)
+        elif field == "error":
+            self._error = value  # llama.cpp's server (module docstring)
         return None
 
     def _dispatch(self) -> SSEEvent | None:
-        if not self._data:
+        if not self._data and self._error is None:
             self._event = ""
             return None
-        event = SSEEvent(
-            data="\n".join(self._data), event=self._event or "message", id=self._id, retry=self._retry
-        )
+        if self._data:
+            event = SSEEvent(
+                data="\n".join(self._data), event=self._event or "message", id=self._id, retry=self._retry
+            )
+        else:
+            event = SSEEvent(data=self._error or "", event="error", id=self._id, retry=self._retry)
         self._data = []
         self._data_chars = 0
+        self._error = None
         self._event = ""
         self._retry = None
         return event

@@ -77,3 +77,78 @@ def test_an_event_of_many_data_lines_is_bounded_like_one_line() -> None:
     ]
     with pytest.raises(ValueError, match="over 100"):
         decoder.feed((b"data: " + b"z" * 40 + b"\n") * 3)
+
+
+def decode_all(data: bytes, size: int = 0) -> list[SSEEvent]:
+    """Every event of ``data`` fed whole (size 0) or in pieces of ``size`` bytes."""
+    decoder = SSEDecoder()
+    step = size or len(data) or 1
+    events = [event for start in range(0, len(data), step) for event in decoder.feed(data[start : start + step])]
+    return events
+
+
+# The examples of the WHATWG event-stream section
+# (https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation).
+WHATWG_EXAMPLES = [
+    (
+        b"data: This is the first message.\n\ndata: This is the second message, it\ndata: has two lines.\n\n"
+        b"data: This is the third message.\n\n",
+        [
+            SSEEvent(data="This is the first message."),
+            SSEEvent(data="This is the second message, it\nhas two lines."),
+            SSEEvent(data="This is the third message."),
+        ],
+    ),
+    (
+        b"event: add\ndata: 73857293\n\nevent: remove\ndata: 2153\n\nevent: add\ndata: 113411\n\n",
+        [SSEEvent(data="73857293", event="add"), SSEEvent(data="2153", event="remove"), SSEEvent(data="113411", event="add")],
+    ),
+    (b"data: YHOO\ndata: +2\ndata: 10\n\n", [SSEEvent(data="YHOO\n+2\n10")]),
+    (
+        # A comment fires nothing; "id" without a colon resets the last event id; one space is stripped.
+        b": test stream\n\ndata: first event\nid: 1\n\ndata:second event\nid\n\ndata:  third event\n\n",
+        [SSEEvent(data="first event", id="1"), SSEEvent(data="second event", id=""), SSEEvent(data=" third event", id="")],
+    ),
+    # "data" without a colon is an empty value; two data lines make one newline; the last block lacks its blank line.
+    (b"data\n\ndata\ndata\n\ndata:", [SSEEvent(data=""), SSEEvent(data="\n")]),
+    (b"data:test\n\ndata: test\n\n", [SSEEvent(data="test"), SSEEvent(data="test")]),
+]
+
+
+@pytest.mark.parametrize(("stream", "expected"), WHATWG_EXAMPLES)
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"])
+@pytest.mark.parametrize("size", [0, 1, 2, 3])
+def test_the_whatwg_examples(stream: bytes, expected: list[SSEEvent], ending: bytes, size: int) -> None:
+    """The spec's examples decode as it says, with any line end and any split into reads."""
+    assert decode_all(stream.replace(b"\n", ending), size) == expected
+
+
+@pytest.mark.parametrize("size", [0, 1, 2])
+def test_a_leading_byte_order_mark_is_stripped(size: int) -> None:
+    """One UTF-8 BOM at the start of the stream is not part of the first field name."""
+    assert decode_all(b"\xef\xbb\xbfdata: x\n\n", size) == [SSEEvent(data="x")]
+    assert decode_all(b"data: \xef\xbb\xbfx\n\n", size) == [SSEEvent(data="\ufeffx")]  # only at the start
+
+
+def test_unknown_fields_and_bad_retry_are_ignored() -> None:
+    """Unknown fields, a non-numeric retry and an id holding NUL change nothing."""
+    assert decode_all(b"foo: bar\nretry: 1a\nid: a\0b\ndata: x\n\n") == [SSEEvent(data="x")]
+
+
+def test_an_error_field_dispatches_an_error_event() -> None:
+    """llama.cpp's server writes streaming errors as an "error:" field: that block is an error event."""
+    assert decode_all(b'error: {"code":500,"message":"boom"}\n\ndata: [DONE]\n\n') == [
+        SSEEvent(data='{"code":500,"message":"boom"}', event="error"),
+        SSEEvent(data="[DONE]"),
+    ]
+
+
+def test_close_dispatches_a_complete_last_event_and_flags_a_cut_line() -> None:
+    """At the end of the body, an event missing only its blank line is dispatched; a body that ends
+    inside a line is truncated and its event is not."""
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: [DONE]\n") == []
+    assert decoder.close() == [SSEEvent(data="[DONE]")] and not decoder.truncated
+    cut = SSEDecoder()
+    assert cut.feed(b'data: {"choices":[{"delta":{"content":"hal') == []
+    assert cut.close() == [] and cut.truncated
