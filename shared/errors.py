@@ -54,7 +54,33 @@ class DependencyError(ChatError):
 
 
 class UpstreamError(DependencyError):
-    """The model API failed; ``message`` is written for the user to act on."""
+    """The model API failed; the message is written for the user to act on.
+
+    Args:
+        message: what the user reads (the provider's own words where it gave some).
+        code: the ``done`` frame's code for this end (``content_filter``,
+            ``tool_calls``), if it has one.
+        retryable: a transient failure before any answer (connection refused
+            or reset, HTTP 408/429/502/503/504): the request may be sent again.
+        retry_after_s: how long the server asked to wait (``Retry-After``).
+        cause: a short technical description for the log (``HTTP 503``,
+            ``ConnectError``), never shown to users.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retryable: bool = False,
+        retry_after_s: float | None = None,
+        cause: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+        self.cause = cause
 
 
 class BrokerUnavailable(DependencyError):

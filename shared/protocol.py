@@ -149,7 +149,10 @@ class Done(_ServerFrame, tag="done", frozen=True):
     turn: int
     reason: DoneReason
     message: str | None = None
-    code: ErrorCode | None = None  # extension: with reason error, e.g. unavailable (no worker in time)
+    # Extension, with reason error: "unavailable" (no worker in time), "content_filter" (the
+    # provider's filter cut the answer), "tool_calls" (the model asked for a tool). A plain
+    # string, so a client decodes codes added later.
+    code: str | None = None
 
 
 class Paused(_ServerFrame, tag="paused", frozen=True):

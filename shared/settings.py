@@ -24,6 +24,7 @@ __all__ = [
     "env_choice",
     "env_log_level",
     "HealthSettings",
+    "masked_url",
 ]
 
 
@@ -119,7 +120,8 @@ class HealthSettings:
         )
 
 
-def _masked_url(url: str) -> str:
+def masked_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, fit for a log."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -149,7 +151,7 @@ class BrokerSettings:
             for one in url.split(","):
                 if urlsplit(one.strip()).scheme not in schemes:
                     raise ConfigError(
-                        f"Config '{name}' has value '{_masked_url(one)}'. "
+                        f"Config '{name}' has value '{masked_url(one)}'. "
                         f"Expected a URL with scheme {' or '.join(schemes)}."
                     )
         return cls(
@@ -160,7 +162,7 @@ class BrokerSettings:
 
     def describe(self) -> dict[str, str]:
         """The locations, safe to log."""
-        return {"nats": _masked_url(self.nats_url), "redis": _masked_url(str(self.redis_url))}
+        return {"nats": masked_url(self.nats_url), "redis": masked_url(str(self.redis_url))}
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
 """Model providers: the built-in demo model and any OpenAI-compatible API.
 
-A provider turns a conversation into an async stream of :class:`Delta`. The
-OpenAI provider maps every httpx failure to :class:`UpstreamError` in one
-place (:func:`_map_httpx_errors`), with a message a user can act on.
+A provider turns a conversation into an async stream of :class:`Delta`: text,
+then one last delta with the finish reason, or an :class:`UpstreamError`. The
+OpenAI provider reads the stream's many shapes with
+:class:`~.openai_stream.ChatStream` and maps every httpx failure to
+:class:`UpstreamError` in one place (:func:`_map_httpx_errors`), with a
+message a user can act on.
 """
 
 from __future__ import annotations
@@ -11,19 +14,24 @@ import asyncio
 import hashlib
 import json
 import random
-from collections.abc import AsyncIterator, Iterator, Sequence
+import re
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
 from shared.errors import UpstreamError
 from shared.sse import SSEDecoder
 
+from .openai_stream import ChatStream, short
 from .settings import DemoModelSettings, OpenAISettings
 
-__all__ = ["Message", "Delta", "Provider", "DemoModel", "OpenAICompatible"]
+__all__ = ["Message", "Delta", "Provider", "DemoModel", "OpenAICompatible", "retry_after_s"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +42,13 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Delta:
-    """Some text, or (last) the finish reason: ``stop`` or ``length``."""
+    """Some text, or (last) the finish reason, ``stop`` or ``length``, with
+    what the server said of the answer (``details``: its own finish reason,
+    response id, usage) for the turn's record."""
 
     text: str = ""
     finish_reason: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class Provider(Protocol):
@@ -118,15 +129,25 @@ class DemoModel:
 
 
 class OpenAICompatible:
-    """Streams ``/chat/completions`` from any OpenAI-compatible API over httpx."""
+    """Streams ``/chat/completions`` from any OpenAI-compatible API over httpx.
+
+    The stream's shapes are read by :class:`~.openai_stream.ChatStream`;
+    transport and HTTP failures become :class:`UpstreamError` here, marked
+    retryable when sending the request again may work.
+    """
 
     def __init__(self, settings: OpenAISettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings
         headers = {"Accept": "text/event-stream"}
         if settings.api_key:
-            headers["Authorization"] = f"Bearer {settings.api_key}"
+            if settings.api_key_header == "authorization":
+                headers["Authorization"] = f"Bearer {settings.api_key}"
+            else:  # Azure OpenAI takes its key as "api-key"
+                headers[settings.api_key_header] = str(settings.api_key)
+        # The base URL may carry a query (Azure's ?api-version=...): the path is appended before it.
+        parts = urlsplit(settings.base_url)
+        self.url = urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions"))
         self.client = httpx.AsyncClient(
-            base_url=settings.base_url,
             headers=headers,
             timeout=httpx.Timeout(
                 connect=settings.connect_timeout_s,
@@ -151,74 +172,106 @@ class OpenAICompatible:
             "stream": True,
         }
         with _map_httpx_errors():
-            async with self.client.stream("POST", "/chat/completions", json=body) as response:
+            async with self.client.stream("POST", self.url, json=body) as response:
                 if response.status_code >= 400:
-                    detail = await _error_detail(response)
-                    raise UpstreamError(
-                        f"The model API answered HTTP {response.status_code}{detail}. "
-                        "Try again, or check the model settings."
-                    )
+                    raise await _http_error(response)
                 if "json" in response.headers.get("content-type", ""):
                     # A JSON body instead of a stream: an error some servers send with 200.
                     detail = await _error_detail(response)
-                    raise UpstreamError(f"The model API answered with JSON, not a stream{detail}. Try again.")
+                    raise UpstreamError(
+                        f"The model API answered with JSON, not a stream{detail}. Try again.", cause="200 with JSON"
+                    )
                 decoder = SSEDecoder()
-                async for raw in response.aiter_raw():
+                chat = ChatStream()
+                # aiter_bytes, not aiter_raw: a body sent with Content-Encoding
+                # (gzip, deflate, br, zstd) arrives decoded.
+                async for raw in response.aiter_bytes():
                     try:
                         events = decoder.feed(raw)
                     except ValueError:  # a line or event past the decoder's bound
-                        raise UpstreamError("The model API sent an event too large to read. Try again.") from None
+                        raise UpstreamError(
+                            "The model API sent an event too large to read. Try again.", cause="event too large"
+                        ) from None
                     for event in events:
-                        if event.data.strip() == "[DONE]":
-                            yield Delta(finish_reason="stop")
-                            return
-                        delta = _parse_event(event.data)
-                        if delta.text:
-                            yield Delta(text=delta.text)
-                        if delta.finish_reason:
+                        text, finish = chat.event(event)
+                        if text:
+                            yield Delta(text=text)
+                        if finish is not None:
                             # The answer is complete: whatever follows ([DONE], or
                             # keep-alives from a server that never closes) is not awaited.
-                            yield Delta(finish_reason=delta.finish_reason)
+                            yield Delta(finish_reason=finish.reason, details=finish.details())
                             return
-                raise UpstreamError("The model API ended the answer early. Try again.")
+                for event in decoder.close():
+                    text, finish = chat.event(event)
+                    if text:
+                        yield Delta(text=text)
+                    if finish is not None:
+                        yield Delta(finish_reason=finish.reason, details=finish.details())
+                        return
+                raise chat.end_of_body(truncated=decoder.truncated)
 
 
-def _parse_event(data: str) -> Delta:
-    """One ``chat.completion.chunk`` event as a Delta.
+RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
 
-    Raises:
-        UpstreamError: the event is not JSON, is an error, or has a shape no
-            OpenAI-compatible server sends (the message says so, instead of
-            the worker's exception).
-    """
+
+async def _http_error(response: httpx.Response) -> UpstreamError:
+    """What an HTTP error status means for the user, in the provider's words where it gave some."""
+    status = response.status_code
+    detail = await _error_detail(response)
+    if status in (401, 403):
+        message = f"The model API refused the key (HTTP {status}){detail}. Check CHAT_OPENAI_API_KEY."
+    elif status == 404:
+        message = (
+            f"The model API has no such model or endpoint (HTTP 404){detail}. "
+            "Check CHAT_OPENAI_MODEL and CHAT_OPENAI_BASE_URL."
+        )
+    elif status == 429:
+        message = f"The model API is rate limiting this server (HTTP 429){detail}. Try again later."
+    elif status >= 500 or status == 408:
+        message = f"The model API is unavailable (HTTP {status}){detail}. Try again later."
+    elif _CONTEXT_WORDS.search(detail):
+        message = f"The conversation is too long for the model (HTTP {status}){detail}. Start a new conversation."
+    else:
+        message = f"The model API refused the request (HTTP {status}){detail}. Check the model settings."
+    return UpstreamError(
+        message,
+        retryable=status in RETRYABLE_STATUS,
+        retry_after_s=retry_after_s(response.headers),
+        cause=f"HTTP {status}",
+    )
+
+
+_CONTEXT_WORDS = re.compile(r"context|too long|maximum.*tokens|token limit", re.IGNORECASE)
+
+
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """The wait a response asks for: ``retry-after-ms`` (Azure, OpenAI) or ``Retry-After``
+    as seconds or an HTTP date (RFC 9110 section 10.2.3); None if absent or unreadable."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            return max(0.0, float(raw_ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
     try:
-        payload = json.loads(data)
-    except (ValueError, RecursionError):
-        raise UpstreamError("The model API sent malformed data. Try again.") from None
-    if not isinstance(payload, dict):
-        raise UpstreamError("The model API sent malformed data. Try again.")
-    error = payload.get("error")
-    if error:  # "error": null is no error
-        message = error.get("message") if isinstance(error, dict) else error
-        raise UpstreamError(f"The model API reported an error: {_short(str(message))}")
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
     try:
-        choices = payload.get("choices") or []
-        if not choices or not isinstance(choices[0], dict):
-            return Delta()
-        choice = choices[0]
-        content = (choice.get("delta") or {}).get("content") or ""
-        reason = choice.get("finish_reason")
-    except (AttributeError, TypeError, KeyError):
-        raise UpstreamError("The model API sent an event of an unexpected shape. Try again.") from None
-    if not reason:
-        reason = None  # null, or the "" some proxies send on every chunk
-    elif reason not in ("stop", "length"):
-        reason = "stop"  # tool_calls, content_filter: the text part ended
-    return Delta(text=content if isinstance(content, str) else "", finish_reason=reason)
+        when = parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 async def _error_detail(response: httpx.Response, *, max_bytes: int = 4096) -> str:
-    """The error message in the first ``max_bytes`` of a failed response's body, as ``": …"``."""
+    """The error message in the first ``max_bytes`` of a failed response's body, as ``": …"``;
+    nothing from an HTML page (a proxy's error page is no message for a user)."""
+    if "html" in response.headers.get("content-type", ""):
+        return ""
     raw = b""
     try:
         async for part in response.aiter_bytes():
@@ -227,32 +280,45 @@ async def _error_detail(response: httpx.Response, *, max_bytes: int = 4096) -> s
                 break
     except httpx.HTTPError:
         return ""
+    text = raw[:max_bytes].decode("utf-8", errors="replace").strip()
+    if text.startswith("<"):
+        return ""
     try:
-        payload = json.loads(raw[:max_bytes])
-        error = payload.get("error", payload) if isinstance(payload, dict) else payload
-        message = error.get("message") if isinstance(error, dict) else error
+        payload = json.loads(text)
     except (ValueError, RecursionError):
-        message = raw[:200].decode("utf-8", errors="replace")
-    return f": {_short(str(message))}" if message else ""
-
-
-def _short(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+        return f": {short(text, 200)}" if text else ""
+    error = payload.get("error", payload) if isinstance(payload, dict) else payload
+    message = error.get("message") if isinstance(error, dict) else error
+    return f": {short(str(message), 200)}" if message else ""
 
 
 @contextmanager
 def _map_httpx_errors() -> Iterator[None]:
+    """httpx's failures as UpstreamError, in one place (httpx maps httpcore's the same way)."""
     try:
         yield
-    except httpx.TimeoutException:
-        raise UpstreamError("The model API did not answer in time. Try again later.") from None
-    except httpx.ConnectError:
-        raise UpstreamError("Could not reach the model API. Check that it is running.") from None
-    except (httpx.RemoteProtocolError, httpx.ReadError):
-        raise UpstreamError("The connection to the model API dropped mid-answer. Try again.") from None
+    except httpx.TimeoutException as exc:
+        connecting = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
+        raise UpstreamError(
+            "The model API did not answer in time. Try again later.", retryable=connecting, cause=type(exc).__name__
+        ) from None
+    except httpx.ConnectError as exc:
+        raise UpstreamError(
+            "Could not reach the model API. Check that it is running.", retryable=True, cause=type(exc).__name__
+        ) from None
+    except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+        # A reset before any answer is worth one more try; the worker never retries after text.
+        raise UpstreamError(
+            "The connection to the model API dropped mid-answer. Try again.", retryable=True, cause=type(exc).__name__
+        ) from None
+    except httpx.DecodingError:
+        raise UpstreamError(
+            "The model API sent a compressed body that could not be decoded. Try again.", cause="DecodingError"
+        ) from None
     except httpx.HTTPError as exc:
-        raise UpstreamError(f"The model API request failed ({type(exc).__name__}). Try again.") from None
+        raise UpstreamError(
+            f"The model API request failed ({type(exc).__name__}). Try again.", cause=type(exc).__name__
+        ) from None
 
 
 def create_provider(provider: str, *, demo: DemoModelSettings, openai: OpenAISettings) -> Provider:

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -44,6 +45,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from shared import protocol
 from shared.errors import BrokerUnavailable, UpstreamError
 from shared.messages import TRACE_HEADER, TurnEnd, TurnRequest, decode_control, decode_request
+from shared.settings import masked_url
 from shared.store import SessionStore
 from shared.subjects import (
     CONSUMER_WORKERS,
@@ -57,6 +59,7 @@ from shared.text import SurrogateJoiner, scrub, split_utf8, truncate_utf8
 from .metrics import WorkerMetrics
 from .providers import Delta, Message, Provider
 from .pull import RequestPuller
+from .retry import retry_delay
 from .settings import Settings
 
 __all__ = ["Worker"]
@@ -89,11 +92,13 @@ class LeaseLost(Exception):
 
 
 class Ending(NamedTuple):
-    """How a turn ends: its ``done``'s reason, message and code."""
+    """How a turn ends: its ``done``'s reason, message and code, and what the
+    model server said of the answer (its finish reason, response id, usage)."""
 
     reason: str
     message: str | None = None
     code: str | None = None
+    details: dict[str, Any] = {}
 
 
 @dataclass
@@ -157,6 +162,8 @@ class Worker:
         self.stopping = asyncio.Event()
         self.worker_id = uuid.uuid4().hex
         self.metrics = WorkerMetrics()
+        # Where the model is, for the log: no password, no query (a key may hide there).
+        self.upstream_url = masked_url(settings.openai.base_url).split("?", 1)[0] if settings.provider == "openai" else "demo"
 
     async def run(self) -> None:
         """Pull requests until :meth:`stop`; then wait for running turns (bounded)."""
@@ -359,7 +366,7 @@ class Worker:
         # Unbounded: the model paces the producer, and the answer cap bounds
         # what one turn takes. None marks the producer's end.
         deltas: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
-        turn.producer = asyncio.create_task(self._produce(messages, deltas))
+        turn.producer = asyncio.create_task(self._produce(request, messages, deltas))
         turn.producer.add_done_callback(lambda _: deltas.put_nowait(None))
         self.metrics.turns_started.inc()
         self.metrics.queue_wait.observe(max(0.0, waited))
@@ -441,11 +448,11 @@ class Worker:
                 continue
             if isinstance(item, Delta):
                 assert item.finish_reason is not None
-                return Ending(item.finish_reason)
+                return Ending(item.finish_reason, details=item.details)
             if isinstance(item, BaseException):
                 if not isinstance(item, UpstreamError):
                     log.error("provider failed", exc_info=item, extra={"session": turn.request.session})
-                return Ending("error", failure_message(item))
+                return Ending("error", failure_message(item), getattr(item, "code", None))
             if turn.stop_requested:
                 return Ending("stopped")
             return Ending("error", "The model stopped without finishing. Please try again.")
@@ -478,14 +485,44 @@ class Worker:
         messages.append(Message("user", request.prompt))
         return messages
 
-    async def _produce(self, messages: list[Message], out: asyncio.Queue[Delta | BaseException | None]) -> None:
-        try:
-            async for delta in self.provider.stream(messages):
-                out.put_nowait(delta)
-                if delta.finish_reason is not None:
+    async def _produce(
+        self, request: TurnRequest, messages: list[Message], out: asyncio.Queue[Delta | BaseException | None]
+    ) -> None:
+        """Stream the model into ``out``, sending the request again after a
+        transient failure before any text (``retry.py``), until the turn's
+        queue deadline; a final failure is handed to the consumer."""
+        upstream = self.settings.openai
+        deadline = request.enqueued_at + self.settings.queue_timeout_s
+        extra = {"session": request.session, "turn": request.turn, "upstream": self.upstream_url}
+        attempt = 0
+        while True:
+            text_sent = False
+            try:
+                async for delta in self.provider.stream(messages):
+                    text_sent = text_sent or bool(delta.text)
+                    out.put_nowait(delta)
+                    if delta.finish_reason is not None:
+                        return
+                return
+            except Exception as exc:
+                delay = retry_delay(
+                    exc, attempt=attempt, text_sent=text_sent, retries=upstream.retries,
+                    initial_s=upstream.retry_initial_s, time_left_s=deadline - time.time(), random=random.random(),
+                )
+                cause = exc.cause if isinstance(exc, UpstreamError) else type(exc).__name__
+                if delay is None:
+                    log.warning(
+                        "model request failed",
+                        extra={**extra, "event": "upstream_failed", "cause": cause, "attempts": attempt + 1},
+                    )
+                    out.put_nowait(exc)  # the consumer ends the turn with it
                     return
-        except Exception as exc:  # handed to the consumer, which ends the turn
-            out.put_nowait(exc)
+                log.warning(
+                    "model request failed; sending it again",
+                    extra={**extra, "event": "upstream_retry", "cause": cause, "delay_s": round(delay, 3)},
+                )
+                await asyncio.sleep(delay)
+                attempt += 1
 
     async def _publish_chunk(self, turn: Turn, text: str) -> None:
         if not turn.chunks:
@@ -516,7 +553,7 @@ class Worker:
             "turn finished",
             extra={
                 "session": request.session, "turn": request.turn, "trace": turn.trace,
-                "event": "turn_finished", "reason": ending.reason,
+                "event": "turn_finished", "reason": ending.reason, "code": ending.code, **ending.details,
             },
         )
 

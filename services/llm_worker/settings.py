@@ -27,10 +27,13 @@ class DemoModelSettings:
 class OpenAISettings:
     base_url: str = "https://api.openai.com/v1"
     api_key: Secret = Secret("")
+    api_key_header: str = "authorization"  # "api-key" for Azure OpenAI
     model: str = "gpt-4o-mini"
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
     max_connections: int = 100
+    retries: int = 2  # more attempts for a failure before the first token (refused, reset, 408/429/5xx)
+    retry_initial_s: float = 0.5  # the first retry's delay ceiling; it doubles, up to 8 s
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,15 @@ class Settings:
             openai=OpenAISettings(
                 base_url=env_str(environ, "CHAT_OPENAI_BASE_URL", OpenAISettings.base_url).rstrip("/"),
                 api_key=Secret(env_str(environ, "CHAT_OPENAI_API_KEY", "")),
+                api_key_header=env_str(environ, "CHAT_OPENAI_API_KEY_HEADER", OpenAISettings.api_key_header).lower(),
                 model=env_str(environ, "CHAT_OPENAI_MODEL", OpenAISettings.model),
                 connect_timeout_s=env_float(environ, "CHAT_UPSTREAM_CONNECT_TIMEOUT_S", 10.0, minimum=0.1),
                 read_timeout_s=env_float(environ, "CHAT_UPSTREAM_READ_TIMEOUT_S", 60.0, minimum=0.1),
                 max_connections=env_int(environ, "CHAT_UPSTREAM_MAX_CONNECTIONS", 100, minimum=1),
+                retries=env_int(environ, "CHAT_UPSTREAM_RETRIES", OpenAISettings.retries, minimum=0),
+                retry_initial_s=env_float(
+                    environ, "CHAT_UPSTREAM_RETRY_INITIAL_S", OpenAISettings.retry_initial_s, minimum=0.01
+                ),
             ),
             concurrency=env_int(environ, "CHAT_WORKER_CONCURRENCY", 16, minimum=1),
             context_turns=env_int(environ, "CHAT_CONTEXT_TURNS", 20, minimum=0),

@@ -86,11 +86,13 @@ async def test_finish_reason_length_is_kept() -> None:
 @pytest.mark.parametrize(
     ("handler", "needle"),
     [
-        (lambda r: httpx.Response(500, json={"error": {"message": "overloaded"}}), "HTTP 500: overloaded"),
-        (lambda r: httpx.Response(401, text="bad key"), "HTTP 401: bad key"),
+        (lambda r: httpx.Response(500, json={"error": {"message": "overloaded"}}), r"unavailable \(HTTP 500\): overloaded"),
+        (lambda r: httpx.Response(401, text="bad key"), r"refused the key \(HTTP 401\): bad key"),
+        (lambda r: httpx.Response(502, html="<html><body>Bad gateway</body></html>"), r"\(HTTP 502\)\. Try"),
         (sse_body(delta("a"), b'data: {"error": {"message": "quota"}}\n\n'), "quota"),
         (sse_body(b"data: {not json\n\n"), "malformed"),
-        (sse_body(delta("a")), "ended the answer early"),
+        (sse_body(delta("a")), "dropped mid-answer"),
+        (sse_body(b"data: [DONE]\n\n"), "without an answer"),
         (sse_body(delta("a"), b'data: {"choices":[{"delta":"text"}]}\n\n'), "unexpected shape"),
         (sse_body(b'data: {"choices":5}\n\n'), "unexpected shape"),
         (sse_body(b"data: " + b"[" * 100_000 + b"\n\n"), "malformed"),
@@ -128,7 +130,7 @@ async def test_sends_key_model_and_messages() -> None:
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return sse_body(b"data: [DONE]\n\n")(request)
+        return sse_body(delta("ok"), b"data: [DONE]\n\n")(request)
 
     settings = OpenAISettings(base_url="http://model.test/v1", model="m1", api_key=Secret("k-123"))
     client = OpenAICompatible(settings, transport=httpx.MockTransport(handler))
@@ -137,3 +139,45 @@ async def test_sends_key_model_and_messages() -> None:
     assert request.url == "http://model.test/v1/chat/completions"
     assert request.headers["authorization"] == "Bearer k-123"
     assert json.loads(request.content) == {"model": "m1", "messages": [{"role": "user", "content": "q"}], "stream": True}
+
+
+async def test_azure_style_base_url_and_key_header() -> None:
+    """A base URL with a query (Azure's api-version) keeps it after /chat/completions, and
+    CHAT_OPENAI_API_KEY_HEADER=api-key sends the key as Azure expects, not as a bearer token."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return sse_body(delta("ok"), b"data: [DONE]\n\n")(request)
+
+    settings = OpenAISettings(
+        base_url="https://res.openai.azure.com/openai/deployments/gpt4o?api-version=2024-10-21",
+        api_key=Secret("azure-key"),
+        api_key_header="api-key",
+    )
+    assert await collect(OpenAICompatible(settings, transport=httpx.MockTransport(handler)).stream([])) == ("ok", "stop")
+    request = seen[0]
+    assert str(request.url) == "https://res.openai.azure.com/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21"
+    assert request.headers["api-key"] == "azure-key" and "authorization" not in request.headers
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable"),
+    [(408, True), (429, True), (502, True), (503, True), (504, True), (400, False), (401, False), (404, False), (500, False)],
+)
+async def test_which_statuses_may_be_retried(status: int, retryable: bool) -> None:
+    """Only timeouts, rate limits and unavailable gateways are worth sending again."""
+    with pytest.raises(UpstreamError) as error:
+        await collect(provider(lambda r: httpx.Response(status, json={"error": {"message": "x"}})).stream([]))
+    assert error.value.retryable is retryable
+
+
+async def test_refused_and_reset_connections_may_be_retried() -> None:
+    """A connection refused or reset before any answer is transient."""
+
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+
+    with pytest.raises(UpstreamError) as error:
+        await collect(provider(refused).stream([]))
+    assert error.value.retryable
