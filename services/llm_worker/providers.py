@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from shared.errors import UpstreamError
-from shared.sse import SSEDecoder
+from shared.sse import SSEDecoder, SSEEvent
 
 from .openai_stream import ChatStream, short
 from .settings import DemoModelSettings, OpenAISettings
@@ -183,32 +183,31 @@ class OpenAICompatible:
                     )
                 decoder = SSEDecoder()
                 chat = ChatStream()
-                # aiter_bytes, not aiter_raw: a body sent with Content-Encoding
-                # (gzip, deflate, br, zstd) arrives decoded.
-                async for raw in response.aiter_bytes():
-                    try:
-                        events = decoder.feed(raw)
-                    except ValueError:  # a line or event past the decoder's bound
-                        raise UpstreamError(
-                            "The model API sent an event too large to read. Try again.", cause="event too large"
-                        ) from None
-                    for event in events:
-                        text, finish = chat.event(event)
-                        if text:
-                            yield Delta(text=text)
-                        if finish is not None:
-                            # The answer is complete: whatever follows ([DONE], or
-                            # keep-alives from a server that never closes) is not awaited.
-                            yield Delta(finish_reason=finish.reason, details=finish.details())
-                            return
-                for event in decoder.close():
+                async for event in _events(response, decoder):
                     text, finish = chat.event(event)
                     if text:
                         yield Delta(text=text)
                     if finish is not None:
+                        # The answer is complete: whatever follows ([DONE], or
+                        # keep-alives from a server that never closes) is not awaited.
                         yield Delta(finish_reason=finish.reason, details=finish.details())
                         return
                 raise chat.end_of_body(truncated=decoder.truncated)
+
+
+async def _events(response: httpx.Response, decoder: SSEDecoder) -> AsyncIterator[SSEEvent]:
+    """The body's events, the last one included if only its blank line is missing."""
+    # aiter_bytes, not aiter_raw: a body sent with Content-Encoding
+    # (gzip, deflate, br, zstd) arrives decoded.
+    async for raw in response.aiter_bytes():
+        try:
+            events = decoder.feed(raw)
+        except ValueError:  # a line or event past the decoder's bound
+            raise UpstreamError("The model API sent an event too large to read. Try again.", cause="event too large") from None
+        for event in events:
+            yield event
+    for event in decoder.close():
+        yield event
 
 
 RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
