@@ -173,8 +173,13 @@ class OpenAICompatible:
         }
         with _map_httpx_errors():
             async with self.client.stream("POST", self.url, json=body) as response:
-                if response.status_code >= 400:
+                if response.status_code >= 300:
                     raise await _http_error(response)
+                if "html" in response.headers.get("content-type", ""):
+                    raise UpstreamError(
+                        "The model API answered with a web page, not a stream. Check CHAT_OPENAI_BASE_URL.",
+                        cause="200 with HTML",
+                    )
                 if "json" in response.headers.get("content-type", ""):
                     # A JSON body instead of a stream: an error some servers send with 200.
                     detail = await _error_detail(response)
@@ -216,6 +221,12 @@ RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
 async def _http_error(response: httpx.Response) -> UpstreamError:
     """What an HTTP error status means for the user, in the provider's words where it gave some."""
     status = response.status_code
+    if status < 400:  # httpx follows no redirect: the base URL should name the final address
+        return UpstreamError(
+            f"The model API redirected the request (HTTP {status}) to {response.headers.get('location', 'elsewhere')}. "
+            "Set CHAT_OPENAI_BASE_URL to that address.",
+            cause=f"HTTP {status}",
+        )
     detail = await _error_detail(response)
     if status in (401, 403):
         message = f"The model API refused the key (HTTP {status}){detail}. Check CHAT_OPENAI_API_KEY."

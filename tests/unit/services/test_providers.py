@@ -97,6 +97,8 @@ async def test_finish_reason_length_is_kept() -> None:
         (sse_body(b'data: {"choices":5}\n\n'), "unexpected shape"),
         (sse_body(b"data: " + b"[" * 100_000 + b"\n\n"), "malformed"),
         (lambda r: httpx.Response(200, json={"error": {"message": "You exceeded your quota"}}), "exceeded your quota"),
+        (lambda r: httpx.Response(200, html="<html><body>Welcome to nginx!</body></html>"), "web page"),
+        (lambda r: httpx.Response(301, headers={"location": "https://model.test/v1/chat/completions"}), "https://model.test/v1"),
     ],
 )
 async def test_upstream_errors_become_user_messages(handler, needle: str) -> None:  # type: ignore[no-untyped-def]
