@@ -32,8 +32,8 @@ class OpenAISettings:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
     max_connections: int = 100
-    retries: int = 2  # more attempts for a failure before the first token (refused, reset, 408/429/5xx)
-    retry_initial_s: float = 0.5  # the first retry's delay ceiling; it doubles, up to 8 s
+    retries: int = 3  # more attempts for a failure before the first token (refused, reset, 408/429/5xx)
+    retry_initial_s: float = 1.0  # the first retry's delay ceiling; it doubles, up to 8 s
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ def delay(error: BaseException = TRANSIENT, **overrides: object) -> float | None
 
 
 def test_a_transient_failure_before_any_text_is_retried_with_growing_jittered_delays() -> None:
-    """Delays are random * min(cap, initial * 2**attempt) until the retries are used up."""
+    """A delay is between half and all of min(cap, initial * 2**attempt), until the retries are used up."""
     assert [delay(attempt=n, random=1.0) for n in range(3)] == [0.5, 1.0, None]
-    assert delay(attempt=1, random=0.25) == 0.25
+    assert [delay(attempt=n, random=0.0) for n in range(2)] == [0.25, 0.5]
+    assert delay(attempt=1, random=0.5) == 0.75
     assert delay(attempt=10, retries=20, random=1.0) == RETRY_CAP_S
 
 
