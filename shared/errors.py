@@ -81,6 +81,7 @@ class UpstreamError(DependencyError):
         self.retryable = retryable
         self.retry_after_s = retry_after_s
         self.cause = cause
+        self.details: dict[str, object] = {}  # what the server said of the answer (its id, usage), for the log
 
 
 class BrokerUnavailable(DependencyError):

@@ -425,6 +425,11 @@ class Worker:
                     async with asyncio.timeout(stall_s):
                         item = await deltas.get()
                 except TimeoutError:
+                    log.warning(
+                        "model stalled",
+                        extra={"session": turn.request.session, "turn": turn.request.turn, "event": "upstream_failed",
+                               "cause": f"no text for {stall_s:g} s", "upstream": self.upstream_url},
+                    )
                     return Ending("error", f"The model sent no text for {stall_s:g} s. Try again later.")
             else:
                 item = deltas.get_nowait()
@@ -452,7 +457,9 @@ class Worker:
             if isinstance(item, BaseException):
                 if not isinstance(item, UpstreamError):
                     log.error("provider failed", exc_info=item, extra={"session": turn.request.session})
-                return Ending("error", failure_message(item), getattr(item, "code", None))
+                if isinstance(item, UpstreamError):
+                    return Ending("error", failure_message(item), item.code, item.details)
+                return Ending("error", failure_message(item))
             if turn.stop_requested:
                 return Ending("stopped")
             return Ending("error", "The model stopped without finishing. Please try again.")
@@ -496,24 +503,32 @@ class Worker:
         extra = {"session": request.session, "turn": request.turn, "upstream": self.upstream_url}
         attempt = 0
         while True:
-            text_sent = False
+            text_sent = 0
             try:
                 async for delta in self.provider.stream(messages):
-                    text_sent = text_sent or bool(delta.text)
+                    text_sent += len(delta.text)
                     out.put_nowait(delta)
                     if delta.finish_reason is not None:
                         return
+                    if text_sent > self.settings.max_answer_bytes:
+                        # Past the cap already (each character is at least a byte): read
+                        # no more, so a model far faster than delivery queues at most this.
+                        out.put_nowait(Delta(finish_reason="length"))
+                        return
                 return
             except Exception as exc:
+                # Not past the stall timeout either: the relay would end the turn first.
+                time_left_s = min(deadline - time.time(), upstream.read_timeout_s)
                 delay = retry_delay(
-                    exc, attempt=attempt, text_sent=text_sent, retries=upstream.retries,
-                    initial_s=upstream.retry_initial_s, time_left_s=deadline - time.time(), random=random.random(),
+                    exc, attempt=attempt, text_sent=text_sent > 0, retries=upstream.retries,
+                    initial_s=upstream.retry_initial_s, time_left_s=time_left_s, random=random.random(),
                 )
                 cause = exc.cause if isinstance(exc, UpstreamError) else type(exc).__name__
                 if delay is None:
+                    details = exc.details if isinstance(exc, UpstreamError) else {}
                     log.warning(
                         "model request failed",
-                        extra={**extra, "event": "upstream_failed", "cause": cause, "attempts": attempt + 1},
+                        extra={**extra, "event": "upstream_failed", "cause": cause, "attempts": attempt + 1, **details},
                     )
                     out.put_nowait(exc)  # the consumer ends the turn with it
                     return
