@@ -29,14 +29,16 @@ its source, in ``tests/data/openai_streams/``.
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import UpstreamError
 from shared.sse import SSEEvent
 
-__all__ = ["ChatStream", "Finish", "short"]
+__all__ = ["ChatStream", "Finish", "short", "error_code", "error_text"]
 
 STOP_REASONS = frozenset({"stop", "eos_token", "eos", "stop_sequence", "end_turn"})
 LENGTH_REASONS = frozenset({"length", "max_tokens", "model_length"})
@@ -45,8 +47,29 @@ TOOL_REASONS = frozenset({"tool_calls", "function_call", "tool_use"})
 ERROR_REASONS = frozenset({"error", "abort", "insufficient_system_resource", "cancelled"})
 
 
+_TAG = re.compile(r"<[^>]*>")
+_CREDENTIAL = re.compile(
+    r"\b((?i:bearer))\s+[\w.~+/=-]{8,}"  # a bearer token
+    r"|\b(Basic)\s+(?=[A-Za-z0-9+/=]*\d)[A-Za-z0-9+/=]{12,}"  # basic credentials (base64, with a digit)
+    r"|\b(sk-)[\w-]{8,}"  # an OpenAI-style key
+)
+_URL_PASSWORD = re.compile(r"(://[^/\s:@]+):[^@\s/]+@")
+_STACK_TRACE = re.compile(r"Traceback \(most recent call last\)|\bat [\w$.]+\([\w.]+:\d+\)|^\s+File \"", re.MULTILINE)
+
+
+def _masked(match: re.Match[str]) -> str:
+    scheme, basic, prefix = match.groups()
+    return f"{scheme} ***" if scheme else f"{basic} ***" if basic else f"{prefix}***"
+
+
 def short(text: str, limit: int = 300) -> str:
-    """``text`` on one line, at most ``limit`` characters: a provider's message, fit for a done."""
+    """A provider's words fit for a user: one line, at most ``limit`` characters,
+    markup stripped, credentials masked, and no stack trace (the server's
+    internals, possibly with passwords in them, are not the user's business)."""
+    if _STACK_TRACE.search(text):
+        return "(the server sent a stack trace, withheld here; see its log)"
+    text = html.unescape(_TAG.sub(" ", text.replace("\ufeff", "")))
+    text = _URL_PASSWORD.sub(r"\1:***@", _CREDENTIAL.sub(_masked, text))
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -80,6 +103,7 @@ class ChatStream:
     reasoning_chars: int = 0
     response_id: str | None = None
     usage: dict[str, Any] | None = None
+    upstream_reason: str | None = None
     tools: list[str] = field(default_factory=list)  # names of tool calls the model made
 
     def event(self, event: SSEEvent) -> tuple[str, Finish | None]:
@@ -88,63 +112,95 @@ class ChatStream:
 
         Raises:
             UpstreamError: the event is an error, ends the answer in error
-                (content filter, tool calls, an error finish), is not JSON, or is
-                ``[DONE]`` with no answer before it.
+                (content filter, tool calls, an error finish, no answer at
+                all), or is not a JSON object.
         """
         if event.event == "error":
-            raise UpstreamError(
-                f"The model API reported an error: {_error_text(event.data)}", cause="SSE error event"
-            )
+            raise self._error(f"The model API reported an error: {error_text(event.data)}", "SSE error event")
         data = event.data.strip()
+        if event.event != "message" or not data:
+            return "", None  # a ping, debug or other named event, or empty data: not part of the answer
         if data == "[DONE]":
             return "", self._finish(None)
+        return self._chunk(_object(data))
+
+    def trailer(self, event: SSEEvent) -> bool:
+        """Take an event that follows the finish (OpenAI's usage chunk); True at ``[DONE]``."""
+        data = event.data.strip()
+        if data == "[DONE]" or event.event == "error":
+            return data == "[DONE]"
         try:
-            payload = json.loads(data)
-        except (ValueError, RecursionError):
-            raise UpstreamError("The model API sent malformed data. Try again.", cause="event not JSON") from None
-        if not isinstance(payload, dict):
-            raise UpstreamError("The model API sent malformed data. Try again.", cause="event not an object")
-        try:
-            return self._chunk(payload)
-        except (AttributeError, TypeError, KeyError):
-            raise UpstreamError(
-                "The model API sent an event of an unexpected shape. Try again.", cause="odd chunk shape"
-            ) from None
+            self._meta(_object(data))
+        except UpstreamError:
+            pass  # the answer is complete; a bad trailer changes nothing
+        return False
 
     def end_of_body(self, *, truncated: bool) -> UpstreamError:
         """The error for a body that ended with no finish and no ``[DONE]``."""
+        if self.tools:
+            try:
+                self._finish(None)
+            except UpstreamError as error:
+                return error
         if truncated or self.text_chars:
-            return UpstreamError("The connection to the model API dropped mid-answer. Try again.", cause="body ended early")
-        return self._empty()
+            return self._error("The connection to the model API dropped mid-answer. Try again.", "body ended early")
+        return self._error(_NO_ANSWER, "no content and no finish")
 
-    def _chunk(self, payload: dict[str, Any]) -> tuple[str, Finish | None]:
-        error = payload.get("error")
-        if error:  # "error": null (or {}) on healthy chunks is no error
-            raise UpstreamError(f"The model API reported an error: {_error_text(error)}", cause="error in chunk")
-        if payload.get("object") == "error":  # vLLM's ErrorResponse
-            raise UpstreamError(f"The model API reported an error: {_error_text(payload)}", cause="error object")
+    def details(self) -> dict[str, Any]:
+        """What the server said of this answer so far, for the log."""
+        return Finish(
+            reason="", upstream_reason=self.upstream_reason, response_id=self.response_id, usage=self.usage,
+            reasoning_chars=self.reasoning_chars,
+        ).details()
+
+    def _error(self, message: str, cause: str, code: str | None = None) -> UpstreamError:
+        error = UpstreamError(message, code=code, cause=cause)
+        error.details = self.details()
+        return error
+
+    def _meta(self, payload: dict[str, Any]) -> None:
         if self.response_id is None and isinstance(payload.get("id"), str) and payload["id"]:
             self.response_id = payload["id"]
         usage = payload.get("usage") or (payload.get("x_groq") or {}).get("usage")
         if isinstance(usage, dict):
             self.usage = usage
-        choices = payload.get("choices") or []
-        if not isinstance(choices, list):
-            raise TypeError("choices is not a list")
-        if not choices:
-            return "", None  # Azure's prompt-filter chunk, a usage-only chunk
-        choice = next((c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), choices[0])
-        if not isinstance(choice, dict):
-            raise TypeError("choice is not an object")
-        text = self._text(choice)
+
+    def _chunk(self, payload: dict[str, Any]) -> tuple[str, Finish | None]:
+        try:
+            self._meta(payload)
+            error = payload.get("error")
+            if error:  # "error": null (or {}) on healthy chunks is no error
+                if error_code(payload) == "content_filter":
+                    raise self._error(
+                        f"The model provider's content filter stopped the answer: {error_text(payload)}",
+                        "content filter error",
+                        "content_filter",
+                    )
+                raise self._error(f"The model API reported an error: {error_text(payload)}", "error in chunk")
+            if payload.get("object") == "error" or ("choices" not in payload and _error_words(payload)):
+                # vLLM's ErrorResponse; a bare {"detail": ...} or {"message": ...} from a server framework
+                raise self._error(f"The model API reported an error: {error_text(payload)}", "error object")
+            choices = payload.get("choices") or []
+            if not isinstance(choices, list):
+                raise TypeError("choices is not a list")
+            if not choices:
+                return "", None  # Azure's prompt-filter chunk, a usage-only chunk
+            if not all(isinstance(c, dict) for c in choices):
+                raise TypeError("choice is not an object")
+            choice = next((c for c in choices if c.get("index", 0) == 0), None)
+            if choice is None:
+                return "", None  # another choice's chunk (n > 1): never part of this answer
+            text = self._text(choice)
+            reason = choice.get("finish_reason") or choice.get("finishReason")  # Gemini's beta said finishReason
+        except (AttributeError, TypeError, KeyError):
+            raise self._error("The model API sent an event of an unexpected shape.", "odd chunk shape") from None
         self.text_chars += len(text)
-        reason = choice.get("finish_reason")
         return text, (self._finish(str(reason)) if reason else None)
 
     def _text(self, choice: dict[str, Any]) -> str:
         delta = choice.get("delta")
         if delta is None:
-            delta = choice.get("message") or {}
+            delta = choice.get("message") or {}  # a whole completion, from a server that did not stream
         if not isinstance(delta, dict):
             raise TypeError("delta is not an object")
         for name in ("reasoning_content", "reasoning"):
@@ -191,61 +247,98 @@ class ChatStream:
 
     def _finish(self, upstream: str | None) -> Finish:
         """Classify an end: ``upstream`` is the finish_reason, None for ``[DONE]``."""
-        if self.tools and (upstream is None or upstream in TOOL_REASONS | STOP_REASONS):
-            upstream = "tool_calls"  # some servers say stop after a tool call
-        if upstream is None:
-            if not self.text_chars:
-                raise self._empty()
-            upstream_reason, reason = None, "stop"
-        elif upstream in LENGTH_REASONS:
-            upstream_reason, reason = upstream, "length"
-        elif upstream in FILTER_REASONS:
-            raise UpstreamError(
-                "The model provider's content filter stopped the answer.",
-                code="content_filter",
-                cause=f"finish_reason {upstream}",
-            )
-        elif upstream in TOOL_REASONS:
+        self.upstream_reason = upstream
+        if self.tools and upstream not in ERROR_REASONS | FILTER_REASONS:
+            upstream = "tool_calls"  # some servers say stop (or length) after a tool call
+        cause = f"finish_reason {upstream}"
+        if upstream in FILTER_REASONS:
+            raise self._error("The model provider's content filter stopped the answer.", cause, "content_filter")
+        if upstream in TOOL_REASONS:
             names = ", ".join(dict.fromkeys(self.tools)) or "a tool"
-            raise UpstreamError(
+            raise self._error(
                 f"The model asked to call {names}, which this deployment does not offer; the answer stops here.",
-                code="tool_calls",
-                cause=f"finish_reason {upstream}",
+                cause,
+                "tool_calls",
             )
-        elif upstream in ERROR_REASONS:
-            raise UpstreamError(
-                f"The model API ended the answer with an error ({upstream}). Try again.", cause=f"finish_reason {upstream}"
+        if upstream in ERROR_REASONS:
+            raise self._error(f"The model API ended the answer with an error ({upstream}). Try again.", cause)
+        reason = "length" if upstream in LENGTH_REASONS else "stop"  # stop, its synonyms, and undocumented reasons
+        if not self.text_chars:
+            # Never a silent empty answer marked complete.
+            if upstream is None:
+                raise self._error(_NO_ANSWER, "no content and no finish")
+            if reason == "length":
+                raise self._error(
+                    "The model reached its length limit before writing any answer"
+                    + (" (it spent it on reasoning)." if self.reasoning_chars else "."),
+                    cause,
+                )
+            raise self._error(
+                "The model finished without writing any answer"
+                + (" (it sent only its reasoning)." if self.reasoning_chars else "."),
+                cause,
             )
-        else:  # stop, its synonyms, and any reason no server documents: the model finished
-            upstream_reason, reason = upstream, "stop"
         return Finish(
             reason=reason,
-            upstream_reason=upstream_reason,
+            upstream_reason=self.upstream_reason,
             response_id=self.response_id,
             usage=self.usage,
             reasoning_chars=self.reasoning_chars,
         )
 
-    def _empty(self) -> UpstreamError:
-        return UpstreamError(
-            "The model API ended the stream without an answer (a prompt over the model's context size does this "
-            "on some servers). Try a shorter conversation, or check the model server's log.",
-            cause="no content and no finish",
-        )
+
+_NO_ANSWER = (
+    "The model API ended the stream without an answer (a prompt over the model's context size does this "
+    "on some servers). Try a shorter conversation, or check the model server's log."
+)
 
 
-def _error_text(value: Any) -> str:
-    """The message in an error value of any shape: a string, {"message"}, {"error": {...}}, JSON text."""
+def _object(data: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(data)
+    except (ValueError, RecursionError):
+        raise UpstreamError("The model API sent malformed data (not JSON).", cause="event not JSON") from None
+    if not isinstance(payload, dict):
+        raise UpstreamError("The model API sent malformed data (not a JSON object).", cause="event not an object")
+    return payload
+
+
+def error_code(payload: Any) -> str | None:
+    """``content_filter`` if an error value says the provider's content filter refused
+    (Azure OpenAI: ``{"error": {"code": "content_filter", ...}}``), else None."""
+    if isinstance(payload, list) and payload:
+        payload = payload[0]
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        inner = error.get("innererror")
+        codes = {error.get("code"), inner.get("code") if isinstance(inner, dict) else None}
+        if codes & {"content_filter", "ResponsibleAIPolicyViolation"}:
+            return "content_filter"
+    return None
+
+
+def _error_words(payload: dict[str, Any]) -> bool:
+    return any(isinstance(payload.get(key), str) for key in ("detail", "message"))
+
+
+def error_text(value: Any) -> str:
+    """The message in an error value of any shape: a string, JSON text, {"message"},
+    {"error": {...}}, {"error": true, "message": ...}, or a list of those (Gemini)."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except (ValueError, RecursionError):
             return short(value) or "no details"
+    if isinstance(value, list) and value:
+        value = value[0]
     if isinstance(value, dict):
-        inner = value.get("error", value)
-        if isinstance(inner, dict):
-            message = inner.get("message") or inner.get("msg") or inner.get("detail")
-            return short(str(message)) if message else short(json.dumps(inner))
-        if inner:
-            return short(str(inner))
+        inner = value.get("error")
+        for candidate in (inner, value):
+            if isinstance(candidate, dict):
+                message = candidate.get("message") or candidate.get("msg") or candidate.get("detail")
+                if message:
+                    return short(str(message))
+        if isinstance(inner, str) and inner:
+            return short(inner)
+        return short(json.dumps(value))
     return short(str(value)) or "no details"

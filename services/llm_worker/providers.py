@@ -16,6 +16,7 @@ import json
 import random
 import re
 import time
+import zlib
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import httpx
 from shared.errors import UpstreamError
 from shared.sse import SSEDecoder, SSEEvent
 
-from .openai_stream import ChatStream, short
+from .openai_stream import ChatStream, error_code, error_text, short
 from .settings import DemoModelSettings, OpenAISettings
 
 __all__ = ["Message", "Delta", "Provider", "DemoModel", "OpenAICompatible", "retry_after_s"]
@@ -171,48 +172,120 @@ class OpenAICompatible:
             "messages": [{"role": m.role, "content": m.content} for m in messages],
             "stream": True,
         }
-        with _map_httpx_errors():
-            async with self.client.stream("POST", self.url, json=body) as response:
-                if response.status_code >= 300:
-                    raise await _http_error(response)
-                if "html" in response.headers.get("content-type", ""):
-                    raise UpstreamError(
-                        "The model API answered with a web page, not a stream. Check CHAT_OPENAI_BASE_URL.",
-                        cause="200 with HTML",
-                    )
-                if "json" in response.headers.get("content-type", ""):
-                    # A JSON body instead of a stream: an error some servers send with 200.
-                    detail = await _error_detail(response)
-                    raise UpstreamError(
-                        f"The model API answered with JSON, not a stream{detail}. Try again.", cause="200 with JSON"
-                    )
-                decoder = SSEDecoder()
-                chat = ChatStream()
-                async for event in _events(response, decoder):
-                    text, finish = chat.event(event)
-                    if text:
-                        yield Delta(text=text)
-                    if finish is not None:
-                        # The answer is complete: whatever follows ([DONE], or
-                        # keep-alives from a server that never closes) is not awaited.
-                        yield Delta(finish_reason=finish.reason, details=finish.details())
-                        return
-                raise chat.end_of_body(truncated=decoder.truncated)
+        chat = ChatStream()
+        try:
+            with _map_httpx_errors(chat):
+                async with self.client.stream("POST", self.url, json=body) as response:
+                    async for delta in self._read(response, chat):
+                        yield delta
+        except UpstreamError as error:
+            # A server may echo the key in its message ("Invalid header: Bearer sk-…").
+            if self.settings.api_key and str(self.settings.api_key) in str(error):
+                error.args = (str(error).replace(str(self.settings.api_key), "***"),)
+            raise
+
+    async def _read(self, response: httpx.Response, chat: ChatStream) -> AsyncIterator[Delta]:
+        if response.status_code >= 300:
+            raise await _http_error(response)
+        media = response.headers.get("content-type", "").lower()
+        if "html" in media:
+            raise UpstreamError(
+                "The model API answered with a web page, not a stream. Check CHAT_OPENAI_BASE_URL.", cause="200 with HTML"
+            )
+        body = _decoded(response)
+        head = b""
+        async for part in body:
+            head += part
+            if head.lstrip(_SNIFF_SKIP):
+                break
+        if "event-stream" not in media and head.lstrip(_SNIFF_SKIP)[:1] in (b"{", b"["):
+            # A whole completion from a server that ignored "stream", or an error
+            # sent with 200: JSON, whether labelled so or not labelled at all.
+            raw = head + await _read_at_most(body, MAX_JSON_BODY_BYTES - len(head))
+            text, finish = chat.event(SSEEvent(data=raw.lstrip(_SNIFF_SKIP).decode("utf-8", errors="replace")))
+            if finish is None:
+                raise chat.end_of_body(truncated=False)
+            yield Delta(text=text)
+            yield Delta(finish_reason=finish.reason, details=finish.details())
+            return
+        # An event stream, also when mislabelled (some proxies send SSE as JSON or text/plain).
+        decoder = SSEDecoder()
+        events = _events(_prefixed(head, body), decoder)
+        reasoned_at = 0.0
+        async for event in events:
+            reasoning = chat.reasoning_chars
+            text, finish = chat.event(event)
+            if text:
+                yield Delta(text=text)
+            elif chat.reasoning_chars > reasoning and time.monotonic() - reasoned_at >= 1.0:
+                # A model that reasons is making progress: a textless delta, at most
+                # once a second, tells the worker it is not stalled.
+                reasoned_at = time.monotonic()
+                yield Delta()
+            if finish is not None:
+                # The answer is complete. OpenAI-style servers send usage in one
+                # more chunk; read on briefly for it, but never wait on a server
+                # that goes on with keep-alives instead of closing.
+                if chat.usage is None:
+                    try:
+                        async with asyncio.timeout(TRAILER_GRACE_S):
+                            async for trailer in events:
+                                if chat.trailer(trailer) or chat.usage is not None:
+                                    break
+                    except TimeoutError:
+                        pass
+                yield Delta(finish_reason=finish.reason, details=chat.details())
+                return
+        raise chat.end_of_body(truncated=decoder.truncated)
 
 
-async def _events(response: httpx.Response, decoder: SSEDecoder) -> AsyncIterator[SSEEvent]:
+MAX_JSON_BODY_BYTES = 4 * 1024 * 1024  # a non-streamed completion is read whole, up to this
+_SNIFF_SKIP = b"\xef\xbb\xbf \t\r\n"  # a byte order mark and white space before the body's first sign
+TRAILER_GRACE_S = 0.25  # how long the usage chunk after a finish is waited for
+
+
+async def _events(body: AsyncIterator[bytes], decoder: SSEDecoder) -> AsyncIterator[SSEEvent]:
     """The body's events, the last one included if only its blank line is missing."""
-    # aiter_bytes, not aiter_raw: a body sent with Content-Encoding
-    # (gzip, deflate, br, zstd) arrives decoded.
-    async for raw in response.aiter_bytes():
+    async for raw in body:
         try:
             events = decoder.feed(raw)
         except ValueError:  # a line or event past the decoder's bound
-            raise UpstreamError("The model API sent an event too large to read. Try again.", cause="event too large") from None
+            raise UpstreamError("The model API sent an event too large to read.", cause="event too large") from None
         for event in events:
             yield event
     for event in decoder.close():
         yield event
+
+
+async def _decoded(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body, decoded from its Content-Encoding: httpx knows gzip, deflate, br and
+    zstd; "x-gzip", which RFC 9110 section 8.4.1.3 says is gzip, is decoded here."""
+    if response.headers.get("content-encoding", "").strip().lower() != "x-gzip":
+        async for part in response.aiter_bytes():
+            yield part
+        return
+    gunzip = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        async for part in response.aiter_raw():
+            yield gunzip.decompress(part)
+    except zlib.error:
+        raise UpstreamError("The model API sent a compressed body that could not be decoded.", cause="x-gzip") from None
+
+
+async def _prefixed(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield head
+    async for part in rest:
+        yield part
+
+
+async def _read_at_most(body: AsyncIterator[bytes], max_bytes: int) -> bytes:
+    """At most ``max_bytes`` more of ``body``."""
+    raw = b""
+    async for part in body:
+        raw += part
+        if len(raw) >= max_bytes:
+            break
+    return raw[:max_bytes]
 
 
 RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
@@ -227,9 +300,17 @@ async def _http_error(response: httpx.Response) -> UpstreamError:
             "Set CHAT_OPENAI_BASE_URL to that address.",
             cause=f"HTTP {status}",
         )
-    detail = await _error_detail(response)
-    if status in (401, 403):
-        message = f"The model API refused the key (HTTP {status}){detail}. Check CHAT_OPENAI_API_KEY."
+    payload, detail = await _error_body(response)
+    if error_code(payload) == "content_filter":
+        return UpstreamError(
+            f"The model provider's content filter refused the prompt (HTTP {status}){detail}.",
+            code="content_filter",
+            cause=f"HTTP {status} content_filter",
+        )
+    if status == 401:
+        message = f"The model API refused the key (HTTP 401){detail}. Check CHAT_OPENAI_API_KEY."
+    elif status == 403:
+        message = f"The model API refused access (HTTP 403){detail}. Check CHAT_OPENAI_API_KEY and the account's access."
     elif status == 404:
         message = (
             f"The model API has no such model or endpoint (HTTP 404){detail}. "
@@ -277,33 +358,25 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-async def _error_detail(response: httpx.Response, *, max_bytes: int = 4096) -> str:
-    """The error message in the first ``max_bytes`` of a failed response's body, as ``": …"``;
-    nothing from an HTML page (a proxy's error page is no message for a user)."""
-    if "html" in response.headers.get("content-type", ""):
-        return ""
-    raw = b""
+async def _error_body(response: httpx.Response, *, max_bytes: int = 4096) -> tuple[Any, str]:
+    """A failed response's body (parsed JSON, or None) and its message as ``": …"``,
+    from the first ``max_bytes``; nothing from an HTML page."""
+    if "html" in response.headers.get("content-type", "").lower():
+        return None, ""
     try:
-        async for part in response.aiter_bytes():
-            raw += part
-            if len(raw) >= max_bytes:
-                break
-    except httpx.HTTPError:
-        return ""
-    text = raw[:max_bytes].decode("utf-8", errors="replace").strip()
-    if text.startswith("<"):
-        return ""
+        text = (await _read_at_most(_decoded(response), max_bytes)).decode("utf-8", errors="replace").strip()
+    except (httpx.HTTPError, UpstreamError):
+        return None, ""
     try:
         payload = json.loads(text)
     except (ValueError, RecursionError):
-        return f": {short(text, 200)}" if text else ""
-    error = payload.get("error", payload) if isinstance(payload, dict) else payload
-    message = error.get("message") if isinstance(error, dict) else error
-    return f": {short(str(message), 200)}" if message else ""
+        words = short(text, 200)
+        return None, (f": {words}" if words else "")
+    return payload, f": {error_text(payload)}" if payload else ""
 
 
 @contextmanager
-def _map_httpx_errors() -> Iterator[None]:
+def _map_httpx_errors(chat: ChatStream) -> Iterator[None]:
     """httpx's failures as UpstreamError, in one place (httpx maps httpcore's the same way)."""
     try:
         yield
@@ -318,17 +391,17 @@ def _map_httpx_errors() -> Iterator[None]:
         ) from None
     except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
         # A reset before any answer is worth one more try; the worker never retries after text.
-        raise UpstreamError(
-            "The connection to the model API dropped mid-answer. Try again.", retryable=True, cause=type(exc).__name__
-        ) from None
+        if chat.text_chars:
+            message = "The connection to the model API dropped mid-answer. Try again."
+        else:
+            message = "The model API closed the connection without answering. Try again later."
+        raise UpstreamError(message, retryable=True, cause=type(exc).__name__) from None
     except httpx.DecodingError:
         raise UpstreamError(
-            "The model API sent a compressed body that could not be decoded. Try again.", cause="DecodingError"
+            "The model API sent a compressed body that could not be decoded.", cause="DecodingError"
         ) from None
     except httpx.HTTPError as exc:
-        raise UpstreamError(
-            f"The model API request failed ({type(exc).__name__}). Try again.", cause=type(exc).__name__
-        ) from None
+        raise UpstreamError(f"The model API request failed ({type(exc).__name__}).", cause=type(exc).__name__) from None
 
 
 def create_provider(provider: str, *, demo: DemoModelSettings, openai: OpenAISettings) -> Provider:

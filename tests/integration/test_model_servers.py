@@ -83,15 +83,24 @@ async def test_the_request_is_what_openai_compatible_servers_expect(replay: tupl
     assert request["body"]["stream"] is True and request["body"]["messages"][-1]["role"] == "user"
 
 
-async def test_finish_reason_usage_and_response_id_are_recorded(corpus_stack: Stack, mclients: Clients) -> None:
-    """The worker's 'turn finished' log line carries the server's own finish reason, response id and usage."""
+@pytest.mark.parametrize(
+    ("name", "usage"),
+    [
+        ("groq-x-groq-usage", {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22}),
+        ("openai-include-usage", {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}),
+    ],
+)
+async def test_finish_reason_usage_and_response_id_are_recorded(
+    name: str, usage: dict[str, int], corpus_stack: Stack, mclients: Clients
+) -> None:
+    """The worker's 'turn finished' log line carries the server's own finish reason, response id and
+    usage, also when the usage comes in a chunk of its own after the finish (OpenAI)."""
     client, _ = await mclients.open(new_session())
-    _, _, done = await client.turn(f"[shape:groq-x-groq-usage:whole:{uuid.uuid4().hex[:12]}]")
+    _, _, done = await client.turn(f"[shape:{name}:whole:{uuid.uuid4().hex[:12]}]")
     assert done["reason"] == "stop"
     worker = next(p for p in corpus_stack.processes if p.module == "services.llm_worker")
     finished = [json.loads(line) for line in worker.output().splitlines() if '"turn_finished"' in line]
     assert any(
-        entry.get("upstream_finish") == "stop" and entry.get("response_id") == "chatcmpl-1"
-        and entry.get("usage") == {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22}
+        entry.get("upstream_finish") == "stop" and entry.get("response_id") == "chatcmpl-1" and entry.get("usage") == usage
         for entry in finished
     ), finished[-3:]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from services.llm_worker.openai_stream import ChatStream, Finish
+from services.llm_worker.openai_stream import ChatStream, Finish, error_text, short
 from shared.errors import UpstreamError
 from shared.sse import SSEEvent
 
@@ -110,3 +110,120 @@ def test_usage_and_ids_are_recorded() -> None:
     assert finish is not None and finish.details() == {
         "upstream_finish": "stop", "response_id": "r1", "usage": {"completion_tokens": 1},
     }
+
+
+def test_named_events_and_empty_data_are_not_part_of_the_answer() -> None:
+    """Only unnamed ("message") events carry chunks: a ping or debug event and empty data are skipped
+    (WHATWG: an event's type is what the consumer listens for)."""
+    text, finish = run(
+        SSEEvent(data='{"choices":[{"index":0,"delta":{"content":"leak"}}]}', event="debug"),
+        SSEEvent(data="   "),
+        chunk({"content": "ok"}),
+        chunk(finish="stop"),
+    )
+    assert (text, finish is not None) == ("ok", True)
+
+
+def test_only_the_first_choice_is_the_answer() -> None:
+    """With n > 1 the choices' chunks interleave; index 1's text never joins index 0's."""
+    def choice(index: int, content: str, finish: str | None = None) -> SSEEvent:
+        return SSEEvent(data=json.dumps({"choices": [{"index": index, "delta": {"content": content}, "finish_reason": finish}]}))
+
+    text, finish = run(choice(1, "B"), choice(0, "A"), choice(1, "B", "stop"), choice(0, "a", "stop"))
+    assert text == "Aa" and finish is not None
+
+
+@pytest.mark.parametrize(
+    ("events", "needle"),
+    [
+        ([chunk({"reasoning_content": "hmm"}), chunk(finish="length")], "spent it on reasoning"),
+        ([chunk({"content": ""}), chunk(finish="length")], "length limit before writing any answer"),
+        ([chunk({"reasoning": "hmm"}), chunk(finish="stop")], "sent only its reasoning"),
+        ([chunk({"content": ""}), chunk(finish="stop")], "without writing any answer"),
+    ],
+)
+def test_an_empty_answer_is_never_a_success(events: list[SSEEvent], needle: str) -> None:
+    """A finish (stop or length) with no answer text is an error that says why."""
+    with pytest.raises(UpstreamError, match=needle):
+        run(*events)
+
+
+def test_content_filter_error_values_carry_the_code() -> None:
+    """Azure's in-stream error with code content_filter (or innererror ResponsibleAIPolicyViolation)
+    tells the client it was the filter, not a fault."""
+    for error in ({"code": "content_filter", "message": "filtered"},
+                  {"code": "x", "message": "filtered", "innererror": {"code": "ResponsibleAIPolicyViolation"}}):
+        with pytest.raises(UpstreamError, match="content filter") as raised:
+            run(chunk({"content": "a"}), SSEEvent(data=json.dumps({"error": error})))
+        assert raised.value.code == "content_filter"
+
+
+def test_tool_calls_with_a_length_finish_or_no_finish_are_tool_calls() -> None:
+    """A tool call cut by length, or followed only by the end of the body, still says tool_calls."""
+    call = chunk({"tool_calls": [{"index": 0, "function": {"name": "search"}}]})
+    with pytest.raises(UpstreamError, match="search") as raised:
+        run(call, chunk(finish="length"))
+    assert raised.value.code == "tool_calls"
+    stream = ChatStream()
+    stream.event(call)
+    assert stream.end_of_body(truncated=False).code == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('{"error":{"message":"m1","type":"t"}}', "m1"),
+        ('{"error":true,"message":"m2"}', "m2"),
+        ('{"detail":"m3"}', "m3"),
+        ('[{"error":{"code":429,"message":"m4"}}]', "m4"),
+        ('{"error":"m5"}', "m5"),
+        ("plain m6", "plain m6"),
+        ('{"weird":1}', '{"weird": 1}'),
+        ("", "no details"),
+    ],
+)
+def test_error_text_finds_the_message_in_every_shape(value: str, expected: str) -> None:
+    """OpenAI, TGI, FastAPI, Gemini-style list and plain-text errors all give their message."""
+    assert error_text(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "kept", "gone"),
+    [
+        ("<html><body><h1>Bad &amp; gateway</h1></body></html>", "Bad & gateway", "<h1>"),
+        ("Invalid header: Bearer abcdefghijklmnop", "Bearer ***", "abcdefghijklmnop"),
+        ("Incorrect API key provided: sk-proj-abcdef123456", "sk-***", "abcdef123456"),
+        ("Authorization: Basic dXNlcjpwYXNzd29yZDEyMw==", "Basic ***", "dXNlcjpwYXNzd29yZDEyMw=="),
+        ("cannot reach redis://app:hunter2@cache:6379", "app:***@cache", "hunter2"),
+        ('Traceback (most recent call last):\n  File "/app/x.py", line 3', "stack trace, withheld", "/app/x.py"),
+        ("line one\n\n   line two", "line one line two", "\n"),
+    ],
+)
+def test_short_makes_provider_words_safe_to_show(raw: str, kept: str, gone: str) -> None:
+    """Markup is stripped, credentials masked and stack traces withheld before a user sees them."""
+    shown = short(raw)
+    assert kept in shown and gone not in shown
+
+
+def test_short_cuts_long_text() -> None:
+    assert short("x" * 1000, 50) == "x" * 49 + "…"
+
+
+def test_a_usage_chunk_after_the_finish_is_recorded() -> None:
+    """OpenAI sends usage in one more chunk, with no choices, after the finish (stream_options.include_usage)."""
+    stream = ChatStream()
+    stream.event(chunk({"content": "a"}))
+    _, finish = stream.event(chunk(finish="stop"))
+    assert finish is not None and finish.usage is None
+    assert stream.trailer(SSEEvent(data='{"id":"r1","choices":[],"usage":{"total_tokens":7}}')) is False
+    assert stream.trailer(SSEEvent(data="not json")) is False
+    assert stream.trailer(SSEEvent(data="[DONE]")) is True
+    assert stream.details()["usage"] == {"total_tokens": 7}
+
+
+def test_a_camel_case_finish_reason_ends_the_answer() -> None:
+    """Gemini's OpenAI-compatible beta left finish_reason null and said finishReason."""
+    text, finish = run(
+        SSEEvent(data='{"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null,"finishReason":"length"}]}')
+    )
+    assert text == "hi" and finish is not None and finish.reason == "length"

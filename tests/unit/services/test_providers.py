@@ -4,6 +4,7 @@ stream parsing and error mapping (httpx.MockTransport, no sockets)."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import AsyncIterator, Callable
 
@@ -70,6 +71,7 @@ async def test_a_finish_ends_the_stream_without_waiting_for_more() -> None:
         yield b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'
         while True:
             yield b": keep-alive\n\n"
+            await asyncio.sleep(0.01)  # a server's pace: the worker waits only briefly for a usage chunk
 
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=endless(), headers={"content-type": "text/event-stream"})
@@ -113,7 +115,7 @@ async def test_upstream_errors_become_user_messages(handler, needle: str) -> Non
     [
         (httpx.ReadTimeout("slow"), "did not answer in time"),
         (httpx.ConnectError("refused"), "Could not reach"),
-        (httpx.RemoteProtocolError("cut"), "dropped mid-answer"),
+        (httpx.RemoteProtocolError("cut"), "closed the connection without answering"),
     ],
 )
 async def test_transport_errors_are_mapped(exc: Exception, needle: str) -> None:
@@ -183,3 +185,85 @@ async def test_refused_and_reset_connections_may_be_retried() -> None:
     with pytest.raises(UpstreamError) as error:
         await collect(provider(refused).stream([]))
     assert error.value.retryable
+
+
+async def test_a_key_echoed_by_the_server_never_reaches_the_user() -> None:
+    """Proxies echo the key they rejected ("Received API Key = …"); the message masks it."""
+    key = "team-key-0123456789"
+    handler = lambda r: httpx.Response(401, json={"error": {"message": f"Authentication Error, Received API Key = {key}"}})  # noqa: E731
+    settings = OpenAISettings(base_url="http://model.test/v1", api_key=Secret(key))
+    with pytest.raises(UpstreamError, match="refused the key") as error:
+        await collect(OpenAICompatible(settings, transport=httpx.MockTransport(handler)).stream([]))
+    assert key not in str(error.value) and "***" in str(error.value)
+
+
+async def test_a_whole_json_completion_is_an_answer() -> None:
+    """A server that ignores "stream" and answers one chat.completion object still gives the answer."""
+    completion = {"id": "c1", "object": "chat.completion", "usage": {"total_tokens": 3},
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "whole"}, "finish_reason": "stop"}]}
+    deltas = [d async for d in provider(lambda r: httpx.Response(200, json=completion)).stream([])]
+    assert "".join(d.text for d in deltas) == "whole"
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].details["usage"] == {"total_tokens": 3}
+
+
+async def test_an_azure_prompt_filter_refusal_says_content_filter() -> None:
+    """Azure answers a filtered prompt with HTTP 400 and code content_filter: the client gets that code."""
+    body = {"error": {"message": "The response was filtered", "code": "content_filter", "status": 400,
+                      "innererror": {"code": "ResponsibleAIPolicyViolation"}}}
+    with pytest.raises(UpstreamError, match="content filter refused the prompt") as error:
+        await collect(provider(lambda r: httpx.Response(400, json=body)).stream([]))
+    assert error.value.code == "content_filter" and not error.value.retryable
+
+
+async def test_an_x_gzip_body_is_decoded() -> None:
+    """Content-Encoding x-gzip is gzip (RFC 9110 section 8.4.1.3), which httpx does not decode by that name."""
+    body = gzip.compress(delta("zip") + b"data: [DONE]\n\n")
+
+    async def parts() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 7):
+            yield body[start : start + 7]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=parts(), headers={"content-type": "text/event-stream", "content-encoding": "x-gzip"})
+
+    assert await collect(provider(handler).stream([])) == ("zip", "stop")
+
+
+async def test_usage_sent_after_the_finish_is_kept() -> None:
+    """The usage chunk that follows the finish reaches the turn's record."""
+    finish = b'data: {"id":"r9","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    usage = b'data: {"id":"r9","choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\n'
+    deltas = [d async for d in provider(sse_body(delta("a"), finish, usage, b"data: [DONE]\n\n")).stream([])]
+    assert deltas[-1].details == {"upstream_finish": "stop", "response_id": "r9",
+                                  "usage": {"prompt_tokens": 2, "completion_tokens": 1}}
+
+
+async def test_reasoning_gives_textless_deltas_so_the_model_is_not_stalled() -> None:
+    """A model that reasons before it answers yields an empty delta (progress, no text)."""
+    reasoning = f"data: {json.dumps({'choices': [{'delta': {'reasoning_content': 'hmm'}}]})}\n\n".encode()
+    deltas = [d async for d in provider(sse_body(reasoning, delta("a"), b"data: [DONE]\n\n")).stream([])]
+    assert [(d.text, d.finish_reason) for d in deltas] == [("", None), ("a", None), ("", "stop")]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", delta("ok") + b"data: [DONE]\n\n"),  # SSE mislabelled as JSON
+        ("text/plain", delta("ok") + b"data: [DONE]\n\n"),
+        ("", b'\xef\xbb\xbf {"choices":[{"index":0,"message":{"content":"ok"},"finish_reason":"stop"}]}'),
+        ("text/plain; charset=utf-8", b'{"choices":[{"index":0,"message":{"content":"ok"},"finish_reason":"stop"}]}'),
+    ],
+)
+async def test_the_body_is_read_by_what_it_is_not_by_its_label(content_type: str, body: bytes) -> None:
+    """An event stream labelled JSON or plain text is read as SSE; a JSON completion without a
+    JSON label is read as one completion."""
+
+    async def parts() -> AsyncIterator[bytes]:
+        yield body[:3]
+        yield body[3:]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"content-type": content_type} if content_type else {}
+        return httpx.Response(200, content=parts(), headers=headers)
+
+    assert await collect(provider(handler).stream([])) == ("ok", "stop")
