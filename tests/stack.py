@@ -176,6 +176,17 @@ class Client:
         return "".join(f["text"] for f in self.frames if f["type"] == "chunk" and turn in (None, f["turn"]))
 
 
+def openai_env(base_url: str, **settings: str) -> dict[str, str]:
+    """Worker settings for an OpenAI-compatible model server at `base_url`, plus `settings`."""
+    return {
+        "CHAT_MODEL_PROVIDER": "openai",
+        "CHAT_OPENAI_BASE_URL": base_url,
+        "CHAT_OPENAI_API_KEY": "sk-test-not-a-secret",
+        "CHAT_UPSTREAM_READ_TIMEOUT_S": "5",
+        **settings,
+    }
+
+
 @contextmanager
 def isolated_stack(
     redis_url: str, env: Mapping[str, str] | None = None, *, nats: LocalNats | None = None, worker: bool = True

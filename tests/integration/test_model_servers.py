@@ -12,7 +12,7 @@ import pytest
 
 from devstack.servers import Server
 from tests.replay_server import ReplayServer, Shape, load_corpus
-from tests.stack import WAIT_S, Clients, Stack, history, isolated_stack, new_session
+from tests.stack import WAIT_S, Clients, Stack, history, isolated_stack, new_session, openai_env
 
 SHAPES = load_corpus()
 
@@ -26,13 +26,7 @@ def replay() -> Iterator[tuple[ReplayServer, str]]:
 
 @pytest.fixture(scope="module")
 def corpus_stack(replay: tuple[ReplayServer, str], redis_server: Server) -> Iterator[Stack]:
-    env = {
-        "CHAT_MODEL_PROVIDER": "openai",
-        "CHAT_OPENAI_BASE_URL": replay[1],
-        "CHAT_OPENAI_API_KEY": "sk-test-not-a-secret",
-        "CHAT_UPSTREAM_RETRY_INITIAL_S": "0.01",
-        "CHAT_UPSTREAM_READ_TIMEOUT_S": "5",
-    }
+    env = openai_env(replay[1], CHAT_UPSTREAM_RETRY_INITIAL_S="0.01")
     with isolated_stack(redis_server.url, env) as stack:
         yield stack
 

@@ -8,7 +8,7 @@ import pytest
 
 from devstack.servers import Server
 from tests.fake_openai import ANSWER, FakeOpenAI, serve_in_thread
-from tests.stack import WAIT_S, Clients, Stack, history, isolated_stack, new_session
+from tests.stack import WAIT_S, Clients, Stack, history, isolated_stack, new_session, openai_env
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +21,7 @@ def fake() -> Iterator[tuple[FakeOpenAI, str]]:
 @pytest.fixture(scope="module")
 def openai_stack(fake: tuple[FakeOpenAI, str], redis_server: Server) -> Iterator[Stack]:
     """Its own NATS, so no demo worker takes these requests."""
-    env = {
-        "CHAT_MODEL_PROVIDER": "openai",
-        "CHAT_OPENAI_BASE_URL": fake[1],
-        "CHAT_OPENAI_API_KEY": "sk-test-not-a-secret",
-        "CHAT_OPENAI_MODEL": "fake-model",
-        "CHAT_UPSTREAM_READ_TIMEOUT_S": "5",
-    }
+    env = openai_env(fake[1], CHAT_OPENAI_MODEL="fake-model")
     with isolated_stack(redis_server.url, env) as stack:
         yield stack
 

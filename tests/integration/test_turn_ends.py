@@ -14,7 +14,7 @@ import pytest
 from devstack.servers import Server
 from tests.fake_openai import FakeOpenAI, serve_in_thread
 from tests.faultproxy import FaultProxy
-from tests.stack import WAIT_S, Client, Clients, Stack, history, isolated_stack, new_session
+from tests.stack import WAIT_S, Client, Clients, Stack, history, isolated_stack, new_session, openai_env
 
 ANSWER_CAP = 1_200_000  # above the 1.05 MB runaway answer, so the model's own "length" is what ends it
 EMOJI = "\U0001f600"
@@ -31,13 +31,10 @@ def fake() -> Iterator[FakeOpenAI]:
 @pytest.fixture(scope="module")
 def ends_stack(fake: FakeOpenAI, redis_server: Server) -> Iterator[Stack]:
     """Two of each service: frames of a session are stored by either buffer, out of order."""
-    env = {
-        "CHAT_MODEL_PROVIDER": "openai",
-        "CHAT_OPENAI_BASE_URL": fake.url,  # type: ignore[attr-defined]
-        "CHAT_UPSTREAM_READ_TIMEOUT_S": "3",
-        "CHAT_MAX_ANSWER_BYTES": str(ANSWER_CAP),
-        "CHAT_MAX_TURNS_PER_USER": "1",
-    }
+    env = openai_env(
+        fake.url,  # type: ignore[attr-defined]
+        CHAT_UPSTREAM_READ_TIMEOUT_S="3", CHAT_MAX_ANSWER_BYTES=str(ANSWER_CAP), CHAT_MAX_TURNS_PER_USER="1",
+    )
     with isolated_stack(redis_server.url, env) as stack:
         stack.start_buffer()
         stack.start_worker()
@@ -278,10 +275,10 @@ async def test_a_done_that_waits_for_redis_still_frees_the_worker(fake: FakeOpen
     """The model finishes while its worker cannot reach Redis (so its lease is not trusted): the turn
     still gets one done, from the worker once Redis is back or from a reaper, and the worker's only
     slot is free again for the next turn."""
-    env = {
-        "CHAT_MODEL_PROVIDER": "openai", "CHAT_OPENAI_BASE_URL": fake.url,  # type: ignore[attr-defined]
-        "CHAT_WORKER_CONCURRENCY": "1", "CHAT_LEASE_S": "1", "CHAT_REAP_INTERVAL_S": "0.1",
-    }
+    env = openai_env(
+        fake.url,  # type: ignore[attr-defined]
+        CHAT_WORKER_CONCURRENCY="1", CHAT_LEASE_S="1", CHAT_REAP_INTERVAL_S="0.1",
+    )
     with isolated_stack(redis_server.url, env, worker=False) as stack:
         async with FaultProxy(*stack.redis_address()) as proxy:
             stack.start_worker_through(proxy.port)
