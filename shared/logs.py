@@ -1,4 +1,9 @@
-"""Structured JSON logs on stderr, one object a line."""
+"""Structured JSON logs on stderr, one object a line, secrets masked.
+
+Every line passes through :func:`shared.redact.redact_secrets`, whatever logged
+it: uvicorn writes a WebSocket's whole URL (``/ws?token=…``) when it accepts or
+refuses one, and an exception may quote a URL with a password.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import json
 import logging
 import sys
 import time
+
+from .redact import redact_secrets
 
 __all__ = ["configure_logging"]
 
@@ -31,7 +38,7 @@ class JSONFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return redact_secrets(json.dumps(entry, default=str))
 
 
 def configure_logging(service: str, level: str = "INFO") -> None:

@@ -16,15 +16,16 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from shared.auth import Principal
 from shared.errors import BrokerUnavailable, ProtocolError, SessionStateError
 from shared.protocol import Chunk, Done, decode_server_frame
-from shared.runner import Connections
+from shared.runner import Startup
 from shared.session import Send
 from shared.sse import encode_event
 from shared.store import SessionMeta
 from shared.subjects import new_session_id, validate_session_id
 
 from .controls import Gateway
+from .errors import error_response
 from .outbox import Outbox
-from .websocket import error_response, parse_cursor, token_from
+from .websocket import parse_cursor, token_from
 
 __all__ = ["routes_handlers"]
 
@@ -272,9 +273,10 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    connections: Connections = request.app.state.connections
-    checks = await connections.checks()
-    return JSONResponse({"ready": all(checks.values()), **checks}, status_code=200 if all(checks.values()) else 503)
+    """503 until NATS and Redis answer, saying what is awaited (``waiting``); then their checks."""
+    startup: Startup = request.app.state.startup
+    ready, body = await startup.readiness()
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 async def metrics(request: Request) -> Response:

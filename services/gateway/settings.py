@@ -15,6 +15,8 @@ from shared.settings import (
     env_str,
 )
 
+from .origins import OriginPolicy
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -49,13 +51,14 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     auth: AuthSettings = field(default_factory=AuthSettings)
-    allowed_origins: tuple[str, ...] = ()  # empty: any Origin
+    origins: OriginPolicy = field(default_factory=OriginPolicy)
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        auth = AuthSettings.from_env(environ)
         return cls(
             broker=BrokerSettings.from_env(environ),
             retention=RetentionSettings.from_env(environ),
@@ -81,9 +84,10 @@ class Settings:
                 sse_keepalive_s=env_float(environ, "CHAT_SSE_KEEPALIVE_S", Timeouts.sse_keepalive_s, minimum=0.1),
                 queue_timeout_s=env_float(environ, "CHAT_QUEUE_TIMEOUT_S", Timeouts.queue_timeout_s, minimum=0.1),
             ),
-            auth=AuthSettings.from_env(environ),
-            allowed_origins=tuple(
-                o.strip().rstrip("/") for o in env_str(environ, "CHAT_ALLOWED_ORIGINS", "").split(",") if o.strip()
+            auth=auth,
+            origins=OriginPolicy.from_settings(
+                tuple(o.strip().rstrip("/") for o in env_str(environ, "CHAT_ALLOWED_ORIGINS", "").split(",") if o.strip()),
+                dev=not auth.required,
             ),
             host=env_str(environ, "CHAT_HOST", cls.host),
             port=env_int(environ, "CHAT_PORT", cls.port, minimum=0),

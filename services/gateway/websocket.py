@@ -10,7 +10,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from shared import protocol
@@ -42,28 +41,12 @@ from shared.store import SessionMeta
 from shared.subjects import new_session_id, validate_session_id
 
 from .controls import Gateway
+from .errors import error_response
 from .outbox import Outbox
 
-__all__ = ["websocket_endpoint", "parse_cursor", "error_response", "token_from", "check_origin"]
+__all__ = ["websocket_endpoint", "parse_cursor", "token_from"]
 
 log = logging.getLogger(__name__)
-
-HTTP_STATUS = {
-    "invalid": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "busy": 409,
-    "too_big": 413,
-    "rate_limited": 429,
-    "unavailable": 503,
-}
-
-
-def error_response(code: str, message: str, *, status: int | None = None) -> JSONResponse:
-    return JSONResponse(
-        {"type": "error", "code": code, "message": message}, status_code=status or HTTP_STATUS[code]
-    )
-
 
 def parse_cursor(raw: str | None) -> int:
     """Parse ``last_seq`` / ``Last-Event-ID``: a non-negative integer, default 0."""
@@ -106,12 +89,6 @@ def token_from(headers: Mapping[str, str], query: Mapping[str, str]) -> str | No
     return query.get("token") or None
 
 
-def check_origin(origin: str | None, allowed: tuple[str, ...]) -> None:
-    """Refuse a browser page from an origin not in the allowlist (non-browsers send none)."""
-    if allowed and origin is not None and origin.rstrip("/") not in allowed:
-        raise ProtocolError("this origin is not allowed", code="forbidden")
-
-
 async def websocket_endpoint(websocket: WebSocket) -> None:
     gateway: Gateway = websocket.app.state.gateway
     # Decide before the upgrade, so a refusal is an HTTP status (PROTOCOL.md):
@@ -119,7 +96,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     try:
         handshake = parse_handshake(websocket)
         principal = gateway.tokens.principal(token_from(websocket.headers, websocket.query_params))
-        check_origin(websocket.headers.get("origin"), gateway.settings.allowed_origins)
+        origin = websocket.headers.get("origin")
+        if not gateway.settings.origins.allows_request(origin, websocket.headers.get("host")):
+            raise ProtocolError(gateway.settings.origins.refusal(origin or ""), code="forbidden")
         await gateway.authorize(handshake.session, principal)
         meta = await gateway.store.meta(handshake.session)
         if handshake.last_seq > meta.hwm:

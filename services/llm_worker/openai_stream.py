@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import UpstreamError
+from shared.redact import redact_secrets
 from shared.sse import SSEEvent
 
 __all__ = ["ChatStream", "Finish", "short", "error_code", "error_text"]
@@ -48,18 +49,7 @@ ERROR_REASONS = frozenset({"error", "abort", "insufficient_system_resource", "ca
 
 
 _TAG = re.compile(r"<[^>]*>")
-_CREDENTIAL = re.compile(
-    r"\b((?i:bearer))\s+[\w.~+/=-]{8,}"  # a bearer token
-    r"|\b(Basic)\s+(?=[A-Za-z0-9+/=]*\d)[A-Za-z0-9+/=]{12,}"  # basic credentials (base64, with a digit)
-    r"|\b(sk-)[\w-]{8,}"  # an OpenAI-style key
-)
-_URL_PASSWORD = re.compile(r"(://[^/\s:@]+):[^@\s/]+@")
 _STACK_TRACE = re.compile(r"Traceback \(most recent call last\)|\bat [\w$.]+\([\w.]+:\d+\)|^\s+File \"", re.MULTILINE)
-
-
-def _masked(match: re.Match[str]) -> str:
-    scheme, basic, prefix = match.groups()
-    return f"{scheme} ***" if scheme else f"{basic} ***" if basic else f"{prefix}***"
 
 
 def short(text: str, limit: int = 300) -> str:
@@ -69,7 +59,7 @@ def short(text: str, limit: int = 300) -> str:
     if _STACK_TRACE.search(text):
         return "(the server sent a stack trace, withheld here; see its log)"
     text = html.unescape(_TAG.sub(" ", text.replace("\ufeff", "")))
-    text = _URL_PASSWORD.sub(r"\1:***@", _CREDENTIAL.sub(_masked, text))
+    text = redact_secrets(text)
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
