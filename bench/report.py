@@ -44,7 +44,7 @@ def machine_facts() -> dict[str, Any]:
 
 
 def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
-    """(target, goal, measured, met) for each of issue 7's targets."""
+    """(target, goal, measured, met) for each of the benchmark's targets."""
     rows: list[tuple[str, str, str, bool]] = []
     cpu_point, saturation = results["cpu_point"], results["saturation"]
     c50 = cpu_point["ours"]["cpu_s_per_1k_tokens"]["total"]
@@ -120,7 +120,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{meta['started']} ({meta['duration_s']:.0f} s). Every figure is the median of {meta['runs']} runs; "
         "raw figures are in [benchmarks.json](benchmarks.json). How it measures is at the end.",
         "",
-        "## Targets (issue 7)",
+        "## Targets",
         "",
         "| Target | Goal | Measured | Met |",
         "|---|---|---|---|",

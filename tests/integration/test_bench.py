@@ -40,6 +40,6 @@ def test_smoke_run_writes_a_complete_report(tmp_path: Path) -> None:
     assert results["idle"]["connections"] == 50 and results["idle"]["failed"] == 0
 
     page = (tmp_path / "benchmarks.md").read_text()
-    assert "## Targets (issue 7)" in page and results["meta"]["machine"]["cpu"] in page
+    assert "## Targets" in page and results["meta"]["machine"]["cpu"] in page
     for image in ("bench-latency.png", "bench-cpu.png"):
         assert (tmp_path / "images" / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -27,18 +27,9 @@ INTERNAL = re.compile(
     r"|\b(?:issue|ticket|PR|pull request)s? #?\d+\b|(?<![\w/.-])#\d+\b",
     re.IGNORECASE,
 )
-# Another engineer's file; drop the mark once its first lines no longer cite the project brief.
-PENDING = {"protocol.md"}
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(reason="being reworded", strict=True)) if p.name in PENDING else p
-        for p in USER_DOCS
-    ],
-    ids=lambda p: p.relative_to(ROOT).as_posix(),
-)
+@pytest.mark.parametrize("path", USER_DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_docs_speak_to_users(path: Path) -> None:
     """README and docs/ use no internal words: no "the seed", "brief", "original design", issue numbers."""
     found = [(n, m.group()) for n, line in enumerate(path.read_text().splitlines(), 1) for m in INTERNAL.finditer(line)]
