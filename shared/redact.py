@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["redact_secrets"]
+__all__ = ["redact_secrets", "remember_secret"]
+
+# Secrets this process was configured with (keys, passwords): masked wherever
+# they appear, whatever their shape. Filled by shared.settings.Secret.
+_KNOWN: set[str] = set()
+MIN_KNOWN_CHARS = 8  # shorter values would mask ordinary words
 
 _CREDENTIAL = re.compile(
     r"\b((?i:bearer))\s+[\w.~+/=-]{8,}"  # a bearer token
@@ -23,9 +28,19 @@ def _masked(match: re.Match[str]) -> str:
     return f"{scheme} ***" if scheme else f"{basic} ***" if basic else f"{prefix}***"
 
 
+def remember_secret(value: str) -> None:
+    """Mask ``value`` in every later :func:`redact_secrets` (values under 8 characters are not)."""
+    if len(value) >= MIN_KNOWN_CHARS:
+        _KNOWN.add(value)
+
+
 def redact_secrets(text: str) -> str:
-    """``text`` with bearer and basic credentials, API keys (``sk-…``), JWTs,
-    secret query parameters (``?token=…``) and URL passwords replaced by ``***``."""
+    """``text`` with this process's configured secrets, bearer and basic
+    credentials, API keys (``sk-…``), JWTs, secret query parameters
+    (``?token=…``) and URL passwords replaced by ``***``."""
+    for secret in _KNOWN:
+        if secret in text:
+            text = text.replace(secret, "***")
     text = _QUERY_SECRET.sub(r"\1***", text)
     text = _JWT.sub("***", text)
     text = _CREDENTIAL.sub(_masked, text)

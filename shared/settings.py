@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
+from .redact import redact_secrets, remember_secret
 
 __all__ = [
     "Secret",
@@ -33,8 +34,10 @@ class Secret:
 
     __slots__ = ("_value",)
 
-    def __init__(self, value: str) -> None:
+    def __init__(self, value: str, *, mask_everywhere: bool = True) -> None:
         self._value = value
+        if mask_everywhere:  # in every log line and error, whatever its shape
+            remember_secret(value)
 
     def __repr__(self) -> str:
         return "Secret('**********')" if self._value else "Secret('')"
@@ -54,6 +57,20 @@ class Secret:
 
 def env_str(environ: Mapping[str, str], name: str, default: str) -> str:
     return environ.get(name, default)
+
+
+def env_url(environ: Mapping[str, str], name: str, default: str, *, schemes: tuple[str, ...]) -> str:
+    """An absolute URL with one of ``schemes`` and a host; ConfigError naming the variable otherwise."""
+    raw = environ.get(name, default)
+    try:
+        parts = urlsplit(raw)
+        valid = parts.scheme in schemes and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:  # a port out of range or not a number
+        valid = False
+    if not valid:
+        expected = " or ".join(f"{scheme}://host[:port]/…" for scheme in schemes)
+        raise ConfigError(f"Config '{name}' has value '{redact_secrets(raw)}'. Expected a URL like {expected}.")
+    return raw
 
 
 def env_int(environ: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
@@ -137,7 +154,7 @@ class BrokerSettings:
     """Where NATS and Redis are, and how big the Redis pool may grow."""
 
     nats_url: str = "nats://127.0.0.1:4222"
-    redis_url: Secret = Secret("redis://127.0.0.1:6379/0")
+    redis_url: Secret = Secret("redis://127.0.0.1:6379/0", mask_everywhere=False)
     redis_max_connections: int = 32
 
     @classmethod
@@ -156,7 +173,7 @@ class BrokerSettings:
                     )
         return cls(
             nats_url=nats_url,
-            redis_url=Secret(redis_url),
+            redis_url=Secret(redis_url, mask_everywhere=False),  # its password is masked as a URL's
             redis_max_connections=env_int(environ, "CHAT_REDIS_MAX_CONNECTIONS", 32, minimum=1),
         )
 

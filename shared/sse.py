@@ -43,7 +43,9 @@ class SSEDecoder:
     """Feed bytes in, get complete events out."""
 
     def __init__(self, *, max_line_bytes: int = 1 << 20) -> None:
-        self._buffer = b""
+        self._head = b""  # the first bytes, while a BOM may still be arriving
+        self._partial: list[bytes] = []  # an incomplete line's pieces, joined once its end arrives
+        self._partial_bytes = 0
         self._max_line_bytes = max_line_bytes
         self._data: list[str] = []
         self._data_chars = 0  # an event of many data lines is bounded like one line
@@ -62,25 +64,26 @@ class SSEDecoder:
             ValueError: a single line, or one event's data, exceeds ``max_line_bytes``.
         """
         if not self._started:
-            self._buffer += chunk
-            if len(self._buffer) < len(_BOM) and _BOM.startswith(self._buffer):
+            self._head += chunk
+            if len(self._head) < len(_BOM) and _BOM.startswith(self._head):
                 return []  # maybe a BOM split across reads: wait for more
-            chunk, self._buffer = self._buffer.removeprefix(_BOM), b""
+            chunk, self._head = self._head.removeprefix(_BOM), b""
             self._started = True
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # the LF of a CRLF split across reads
         self._pending_cr = False
-        self._buffer += chunk
+        if b"\n" not in chunk and b"\r" not in chunk:
+            # Still inside a line: keep the piece, without copying what came before
+            # (a long line in small reads would otherwise cost quadratic time).
+            self._keep_partial(chunk)
+            return []
+        buffered = b"".join(self._partial) + chunk
+        self._partial, self._partial_bytes = [], 0
         events: list[SSEEvent] = []
-        lines = self._buffer.splitlines(keepends=True)
-        self._buffer = b""
+        lines = buffered.splitlines(keepends=True)
         for index, line in enumerate(lines):
             if not line.endswith((b"\n", b"\r")):
-                self._buffer = line  # incomplete: wait for more
-                if len(line) > self._max_line_bytes:
-                    raise ValueError(
-                        f"event-stream line of {len(line)} bytes exceeds {self._max_line_bytes}"
-                    )
+                self._keep_partial(line)  # incomplete: wait for more
                 break
             if line.endswith(b"\r") and index == len(lines) - 1:
                 self._pending_cr = True
@@ -89,11 +92,17 @@ class SSEDecoder:
                 events.append(event)
         return events
 
+    def _keep_partial(self, piece: bytes) -> None:
+        self._partial.append(piece)
+        self._partial_bytes += len(piece)
+        if self._partial_bytes > self._max_line_bytes:
+            raise ValueError(f"an event-stream line exceeds {self._max_line_bytes} bytes")
+
     def close(self) -> list[SSEEvent]:
         """The body ended: the last event, if its lines all arrived without
         its blank line; sets :attr:`truncated` if it ended inside a line."""
-        self.truncated = bool(self._buffer.strip())
-        self._buffer = b""
+        self.truncated = bool(b"".join(self._partial + [self._head]).strip())
+        self._partial, self._partial_bytes, self._head = [], 0, b""
         event = None if self.truncated else self._dispatch()
         return [event] if event is not None else []
 

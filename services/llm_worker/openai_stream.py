@@ -151,7 +151,10 @@ class ChatStream:
     def _meta(self, payload: dict[str, Any]) -> None:
         if self.response_id is None and isinstance(payload.get("id"), str) and payload["id"]:
             self.response_id = payload["id"]
-        usage = payload.get("usage") or (payload.get("x_groq") or {}).get("usage")
+        usage = payload.get("usage")
+        groq = payload.get("x_groq")  # Groq puts usage in its own field
+        if not usage and isinstance(groq, dict):
+            usage = groq.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import random
 import re
 import time
@@ -139,7 +140,9 @@ class OpenAICompatible:
 
     def __init__(self, settings: OpenAISettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings
-        headers = {"Accept": "text/event-stream"}
+        # Identity: a compressed body could expand without bound inside the
+        # decoder (a body sent compressed anyway is still decoded).
+        headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
         if settings.api_key:
             if settings.api_key_header == "authorization":
                 headers["Authorization"] = f"Bearer {settings.api_key}"
@@ -195,14 +198,14 @@ class OpenAICompatible:
         body = _decoded(response)
         head = b""
         async for part in body:
-            head += part
-            if head.lstrip(_SNIFF_SKIP):
+            head = part.lstrip(_SNIFF_SKIP)  # blank lines and a BOM before the first sign carry nothing
+            if head:
                 break
-        if "event-stream" not in media and head.lstrip(_SNIFF_SKIP)[:1] in (b"{", b"["):
+        if "event-stream" not in media and head[:1] in (b"{", b"["):
             # A whole completion from a server that ignored "stream", or an error
             # sent with 200: JSON, whether labelled so or not labelled at all.
             raw = head + await _read_at_most(body, MAX_JSON_BODY_BYTES - len(head))
-            text, finish = chat.event(SSEEvent(data=raw.lstrip(_SNIFF_SKIP).decode("utf-8", errors="replace")))
+            text, finish = chat.event(SSEEvent(data=raw.decode("utf-8", errors="replace")))
             if finish is None:
                 raise chat.end_of_body(truncated=False)
             yield Delta(text=text)
@@ -296,7 +299,7 @@ async def _http_error(response: httpx.Response) -> UpstreamError:
     status = response.status_code
     if status < 400:  # httpx follows no redirect: the base URL should name the final address
         return UpstreamError(
-            f"The model API redirected the request (HTTP {status}) to {response.headers.get('location', 'elsewhere')}. "
+            f"The model API redirected the request (HTTP {status}) to {short(response.headers.get('location', 'elsewhere'), 200)}. "
             "Set CHAT_OPENAI_BASE_URL to that address.",
             cause=f"HTTP {status}",
         )
@@ -314,7 +317,7 @@ async def _http_error(response: httpx.Response) -> UpstreamError:
     elif status == 404:
         message = (
             f"The model API has no such model or endpoint (HTTP 404){detail}. "
-            "Check CHAT_OPENAI_MODEL and CHAT_OPENAI_BASE_URL."
+            "Check CHAT_OPENAI_MODEL, and CHAT_OPENAI_BASE_URL (it usually ends in /v1)."
         )
     elif status == 429:
         message = f"The model API is rate limiting this server (HTTP 429){detail}. Try again later."
@@ -340,22 +343,29 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
     as seconds or an HTTP date (RFC 9110 section 10.2.3); None if absent or unreadable."""
     raw_ms = headers.get("retry-after-ms")
     if raw_ms is not None:
-        try:
-            return max(0.0, float(raw_ms) / 1000)
-        except ValueError:
-            pass
+        seconds = _seconds(raw_ms, scale=1000)
+        if seconds is not None:
+            return seconds
     raw = headers.get("retry-after")
     if raw is None:
         return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
+    seconds = _seconds(raw)
+    if seconds is not None:
+        return seconds
     try:
         when = parsedate_to_datetime(raw)
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _seconds(raw: str, *, scale: float = 1.0) -> float | None:
+    """A header's number of seconds (of ``1/scale`` units), at least 0; None unless a finite number."""
+    try:
+        value = float(raw) / scale
+    except ValueError:
+        return None
+    return max(0.0, value) if math.isfinite(value) else None
 
 
 async def _error_body(response: httpx.Response, *, max_bytes: int = 4096) -> tuple[Any, str]:
@@ -387,7 +397,7 @@ def _map_httpx_errors(chat: ChatStream) -> Iterator[None]:
         ) from None
     except httpx.ConnectError as exc:
         raise UpstreamError(
-            "Could not reach the model API. Check that it is running.", retryable=True, cause=type(exc).__name__
+            "Could not reach the model API. Check that it is running at CHAT_OPENAI_BASE_URL.", retryable=True, cause=type(exc).__name__
         ) from None
     except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
         # A reset before any answer is worth one more try; the worker never retries after text.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 from shared.settings import (
     BrokerSettings,
@@ -14,6 +15,7 @@ from shared.settings import (
     env_int,
     env_log_level,
     env_str,
+    env_url,
 )
 
 
@@ -34,6 +36,15 @@ class OpenAISettings:
     max_connections: int = 100
     retries: int = 3  # more attempts for a failure before the first token (refused, reset, 408/429/5xx)
     retry_initial_s: float = 1.0  # the first retry's delay ceiling; it doubles, up to 8 s
+
+
+def base_url(environ: Mapping[str, str]) -> str:
+    """``CHAT_OPENAI_BASE_URL`` without a trailing slash, and without ``/chat/completions``
+    when the whole endpoint was given (the path is appended to the base)."""
+    url = env_url(environ, "CHAT_OPENAI_BASE_URL", OpenAISettings.base_url, schemes=("http", "https"))
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/").removesuffix("/chat/completions")
+    return urlunsplit(parts._replace(path=path))
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,7 @@ class Settings:
                 answer_tokens=env_int(environ, "CHAT_DEMO_ANSWER_TOKENS", 300, minimum=1),
             ),
             openai=OpenAISettings(
-                base_url=env_str(environ, "CHAT_OPENAI_BASE_URL", OpenAISettings.base_url).rstrip("/"),
+                base_url=base_url(environ),
                 api_key=Secret(env_str(environ, "CHAT_OPENAI_API_KEY", "")),
                 api_key_header=env_str(environ, "CHAT_OPENAI_API_KEY_HEADER", OpenAISettings.api_key_header).lower(),
                 model=env_str(environ, "CHAT_OPENAI_MODEL", OpenAISettings.model),

@@ -52,3 +52,16 @@ def test_every_log_line_is_masked_even_in_arguments_extras_and_tracebacks() -> N
     assert JWT not in line and "hunter22" not in line
     entry = json.loads(line)
     assert entry["msg"] == '"WebSocket /ws?token=***" 403'
+
+
+def test_configured_secrets_are_masked_whatever_their_shape() -> None:
+    """A key of no known shape (Azure's 32 hex digits) is masked once configured, also
+    when a message quoting it is cut short afterwards (the mask comes first)."""
+    from services.llm_worker.openai_stream import short
+    from services.llm_worker.settings import Settings
+
+    key = "0123456789abcdef0123456789abcdef"
+    Settings.from_env({"CHAT_OPENAI_API_KEY": key})
+    assert key not in redact_secrets(f"Access denied due to invalid subscription key {key}.")
+    message = "x" * 270 + f" key {key} is not valid"
+    assert "0123456789" not in short(message)

@@ -63,3 +63,34 @@ def test_secrets_are_masked() -> None:
     with pytest.raises(ConfigError) as error:
         BrokerSettings.from_env({"CHAT_REDIS_URL": "http://user:hunter2@redis"})
     assert "hunter2" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["localhost:11434/v1", "127.0.0.1:8080", "ftp://models.example/v1", "http://", "http://host:99999/v1", "/v1"],
+)
+def test_model_base_url_must_be_an_http_url(value: str) -> None:
+    """A base URL without its scheme is caught at start-up, naming the variable (not at the first chat)."""
+    with pytest.raises(ConfigError, match="CHAT_OPENAI_BASE_URL.*http://host"):
+        WorkerSettings.from_env({"CHAT_OPENAI_BASE_URL": value})
+
+
+@pytest.mark.parametrize(
+    ("value", "base"),
+    [
+        ("http://127.0.0.1:11434/v1/", "http://127.0.0.1:11434/v1"),
+        ("http://127.0.0.1:11434/v1/chat/completions", "http://127.0.0.1:11434/v1"),
+        (
+            "https://x.openai.azure.com/openai/deployments/d/chat/completions?api-version=2024-10-21",
+            "https://x.openai.azure.com/openai/deployments/d?api-version=2024-10-21",
+        ),
+    ],
+)
+def test_model_base_url_is_the_base_even_when_the_endpoint_is_given(value: str, base: str) -> None:
+    assert WorkerSettings.from_env({"CHAT_OPENAI_BASE_URL": value}).openai.base_url == base
+
+
+def test_a_bad_url_with_a_password_is_reported_without_it() -> None:
+    with pytest.raises(ConfigError) as error:
+        WorkerSettings.from_env({"CHAT_OPENAI_BASE_URL": "htp://user:hunter22@host/v1"})
+    assert "hunter22" not in str(error.value)

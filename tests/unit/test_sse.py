@@ -152,3 +152,18 @@ def test_close_dispatches_a_complete_last_event_and_flags_a_cut_line() -> None:
     cut = SSEDecoder()
     assert cut.feed(b'data: {"choices":[{"delta":{"content":"hal') == []
     assert cut.close() == [] and cut.truncated
+
+
+def test_a_long_line_in_small_reads_is_one_event() -> None:
+    """A line arriving a few bytes at a time is kept in pieces and joined once its end arrives."""
+    decoder = SSEDecoder()
+    line = b"data: " + b"y" * 300_000 + b"\n\n"
+    events = [event for start in range(0, len(line), 7) for event in decoder.feed(line[start : start + 7])]
+    assert events == [SSEEvent(data="y" * 300_000)]
+
+
+def test_a_line_past_the_limit_in_small_reads_raises() -> None:
+    decoder = SSEDecoder(max_line_bytes=100)
+    with pytest.raises(ValueError, match="exceeds"):
+        for _ in range(30):
+            decoder.feed(b"data: xxxx")

@@ -267,3 +267,38 @@ async def test_the_body_is_read_by_what_it_is_not_by_its_label(content_type: str
         return httpx.Response(200, content=parts(), headers=headers)
 
     assert await collect(provider(handler).stream([])) == ("ok", "stop")
+
+
+async def test_a_trailer_of_an_odd_shape_leaves_a_complete_answer_complete() -> None:
+    """Found by an attack: a last chunk whose ``x_groq`` is a string ended a whole answer in a crash."""
+    finish = f"data: {json.dumps({'choices': [{'delta': {}, 'finish_reason': 'stop'}]})}\n\n".encode()
+    odd = b'data: {"x_groq": "x", "choices": []}\n\ndata: [DONE]\n\n'
+    assert await collect(provider(sse_body(delta("hi"), finish, odd)).stream([])) == ("hi", "stop")
+
+
+async def test_asks_for_an_uncompressed_body() -> None:
+    """A compressed body may expand without bound in the decoder: identity is asked for."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["accept-encoding"])
+        return sse_body(delta("ok"), b"data: [DONE]\n\n")(request)
+
+    await collect(provider(handler).stream([]))
+    assert seen == ["identity"]
+
+
+async def test_blank_lines_before_the_body_are_skipped_as_they_come() -> None:
+    """Thousands of blank reads before the first event: each is dropped, none kept."""
+    parts = [b"\r\n" * 500] * 2000 + [b"\xef\xbb\xbf", delta("late"), b"data: [DONE]\n\n"]
+    text, _ = await collect(provider(sse_body(*parts)).stream([]))
+    assert text == "late"
+
+
+async def test_a_redirect_message_masks_what_the_location_carries() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"location": "https://user:hunter22@evil.example/v1?key=abc123456789<b>"})
+
+    with pytest.raises(UpstreamError) as error:
+        await collect(provider(handler).stream([]))
+    assert "hunter22" not in str(error.value) and "abc123456789" not in str(error.value) and "<b>" not in str(error.value)

@@ -65,6 +65,9 @@ def test_retry_after_is_honoured_within_the_deadline() -> None:
         ({"retry-after": "soon"}, None),
         ({}, None),
         ({"retry-after": "-3"}, 0.0),
+        ({"retry-after": "nan"}, None),
+        ({"retry-after-ms": "nan", "retry-after": "2"}, 2.0),
+        ({"retry-after": "inf"}, None),
     ],
 )
 def test_retry_after_headers(headers: dict[str, str], expected: float | None) -> None:
