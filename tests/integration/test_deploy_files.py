@@ -356,3 +356,12 @@ def test_worker_reaches_the_host() -> None:
     worker = resolved()["services"]["worker"]
     assert "host.docker.internal:host-gateway" in worker["extra_hosts"]
     assert "host.docker.internal" in (ROOT / "README.md").read_text()
+
+
+def test_every_setting_in_env_reaches_the_services() -> None:
+    """A documented setting put in .env (CHAT_OPENAI_API_KEY_HEADER, CHAT_UPSTREAM_RETRIES, …)
+    reaches the services, not only the few that compose names."""
+    services = resolved()["services"]
+    for name in ("buffer", "worker", "gateway"):
+        env_files = services[name]["env_file"]
+        assert {"path": ".env", "required": False} in env_files, name
