@@ -59,7 +59,8 @@ class UpstreamError(DependencyError):
     Args:
         message: what the user reads (the provider's own words where it gave some).
         code: the ``done`` frame's code for this end (``content_filter``,
-            ``tool_calls``), if it has one.
+            ``tool_calls``, ``model_auth``, ``model_not_found``, ``model_rate_limited``,
+            ``model_unavailable``, ``context_too_long``, ``model_error``; docs/protocol.md).
         retryable: a transient failure before any answer (connection refused
             or reset, HTTP 408/429/502/503/504): the request may be sent again.
         retry_after_s: how long the server asked to wait (``Retry-After``).

@@ -311,24 +311,30 @@ async def _http_error(response: httpx.Response) -> UpstreamError:
             cause=f"HTTP {status} content_filter",
         )
     if status == 401:
-        message = f"The model API refused the key (HTTP 401){detail}. Check CHAT_OPENAI_API_KEY."
+        code, message = "model_auth", f"The model API refused the key (HTTP 401){detail}. Check CHAT_OPENAI_API_KEY."
     elif status == 403:
+        code = "model_auth"
         message = f"The model API refused access (HTTP 403){detail}. Check CHAT_OPENAI_API_KEY and the account's access."
     elif status == 404:
+        code = "model_not_found"
         message = (
             f"The model API has no such model or endpoint (HTTP 404){detail}. "
             "Check CHAT_OPENAI_MODEL, and CHAT_OPENAI_BASE_URL (it usually ends in /v1)."
         )
     elif status == 429:
+        code = "model_rate_limited"
         message = f"The model API is rate limiting this server (HTTP 429){detail}. Try again later."
     elif status >= 500 or status == 408:
-        message = f"The model API is unavailable (HTTP {status}){detail}. Try again later."
+        code, message = "model_unavailable", f"The model API is unavailable (HTTP {status}){detail}. Try again later."
     elif _CONTEXT_WORDS.search(detail):
+        code = "context_too_long"
         message = f"The conversation is too long for the model (HTTP {status}){detail}. Start a new conversation."
     else:
+        code = "model_error"
         message = f"The model API refused the request (HTTP {status}){detail}. Check the model settings."
     return UpstreamError(
         message,
+        code=code,
         retryable=status in RETRYABLE_STATUS,
         retry_after_s=retry_after_s(response.headers),
         cause=f"HTTP {status}",
@@ -393,11 +399,17 @@ def _map_httpx_errors(chat: ChatStream) -> Iterator[None]:
     except httpx.TimeoutException as exc:
         connecting = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
         raise UpstreamError(
-            "The model API did not answer in time. Try again later.", retryable=connecting, cause=type(exc).__name__
+            "The model API did not answer in time. Try again later.",
+            code="model_unavailable",
+            retryable=connecting,
+            cause=type(exc).__name__,
         ) from None
     except httpx.ConnectError as exc:
         raise UpstreamError(
-            "Could not reach the model API. Check that it is running at CHAT_OPENAI_BASE_URL.", retryable=True, cause=type(exc).__name__
+            "Could not reach the model API. Check that it is running at CHAT_OPENAI_BASE_URL.",
+            code="model_unavailable",
+            retryable=True,
+            cause=type(exc).__name__,
         ) from None
     except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
         # A reset before any answer is worth one more try; the worker never retries after text.
@@ -405,7 +417,7 @@ def _map_httpx_errors(chat: ChatStream) -> Iterator[None]:
             message = "The connection to the model API dropped mid-answer. Try again."
         else:
             message = "The model API closed the connection without answering. Try again later."
-        raise UpstreamError(message, retryable=True, cause=type(exc).__name__) from None
+        raise UpstreamError(message, code="model_unavailable", retryable=True, cause=type(exc).__name__) from None
     except httpx.DecodingError:
         raise UpstreamError(
             "The model API sent a compressed body that could not be decoded.", cause="DecodingError"

@@ -302,3 +302,34 @@ async def test_a_redirect_message_masks_what_the_location_carries() -> None:
     with pytest.raises(UpstreamError) as error:
         await collect(provider(handler).stream([]))
     assert "hunter22" not in str(error.value) and "abc123456789" not in str(error.value) and "<b>" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "code"),
+    [
+        (401, {"error": {"message": "Incorrect API key provided"}}, "model_auth"),
+        (403, {"error": {"message": "no access"}}, "model_auth"),
+        (404, {"error": {"message": "model 'x' not found"}}, "model_not_found"),
+        (429, {"error": {"message": "slow down"}}, "model_rate_limited"),
+        (503, {"error": {"message": "overloaded"}}, "model_unavailable"),
+        (400, {"error": {"message": "This model's maximum context length is 8192 tokens"}}, "context_too_long"),
+        (422, {"error": {"message": "bad temperature"}}, "model_error"),
+    ],
+)
+async def test_each_http_failure_has_a_code_a_program_can_act_on(status: int, body: dict, code: str) -> None:  # type: ignore[type-arg]
+    """Fix the settings (auth, not found), wait (rate limited, unavailable) or start over (context)."""
+    settings = OpenAISettings(base_url="http://model.test/v1", retries=0)
+    client = OpenAICompatible(settings, transport=httpx.MockTransport(lambda r: httpx.Response(status, json=body)))
+    with pytest.raises(UpstreamError) as error:
+        await collect(client.stream([]))
+    assert error.value.code == code
+
+
+@pytest.mark.parametrize("exc", [httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), httpx.ReadError("reset")])
+async def test_an_unreachable_model_says_unavailable(exc: Exception) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    with pytest.raises(UpstreamError) as error:
+        await collect(provider(handler).stream([]))
+    assert error.value.code == "model_unavailable"
