@@ -2,9 +2,10 @@
 
 Uses NATS on 127.0.0.1:4222 and Redis on 127.0.0.1:6379 when they already
 answer (or ``CHAT_NATS_URL`` / ``CHAT_REDIS_URL`` when set); otherwise starts
-the local binaries there, keeping their data in ``.run/``. Then starts one
-buffer, ``CHAT_WORKERS`` workers (default 2) and a gateway, prints the chat
-page's URL, restarts a service that dies, and stops everything on Ctrl-C.
+the local binaries there, keeping their data in ``.run/`` (it says which,
+with the URL, passwords masked). Then starts one buffer, ``CHAT_WORKERS``
+workers (default 2) and a gateway, prints the chat page's URL, restarts a
+service that dies, and stops everything on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,26 +16,48 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from shared.broker import safe_url
+
 from .processes import ServiceProcess
-from .servers import LocalNats, LocalRedis, Server, port_open
+from .servers import LocalNats, LocalRedis, LocalServer, Server, port_open
 
 RUN_DIR = Path(".run")
 
 
-def _infra(env: dict[str, str]) -> list[Server]:
-    """Reuse NATS and Redis where they answer; start the local binaries where not."""
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _infra(
+    env: dict[str, str],
+    *,
+    nats_port: int = 4222,
+    redis_port: int = 6379,
+    run_dir: Path = RUN_DIR,
+    say: Callable[[str], None] = _say,
+) -> list[Server]:
+    """Reuse NATS and Redis where they answer; start the local binaries where
+    not; say which (without passwords) either way. Returns the servers started."""
     started: list[Server] = []
-    for variable, server in (("CHAT_NATS_URL", LocalNats(port=4222)), ("CHAT_REDIS_URL", LocalRedis(port=6379))):
+    wanted: list[tuple[str, str, LocalServer]] = [
+        ("CHAT_NATS_URL", "NATS", LocalNats(port=nats_port)),
+        ("CHAT_REDIS_URL", "Redis", LocalRedis(port=redis_port)),
+    ]
+    for variable, label, server in wanted:
         if variable in env:
+            say(f"using {label} at {safe_url(env[variable])} (from {variable})")
             continue
-        if not port_open("127.0.0.1", server.port):
-            server.data_dir = str(RUN_DIR / server.binary)
+        if port_open("127.0.0.1", server.port):
+            say(f"reusing the {label} already running at {server.url} (set {variable} to use another)")
+        else:
+            server.data_dir = str(run_dir / server.binary)
             Path(server.data_dir).mkdir(parents=True, exist_ok=True)
+            say(f"starting {server.binary} at {server.url} (data in {server.data_dir})")
             server.start()
             started.append(server)
-            print(f"started {server.binary} on 127.0.0.1:{server.port}", flush=True)
         env[variable] = server.url
     return started
 

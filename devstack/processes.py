@@ -15,9 +15,10 @@ from typing import TextIO
 
 __all__ = ["ServiceProcess", "READY_MARKERS"]
 
-# The line each service logs once it can do its job.
+# The line each service logs once it can do its job (the gateway's port opens
+# before that, to answer /healthz while it waits for NATS and Redis).
 READY_MARKERS = {
-    "services.gateway": "Application startup complete",
+    "services.gateway": '"event": "ready"',
     "services.llm_worker": '"event": "ready"',
     "services.buffer": '"event": "ready"',
 }
@@ -34,11 +35,13 @@ class ServiceProcess:
     process: subprocess.Popen[str] | None = None
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=5000))
     _ready: threading.Event = field(default_factory=threading.Event)
+    _new_line: threading.Condition = field(default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.module.rsplit(".", 1)[-1]
 
-    def start(self, *, timeout_s: float = 30.0) -> None:
+    def start(self, *, timeout_s: float = 30.0, wait: bool = True) -> None:
+        """Start the process; unless ``wait`` is False, wait for its ready line."""
         if self.process is not None:
             self.process.wait(10)  # a restart: reap the previous process (killed or stopped)
         self._ready = threading.Event()
@@ -59,6 +62,8 @@ class ServiceProcess:
                     self._on_line(line, marker, ready)
 
         threading.Thread(target=pump, daemon=True).start()
+        if not wait:
+            return
 
         deadline = time.monotonic() + timeout_s
         while not ready.wait(0.05):
@@ -67,7 +72,9 @@ class ServiceProcess:
                 raise RuntimeError(f"{self.name} did not become ready:\n{self.output()}")
 
     def _on_line(self, line: str, marker: str, ready: threading.Event) -> None:
-        self.lines.append(line)
+        with self._new_line:
+            self.lines.append(line)
+            self._new_line.notify_all()
         if self.echo is not None:
             self.echo.write(f"[{self.name}] {line}")
             self.echo.flush()
@@ -75,7 +82,40 @@ class ServiceProcess:
             ready.set()
 
     def output(self) -> str:
-        return "".join(self.lines)
+        with self._new_line:
+            return "".join(self.lines)
+
+    def wait_for_line(self, text: str, *, timeout_s: float = 30.0, after: int = 0) -> str:
+        """The first output line containing ``text`` (from line number ``after``
+        on), waiting up to ``timeout_s`` for it; RuntimeError if it does not
+        come or the process ends first."""
+        deadline = time.monotonic() + timeout_s
+        with self._new_line:
+            while True:
+                for line in list(self.lines)[after:]:
+                    if text in line:
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.process is not None and self.process.poll() is not None and not self._pumping()):
+                    raise RuntimeError(f"{self.name}: no line with {text!r}:\n{''.join(self.lines)}")
+                self._new_line.wait(min(left, 0.2))
+
+    def _pumping(self) -> bool:
+        """Whether output may still arrive (the process's pipe is not closed yet)."""
+        return self.process is not None and self.process.stdout is not None and not self.process.stdout.closed
+
+    def wait_exit(self, timeout_s: float) -> int:
+        """Wait for the process to end; its exit code (RuntimeError if it does not end in time)."""
+        assert self.process is not None
+        try:
+            code = self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{self.name} did not exit within {timeout_s} s:\n{self.output()}") from None
+        with self._new_line:  # let the pump read the last lines
+            deadline = time.monotonic() + 5
+            while self._pumping() and time.monotonic() < deadline:
+                self._new_line.wait(0.05)
+        return code
 
     @property
     def alive(self) -> bool:

@@ -3,19 +3,79 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
+from .settings import masked_url
 from .subjects import STREAM_GENERATED, STREAM_REQUESTS, SUBJECT_REQUESTS, generated_wildcard
 
-__all__ = ["connect_nats", "ensure_streams"]
+__all__ = ["NatsUnreachable", "connect_nats", "ensure_streams", "jetstream_enabled", "safe_url", "describe_error"]
 
 log = logging.getLogger(__name__)
+
+# While a broker is away, say so at most this often (the client retries every 0.5 s).
+LOG_EVERY_S = 5.0
+
+_SECRET_PARAMS = {"password", "pass", "token", "auth"}
+
+
+def safe_url(url: str) -> str:
+    """``url`` (or comma-separated URLs) fit for a log: no password, no NATS
+    token (``nats://TOKEN@host``), no ``?password=``."""
+    parts = []
+    for one in url.split(","):
+        one = masked_url(one.strip())
+        split = urlsplit(one)
+        netloc = split.netloc
+        if split.username and split.password is None and split.scheme in ("nats", "tls", "ws", "wss"):
+            netloc = "***@" + netloc.rsplit("@", 1)[1]
+        query = split.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*")
+        parts.append(urlunsplit(split._replace(netloc=netloc, query=query)))
+    return ",".join(parts)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A failure in a few words: ``connection refused``, not a traceback."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc).strip() or type(exc).__name__
+    return text.removeprefix("nats: ").strip("'")
+
+
+class NatsUnreachable(Exception):
+    """No server of the URL accepted a connection; ``cause`` is the last failure."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(describe_error(cause))
+        self.cause = cause
+
+    @property
+    def auth_failed(self) -> bool:
+        return isinstance(self.cause, nats.errors.AuthorizationError) or "authorization" in str(self.cause).lower()
+
+
+class _FirstConnectFailed(Exception):
+    """Raised from the error callback to end nats-py's first connect, which
+    would otherwise retry forever without returning (the callers wait with
+    their own backoff, say where they wait and obey signals)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 async def connect_nats(
@@ -24,35 +84,84 @@ async def connect_nats(
     name: str,
     on_reconnect: Callable[[], None] | None = None,
 ) -> NATS:
-    """Connect with unlimited reconnects: a broker restart is waited out, not fatal.
+    """Try each server of ``url`` once; raise :class:`NatsUnreachable` when none answers.
 
+    Once connected, reconnects are unlimited: a broker restart is waited out,
+    not fatal, and said in the log at most every ``LOG_EVERY_S``.
     ``on_reconnect`` runs after each reconnect: core NATS messages published
     while disconnected are gone, so live consumers must catch up from Redis.
     """
+    servers = [one.strip() for one in url.split(",") if one.strip()]
+    where = safe_url(url)
+    established = False
+    failures: list[BaseException] = []
+    last_log = 0.0
+    quiet = 0
 
     async def disconnected() -> None:
-        log.warning("nats disconnected", extra={"event": "nats_disconnected"})
+        if established:
+            log.warning("nats disconnected from %s", where, extra={"event": "nats_disconnected", "nats": where})
 
     async def reconnected() -> None:
-        log.info("nats reconnected", extra={"event": "nats_reconnected"})
+        nonlocal quiet, last_log
+        log.info("nats reconnected to %s", where, extra={"event": "nats_reconnected", "nats": where})
+        quiet, last_log = 0, 0.0
         if on_reconnect is not None:
             on_reconnect()
 
     async def error(exc: Exception) -> None:
-        log.warning("nats error: %s", exc, extra={"event": "nats_error"})
+        nonlocal quiet, last_log
+        if not established:
+            failures.append(exc)
+            if len(failures) >= len(servers) or isinstance(exc, nats.errors.AuthorizationError):
+                raise _FirstConnectFailed(exc)
+            return
+        now = time.monotonic()
+        if now - last_log < LOG_EVERY_S:
+            quiet += 1
+            return
+        more = f" ({quiet} more since the last report)" if quiet else ""
+        log.warning(
+            "nats at %s: %s%s", where, describe_error(exc), more,
+            extra={"event": "nats_error", "nats": where, "cause": describe_error(exc)},
+        )
+        quiet, last_log = 0, now
 
-    return await nats.connect(
-        url.split(","),
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
-        allow_reconnect=True,
-        disconnected_cb=disconnected,
-        reconnected_cb=reconnected,
-        error_cb=error,
-        pending_size=8 * 1024 * 1024,
-    )
+    nc = NATS()
+    try:
+        await nc.connect(
+            servers,
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py says int; it sleeps a float
+            connect_timeout=5,
+            allow_reconnect=True,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+            pending_size=8 * 1024 * 1024,
+        )
+    except _FirstConnectFailed as failed:
+        await _discard(nc)
+        raise NatsUnreachable(failed.cause) from None
+    except BaseException:
+        await _discard(nc)
+        raise
+    established = True
+    return nc
+
+
+async def _discard(nc: NATS) -> None:
+    """Close a client whose first connect failed (it may hold a socket)."""
+    try:
+        await nc.close()
+    except Exception:  # noqa: BLE001 - nothing more to do with a client that never connected
+        pass
+
+
+def jetstream_enabled(nc: NATS) -> bool:
+    """Whether the connected server said (in its INFO) that it runs JetStream."""
+    return bool(nc._server_info.get("jetstream"))  # noqa: SLF001 - nats-py exposes no accessor
 
 
 # Requests wait far longer than the queue timeout: a worker that takes a

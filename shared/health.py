@@ -20,10 +20,14 @@ MAX_REQUEST_LINE = 1024
 async def serve_health(
     host: str,
     port: int,
-    checks: Callable[[], Awaitable[dict[str, bool]]],
-    metrics: Callable[[], bytes] | None = None,
+    readiness: Callable[[], Awaitable[tuple[bool, dict[str, object]]]],
+    metrics: Callable[[], bytes | None] | None = None,
 ) -> asyncio.AbstractServer:
-    """Serve /healthz, /readyz (``checks`` returns named readiness checks) and /metrics."""
+    """Serve /healthz, /readyz (``readiness`` returns whether ready and the body
+    saying why not) and /metrics (503 while ``metrics`` returns None: starting).
+
+    /healthz is liveness: 200 as long as the process runs, also while it waits
+    for its brokers."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -31,8 +35,8 @@ async def serve_health(
             parts = line[:MAX_REQUEST_LINE].decode("latin-1").split()
             path = parts[1] if len(parts) >= 2 else ""
             body: dict[str, object]
-            if path == "/metrics" and metrics is not None:
-                text = metrics()
+            text = metrics() if path == "/metrics" and metrics is not None else None
+            if text is not None:
                 writer.write(
                     f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
                     f"Content-Length: {len(text)}\r\nConnection: close\r\n\r\n".encode() + text
@@ -42,9 +46,10 @@ async def serve_health(
             if path == "/healthz":
                 status, body = 200, {"status": "ok"}
             elif path == "/readyz":
-                results = await checks()
-                ready = all(results.values())
-                status, body = (200 if ready else 503), {"ready": ready, **results}
+                ready, body = await readiness()
+                status = 200 if ready else 503
+            elif path == "/metrics" and metrics is not None:
+                status, body = 503, {"error": "starting"}
             else:
                 status, body = 404, {"error": "not found"}
             payload = json.dumps(body).encode()

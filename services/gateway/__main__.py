@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import sys
 
 import uvicorn
+from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
 
 from shared.errors import ConfigError
 from shared.logs import configure_logging
+from shared.runner import Startup, listen_error
 
 from .app import create_app
 from .settings import Settings
+
+# What the gateway answers while it waits for its brokers.
+STARTUP_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 def listening_socket(settings: Settings) -> socket.socket:
@@ -24,13 +32,59 @@ def listening_socket(settings: Settings) -> socket.socket:
     """
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if settings.limits.send_buffer_bytes:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.limits.send_buffer_bytes)
-    sock.bind((settings.host, settings.port))
-    sock.listen(2048)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if settings.limits.send_buffer_bytes:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.limits.send_buffer_bytes)
+        sock.bind((settings.host, settings.port))
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
     sock.set_inheritable(True)
     return sock
+
+
+class StartupGate:
+    """Until the gateway's brokers answer, only /healthz (200) and /readyz (503,
+    saying what is awaited) reach the app; other requests get 503 and
+    WebSockets are refused (1013, try again later) instead of failing on
+    connections that do not exist yet."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+
+    def _startup(self) -> Startup | None:
+        return getattr(self.app.state, "startup", None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and scope["path"] not in STARTUP_PATHS:
+            startup = self._startup()
+            if startup is None or startup.connections is None:
+                waiting = "starting"
+                if startup is not None:
+                    _, body = await startup.readiness()
+                    awaited = body.get("waiting")
+                    if isinstance(awaited, list) and awaited:
+                        waiting = "; ".join(str(item) for item in awaited)
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1013, "reason": "starting"})
+                    return
+                payload = json.dumps({"error": "unavailable", "message": f"the gateway is starting: {waiting}"}).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 503,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()),
+                            (b"retry-after", b"2"),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": payload})
+                return
+        await self.app(scope, receive, send)
 
 
 def main() -> None:
@@ -39,8 +93,17 @@ def main() -> None:
     except ConfigError as exc:
         sys.exit(f"gateway: {exc}")
     configure_logging("gateway", settings.log_level)
+    try:
+        sock = listening_socket(settings)
+    except socket.gaierror as exc:
+        sys.exit(f"gateway: cannot listen on {settings.host}:{settings.port}: {exc.strerror}; set CHAT_HOST")
+    except OSError as exc:
+        sys.exit(
+            "gateway: " + listen_error(exc, settings.host, settings.port, port_setting="CHAT_PORT", host_setting="CHAT_HOST")
+        )
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        StartupGate(app),
         host=settings.host,
         port=settings.port,
         ws="websockets-sansio",
@@ -54,7 +117,15 @@ def main() -> None:
         timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
-    server.run(sockets=[listening_socket(settings)])
+    # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again
+    # to the handler it found: these end the process quietly (no traceback
+    # for Ctrl-C) once it has.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+    startup: Startup | None = getattr(app.state, "startup", None)
+    if startup is not None and startup.fatal:
+        sys.exit(f"gateway: {startup.fatal}")
 
 
 if __name__ == "__main__":

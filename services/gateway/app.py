@@ -3,6 +3,7 @@ once in the lifespan and passed to every endpoint through ``app.state``."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from shared.auth import TokenService
-from shared.runner import open_connections
+from shared.runner import Startup, StartupFailed, open_connections, stop_process
 from shared.store import SessionStore
 
 from . import http
@@ -29,23 +30,48 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # The port opens at once; the brokers are awaited in the background:
+        # meanwhile /healthz answers, /readyz says what is awaited, the rest
+        # gets 503 (StartupGate, __main__) and a signal stops the gateway.
         feeds: set[SessionFeed] = set()
-        connections = await open_connections(settings.broker, name="gateway", on_reconnect=lambda: resync(feeds))
-        gateway = Gateway(
-            settings=settings,
-            nc=connections.nc,
-            js=connections.js,
-            store=SessionStore(connections.redis, settings.retention),
-            tokens=TokenService(settings.auth),
-            feeds=feeds,
-        )
-        app.state.gateway = gateway
-        app.state.connections = connections  # readiness: the same checks as every service
-        log.info("gateway ready", extra={"event": "ready", "auth": settings.auth.mode, **settings.broker.describe()})
+        startup = Startup()
+        app.state.startup = startup
+
+        async def start() -> None:
+            try:
+                connections = await open_connections(
+                    settings.broker, name="gateway", on_reconnect=lambda: resync(feeds), startup=startup
+                )
+            except StartupFailed as exc:
+                startup.fatal = str(exc)  # __main__ exits with it
+                stop_process()
+                return
+            except Exception as exc:
+                log.exception("gateway start-up failed", extra={"event": "startup_failed"})
+                startup.fatal = f"start-up failed: {exc!r}"
+                stop_process()
+                return
+            app.state.gateway = Gateway(
+                settings=settings,
+                nc=connections.nc,
+                js=connections.js,
+                store=SessionStore(connections.redis, settings.retention),
+                tokens=TokenService(settings.auth),
+                feeds=feeds,
+            )
+            app.state.connections = connections
+            startup.connections = connections  # ready: /readyz runs the same checks as every service
+            log.info("gateway ready", extra={"event": "ready", "auth": settings.auth.mode, **settings.broker.describe()})
+
+        starting = asyncio.create_task(start(), name="gateway-startup")
         try:
             yield
         finally:
-            await connections.close()
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            if startup.connections is not None:
+                await startup.connections.close()
 
     h = http.routes_handlers
     routes = [

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -148,6 +149,28 @@ def failure_message(exc: BaseException) -> str:
     if isinstance(exc, BrokerUnavailable):
         return "The session store was unavailable, so the answer could not go on. Please try again."
     return f"The model worker failed unexpectedly ({type(exc).__name__}). Please try again."
+
+
+_HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")
+
+
+def upstream_failure(exc: BaseException) -> dict[str, Any]:
+    """A failed model request for the log: its ``cause`` (``HTTP 503``,
+    ``ConnectError: Connection refused``) and its HTTP ``status`` if it had one."""
+    cause = exc.cause if isinstance(exc, UpstreamError) and exc.cause else type(exc).__name__
+    # What lay under it (kept as the context of the UpstreamError): the OS's words.
+    under, inner, depth = "", exc.__cause__ or exc.__context__, 0
+    while inner is not None and depth < 8:
+        depth += 1
+        text = inner.strerror if isinstance(inner, OSError) and inner.strerror else str(inner)
+        under = text or under
+        inner = inner.__cause__ or inner.__context__
+    if under and under.lower() not in cause.lower():
+        cause = f"{cause}: {under}"
+    failure: dict[str, Any] = {"cause": cause}
+    if match := _HTTP_STATUS.search(cause):
+        failure["status"] = int(match.group(1))
+    return failure
 
 
 class Worker:
@@ -523,18 +546,19 @@ class Worker:
                     exc, attempt=attempt, text_sent=text_sent > 0, retries=upstream.retries,
                     initial_s=upstream.retry_initial_s, time_left_s=time_left_s, random=random.random(),
                 )
-                cause = exc.cause if isinstance(exc, UpstreamError) else type(exc).__name__
+                failure = upstream_failure(exc)
                 if delay is None:
                     details = exc.details if isinstance(exc, UpstreamError) else {}
+                    details.update(failure)  # the turn's end names them too
                     log.warning(
-                        "model request failed",
-                        extra={**extra, "event": "upstream_failed", "cause": cause, "attempts": attempt + 1, **details},
+                        "model request to %s failed: %s", self.upstream_url, failure["cause"],
+                        extra={**extra, "event": "upstream_failed", "attempts": attempt + 1, **details},
                     )
                     out.put_nowait(exc)  # the consumer ends the turn with it
                     return
                 log.warning(
-                    "model request failed; sending it again",
-                    extra={**extra, "event": "upstream_retry", "cause": cause, "delay_s": round(delay, 3)},
+                    "model request to %s failed: %s; sending it again", self.upstream_url, failure["cause"],
+                    extra={**extra, "event": "upstream_retry", **failure, "delay_s": round(delay, 3)},
                 )
                 await asyncio.sleep(delay)
                 attempt += 1
@@ -568,7 +592,8 @@ class Worker:
             "turn finished",
             extra={
                 "session": request.session, "turn": request.turn, "trace": turn.trace,
-                "event": "turn_finished", "reason": ending.reason, "code": ending.code, **ending.details,
+                "event": "turn_finished", "reason": ending.reason, "code": ending.code,
+                **({"upstream": self.upstream_url} if ending.reason == "error" else {}), **ending.details,
             },
         )
 
