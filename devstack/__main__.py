@@ -87,6 +87,10 @@ def main() -> None:
                     print(f"{service.name} exited; restarting", flush=True)
                     time.sleep(1.0)
                     service.start()
+    except RuntimeError:  # a service did not start: its own lines (echoed above) say why
+        failed = next((s.name for s in services if s.process is not None and not s.alive), "a service")
+        print(f"make run: {failed} did not start; its last lines above say why", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
         for service in reversed(services):
             service.stop()

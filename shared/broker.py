@@ -99,7 +99,7 @@ async def connect_nats(
     quiet = 0
 
     async def disconnected() -> None:
-        if established:
+        if established and not (nc.is_closed or nc.is_draining):  # not our own close
             log.warning("nats disconnected from %s", where, extra={"event": "nats_disconnected", "nats": where})
 
     async def reconnected() -> None:
