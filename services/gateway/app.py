@@ -9,6 +9,8 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
@@ -16,9 +18,10 @@ from shared.auth import TokenService
 from shared.runner import Startup, StartupFailed, open_connections, stop_process
 from shared.store import SessionStore
 
-from . import http
+from . import errors, http
 from .controls import Gateway
 from .feed import SessionFeed, resync
+from .origins import BrowserOrigins
 from .settings import Settings
 from .websocket import websocket_endpoint
 
@@ -91,4 +94,12 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", h["metrics"]),
         Mount("/static", StaticFiles(directory=http.STATIC_DIR), name="static"),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(BrowserOrigins, policy=settings.origins)],
+        exception_handlers={HTTPException: errors.http_exception},
+    )
+    app.router.default = errors.not_found
+    errors.quiet_denials()
+    return app
