@@ -3,7 +3,16 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 
-import { Backoff, ChatClient, SessionState, closeAction, OfflineQueueFull } from "../../services/gateway/static/chat-client.js";
+import {
+  Backoff,
+  ChatClient,
+  SessionState,
+  TooBig,
+  closeAction,
+  codePoints,
+  frameBytes,
+  OfflineQueueFull,
+} from "../../services/gateway/static/chat-client.js";
 
 class FakeSocket {
   static all = [];
@@ -285,4 +294,175 @@ test("the token is renewed on the live connection before it expires", async () =
   assert.equal(calls, 2);
   assert.deepEqual(ws.sent.filter((f) => f.type === "auth"), [{ type: "auth", token: "t2" }]);
   assert.equal(FakeSocket.all.length, 1); // no reconnect
+});
+
+test("a chat over the frame limit (UTF-8 bytes of the frame) is refused before it is sent or kept", () => {
+  const { client } = makeClient();
+  client.start();
+  const ws = FakeSocket.last();
+  ws.open();
+  ws.deliver(ready());
+  const overhead = frameBytes({ type: "chat", prompt: "", id: "x" });
+  assert.equal(frameBytes({ type: "chat", prompt: "€", id: "x" }), overhead + 3);
+  const fits = "a".repeat(65536 - overhead);
+  client.chat(fits, "x");
+  assert.equal(ws.sent.length, 1);
+  const error = (() => {
+    try {
+      client.chat("€".repeat(22000), "y"); // 22000 characters, 66000 bytes
+    } catch (e) {
+      return e;
+    }
+    return null;
+  })();
+  assert.ok(error instanceof TooBig);
+  assert.equal(error.unit, "bytes");
+  assert.equal(error.limit, 65536);
+  assert.equal(error.size, overhead + 66000);
+  assert.equal(ws.sent.length, 1);
+  assert.equal(client.state.unacknowledged.has("y"), false);
+});
+
+test("limits told in ready replace the defaults; prompt characters count code points", () => {
+  assert.equal(codePoints("a😀b"), 3);
+  assert.equal(codePoints("\ud83d"), 1);
+  const state = new SessionState();
+  state.receive(JSON.stringify({ ...ready(), max_frame_bytes: 100, max_prompt_chars: 5 }));
+  assert.throws(() => state.send({ type: "chat", prompt: "😀😀😀😀😀😀", id: "a" }), (e) => e instanceof TooBig && e.unit === "characters" && e.size === 6);
+  state.send({ type: "chat", prompt: "😀😀😀😀😀", id: "b" });
+  assert.throws(() => state.send({ type: "chat", prompt: "x", id: "c".repeat(100) }), (e) => e instanceof TooBig && e.unit === "bytes");
+});
+
+test("1009 right after a chat: that chat is given up with a local error, and the client reconnects", () => {
+  const { client, clock, frames, states } = makeClient({ maxFrameBytes: null });
+  client.start();
+  let ws = FakeSocket.last();
+  ws.open();
+  ws.deliver(ready());
+  const small = client.chat("small");
+  ws.deliver({ type: "accepted", id: small, turn: 1 });
+  const big = client.chat("b".repeat(5000));
+  ws.serverClose(1009, "frame exceeds limit");
+  assert.deepEqual(frames.at(-1), { type: "error", code: "too_big", id: big, local: true, message: frames.at(-1).message });
+  assert.match(frames.at(-1).message, /too large/);
+  assert.equal(states.at(-1).state, "reconnecting");
+  clock.advance(1000);
+  ws = FakeSocket.last();
+  ws.open();
+  ws.deliver(ready());
+  assert.deepEqual(ws.sent, []); // not resent
+});
+
+test("1009 with no chat waiting still stops for good", () => {
+  const { client, states } = makeClient();
+  client.start();
+  FakeSocket.last().open();
+  FakeSocket.last().deliver(ready());
+  FakeSocket.last().serverClose(1009, "too big");
+  assert.deepEqual(states.at(-1), { state: "closed", code: 1009, reason: "too big" });
+});
+
+test("a chat whose sending keeps dropping the connection is given up after maxChatAttempts, not resent forever", () => {
+  const { client, clock, frames } = makeClient({ maxFrameBytes: null });
+  client.start();
+  let ws = FakeSocket.last();
+  ws.open();
+  ws.deliver(ready());
+  const id = client.chat("c".repeat(200000));
+  let sends = 0;
+  for (let i = 0; i < 10 && client.state.unacknowledged.has(id); i += 1) {
+    sends += ws.sent.filter((f) => f.type === "chat").length;
+    ws.serverClose(1006);
+    clock.advance(1000);
+    ws = FakeSocket.last();
+    ws.open();
+    ws.deliver(ready());
+  }
+  assert.equal(sends, 3);
+  assert.equal(frames.filter((f) => f.type === "error").length, 1);
+  assert.deepEqual(frames.at(-2), { type: "error", code: "unavailable", id, local: true, message: frames.at(-2).message });
+  assert.deepEqual(ws.sent, []);
+});
+
+test("drops the server announces (1012 restart, 1013 slow reader) and the client's own never blame a chat", () => {
+  const { client, clock, frames } = makeClient();
+  client.start();
+  let ws = FakeSocket.last();
+  ws.open();
+  ws.deliver(ready());
+  const id = client.chat("hello");
+  for (let i = 0; i < 5; i += 1) {
+    if (i % 2) ws.serverClose(1012);
+    else client.networkLost();
+    clock.advance(1000);
+    ws = FakeSocket.last();
+    ws.open();
+    ws.deliver(ready());
+  }
+  assert.deepEqual(ws.sent, [{ type: "chat", prompt: "hello", id }]);
+  assert.equal(frames.filter((f) => f.type === "error").length, 0);
+});
+
+const settle = async () => {
+  for (let i = 0; i < 10; i += 1) await Promise.resolve();
+};
+
+test("a handshake refused before opening is probed; 401 stops with the reason instead of retrying", async () => {
+  const probes = [];
+  const { client, clock, states } = makeClient({
+    probe: async (args) => {
+      probes.push(args);
+      return { status: 401, message: "a token is required" };
+    },
+  });
+  client.start();
+  FakeSocket.last().serverClose(1006);
+  await settle();
+  assert.deepEqual(probes, [{ session: null, token: null }]);
+  assert.deepEqual(states.at(-1), { state: "closed", code: 1006, status: 401, reason: "a token is required" });
+  clock.advance(60000);
+  assert.equal(FakeSocket.all.length, 1);
+});
+
+test("probe: other answers (or none) keep the backoff; 403 stops", async () => {
+  let answer = { status: 200, message: "" };
+  const { client, clock, states } = makeClient({ probe: async () => (answer === null ? Promise.reject(new Error("down")) : answer) });
+  client.start();
+  FakeSocket.last().serverClose(1006);
+  await settle();
+  assert.equal(states.at(-1).state, "reconnecting");
+  clock.advance(1000);
+  answer = null;
+  FakeSocket.last().serverClose(1006);
+  await settle();
+  assert.equal(states.at(-1).state, "reconnecting");
+  clock.advance(1000);
+  answer = { status: 403, message: "this origin is not allowed" };
+  FakeSocket.last().serverClose(1006);
+  await settle();
+  assert.deepEqual(states.at(-1), { state: "closed", code: 1006, status: 403, reason: "this origin is not allowed" });
+});
+
+test("probe 401 with a token the provider gave long ago: one new token, then stop if it is refused too", async () => {
+  let calls = 0;
+  const { client, clock, states } = makeClient({
+    tokenProvider: async () => `t${++calls}`,
+    probe: async () => ({ status: 401, message: "token expired" }),
+  });
+  client.start();
+  await settle();
+  FakeSocket.last().open();
+  FakeSocket.last().deliver(ready());
+  FakeSocket.last().serverClose(1006); // a drop: the token expires while disconnected
+  clock.advance(1000);
+  FakeSocket.last().serverClose(1006); // refused before opening
+  await settle();
+  assert.equal(states.at(-1).state, "reconnecting");
+  clock.advance(1000);
+  await settle();
+  assert.equal(calls, 2);
+  assert.match(FakeSocket.last().url, /token=t2/);
+  FakeSocket.last().serverClose(1006);
+  await settle();
+  assert.deepEqual(states.at(-1), { state: "closed", code: 1006, status: 401, reason: "token expired" });
 });

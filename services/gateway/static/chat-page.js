@@ -4,7 +4,10 @@
 // with last_seq = its resume_from (the last finished turn's done), so the turn in progress
 // is replayed from its start and nothing is shown twice. The session id lives
 // in localStorage, so a reload or a new tab continues the same conversation.
-import { ChatClient } from "./chat-client.js";
+// While paused the server sends a new connection nothing, so the page keeps the
+// text it has shown of the turn in progress (with its seq) and a reload or a
+// second tab shows it and resumes after it.
+import { ChatClient, TooBig } from "./chat-client.js";
 import { renderMarkdown } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
@@ -16,14 +19,23 @@ const sendButton = $("send");
 const pauseButton = $("pause");
 const stopButton = $("stop");
 const notice = $("notice");
+const signin = $("signin");
 
 const SESSION_KEY = "chatrelay.session";
 const TOKEN_KEY = "chatrelay.token";
+const PARTIAL_KEY = "chatrelay.partial"; // {session, turn, lastSeq, text} of the turn in progress
 
 // With auth required, the page needs a token: given once as ?token=… (by the
-// deployment's sign-in), kept, and renewed through /api/token/refresh.
-let token = new URLSearchParams(location.search).get("token") || localStorage.getItem(TOKEN_KEY);
+// deployment's sign-in), kept, and renewed through /api/token/refresh. Once
+// kept it leaves the address bar (history, bookmarks, screenshots, shared links).
+const addressToken = new URLSearchParams(location.search).get("token");
+let token = addressToken || localStorage.getItem(TOKEN_KEY);
 if (token) localStorage.setItem(TOKEN_KEY, token);
+if (addressToken !== null) {
+  const clean = new URL(location.href);
+  clean.searchParams.delete("token");
+  history.replaceState(history.state, "", clean.pathname + clean.search + clean.hash);
+}
 const authHeaders = () => (token ? { Authorization: `Bearer ${token}` } : {});
 const tokenProvider = token
   ? async () => {
@@ -38,7 +50,17 @@ const tokenProvider = token
 const turns = new Map(); // turn number -> {item, answer, text, status}
 const waiting = new Map(); // chat id -> entry not yet accepted
 let generating = false;
+let activeTurn = null; // the turn generating, as far as the page knows
+let openTurn = null; // the turn of the last chunk, until its done: client.lastSeq is inside it
+let closedForGood = false;
 let countdown = null;
+
+// A session id of the server's form (22 URL-safe characters), chosen here so the
+// first connection and the probe of a refused one name the same session.
+function newSessionId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
 
 function newEntry(promptText) {
   const item = document.createElement("li");
@@ -53,7 +75,7 @@ function newEntry(promptText) {
   item.append(prompt, answer);
   conversation.append(item);
   $("empty").hidden = true;
-  return { item, answer, text: "", status: "waiting", dirty: false };
+  return { item, answer, text: "", status: "waiting", dirty: false, promptText };
 }
 
 function entryFor(turn, promptText = "…") {
@@ -93,8 +115,69 @@ function finish(entry, reason, message) {
 
 function setGenerating(value) {
   generating = value;
-  sendButton.disabled = value;
-  stopButton.disabled = !value;
+  sendButton.disabled = value || closedForGood;
+  stopButton.disabled = !value || closedForGood;
+}
+
+// Generating while a turn runs or a chat waits for its answer.
+function refreshGenerating() {
+  setGenerating(activeTurn !== null || waiting.size > 0);
+}
+
+// A chat that failed gives its text back to the box, ahead of anything typed since.
+function restorePrompt(text) {
+  const typed = promptBox.value;
+  if (typed === text) return;
+  promptBox.value = typed.trim() ? `${text}\n\n${typed}` : text;
+}
+
+function failWaiting(id, message) {
+  const entry = waiting.get(id);
+  if (!entry) return;
+  waiting.delete(id);
+  finish(entry, "error", message);
+  restorePrompt(entry.promptText);
+}
+
+// The text shown of the turn in progress and the seq it reaches, for a reload or
+// another tab while paused (the server replays nothing to them until resume).
+function savePartial() {
+  const entry = openTurn === null ? null : turns.get(openTurn);
+  if (!entry || !client.session) return;
+  try {
+    const partial = { session: client.session, turn: openTurn, lastSeq: client.lastSeq, text: entry.text };
+    localStorage.setItem(PARTIAL_KEY, JSON.stringify(partial));
+  } catch {
+    // storage full or refused: a reload shows less while paused, nothing worse
+  }
+}
+
+// The turn ended: its kept text is history's now (another tab's kept text stays).
+function forgetPartial(sessionId, turn) {
+  try {
+    const partial = JSON.parse(localStorage.getItem(PARTIAL_KEY) ?? "null");
+    if (partial?.session === sessionId && partial.turn === turn) localStorage.removeItem(PARTIAL_KEY);
+  } catch {
+    localStorage.removeItem(PARTIAL_KEY);
+  }
+}
+
+function readPartial(sessionId, turn, resumeFrom) {
+  try {
+    const partial = JSON.parse(localStorage.getItem(PARTIAL_KEY) ?? "null");
+    if (
+      partial?.session === sessionId &&
+      partial.turn === turn &&
+      Number.isInteger(partial.lastSeq) &&
+      partial.lastSeq >= resumeFrom &&
+      typeof partial.text === "string"
+    ) {
+      return partial;
+    }
+  } catch {
+    // unreadable: ignore
+  }
+  return null;
 }
 
 function setPaused(paused) {
@@ -102,9 +185,34 @@ function setPaused(paused) {
   pauseButton.textContent = paused ? "Resume" : "Pause";
 }
 
-function showNotice(text) {
+// A sticky notice (a message that was not sent) stays until the next send; others clear on reconnect.
+function showNotice(text, sticky = false) {
   notice.textContent = text;
   notice.hidden = !text;
+  notice.dataset.sticky = String(Boolean(text) && sticky);
+}
+
+function kib(bytes) {
+  return bytes < 1024 ? `${bytes} bytes` : `${Math.round(bytes / 1024)} KB`;
+}
+
+// The server wants a token the page lacks (or refused the one it has): stop and say how to get in.
+function signInNeeded(message) {
+  closedForGood = true;
+  clearInterval(countdown);
+  try {
+    localStorage.removeItem(TOKEN_KEY); // refused: not offered again
+  } catch {
+    // ignore
+  }
+  token = null;
+  showStatus("closed", "Sign-in needed");
+  $("signin-detail").textContent = message ? `The server said: ${message}.` : "";
+  signin.hidden = false;
+  for (const id of [...waiting.keys()]) failWaiting(id, "not sent: sign-in needed");
+  refreshGenerating();
+  pauseButton.disabled = true;
+  $("signin-token").focus();
 }
 
 function showStatus(state, text) {
@@ -130,6 +238,7 @@ let lastSeq = 0;
 if (session) {
   try {
     const response = await fetch(`/api/sessions/${encodeURIComponent(session)}/history`, { headers: authHeaders() });
+    if (response.status === 401) throw Object.assign(new Error("history: HTTP 401"), { keep: true });
     if (!response.ok) throw new Error(`history: HTTP ${response.status}`);
     const record = await response.json();
     for (const turn of record.turns) {
@@ -139,18 +248,48 @@ if (session) {
     }
     lastSeq = record.resume_from; // after the finished turns: a generating one streams from its start
     if (record.active) {
-      entryFor(record.active.turn, record.active.prompt);
-      setGenerating(true);
+      const entry = entryFor(record.active.turn, record.active.prompt);
+      activeTurn = record.active.turn;
+      // What this browser already showed of it (kept at pause or when the page went away):
+      // shown again, and the connection resumes after it.
+      const partial = readPartial(session, record.active.turn, record.resume_from);
+      if (partial) {
+        entry.text = partial.text;
+        entry.status = entry.answer.dataset.status = "streaming";
+        render(entry);
+        lastSeq = partial.lastSeq;
+        openTurn = record.active.turn;
+      }
+      refreshGenerating();
     }
-  } catch {
-    session = null; // unknown or expired: start a new conversation
-    localStorage.removeItem(SESSION_KEY);
+  } catch (error) {
+    // 401: the token is missing or refused; the connection's probe says so. Otherwise
+    // the session is unknown, expired or another user's: start a new conversation.
+    if (!error.keep) {
+      session = null;
+      localStorage.removeItem(SESSION_KEY);
+    }
   }
+}
+session ??= newSessionId();
+
+// A browser cannot see why a WebSocket handshake was refused: ask over HTTP, with the same token.
+async function probe({ session: probed, token: sent }) {
+  const response = await fetch(`/api/sessions/${encodeURIComponent(probed ?? session)}/history`, {
+    headers: sent ? { Authorization: `Bearer ${sent}` } : {},
+  });
+  let message = "";
+  try {
+    message = (await response.json()).message ?? "";
+  } catch {
+    // not JSON
+  }
+  return { status: response.status, message };
 }
 
 const url = new URL("/ws", location.href);
 url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-const client = new ChatClient(url.toString(), { session, lastSeq, tokenProvider });
+const client = new ChatClient(url.toString(), { session, lastSeq, tokenProvider, probe });
 
 client.addEventListener("frame", ({ detail: frame }) => {
   switch (frame.type) {
@@ -164,36 +303,41 @@ client.addEventListener("frame", ({ detail: frame }) => {
       waiting.delete(frame.id);
       if (entry && !turns.has(frame.turn)) turns.set(frame.turn, entry);
       entryFor(frame.turn);
-      setGenerating(true);
+      if (!turns.get(frame.turn).status.match(/^(stop|stopped|length|error)$/)) activeTurn = frame.turn;
+      refreshGenerating();
       break;
     }
     case "chunk": {
       const entry = entryFor(frame.turn);
       entry.text += frame.text;
       entry.status = entry.answer.dataset.status = "streaming";
-      setGenerating(true);
+      activeTurn = openTurn = frame.turn;
+      refreshGenerating();
       render(entry);
       break;
     }
     case "done":
       finish(entryFor(frame.turn), frame.reason, frame.message);
-      setGenerating(false);
+      if (activeTurn === frame.turn) activeTurn = null;
+      if (openTurn === frame.turn) openTurn = null;
+      forgetPartial(client.session, frame.turn);
+      refreshGenerating();
       break;
     case "paused":
       setPaused(true);
       showStatus("connected", "Connected · paused");
+      savePartial(); // nothing more arrives until resume: what a reload or another tab should show
       break;
     case "resumed":
       setPaused(false);
       showStatus("connected", "Connected");
       break;
     case "error": {
-      const entry = waiting.get(frame.id);
-      if (entry) {
-        waiting.delete(frame.id);
-        finish(entry, "error", frame.message);
-      }
-      showNotice(frame.message);
+      // An error answering a chat (or a chat the client gave up): the chat is over, its text back in the box.
+      const answersChat = waiting.has(frame.id);
+      failWaiting(frame.id, frame.message);
+      showNotice(answersChat ? `Not sent: ${frame.message}. Your text is back in the box.` : frame.message, answersChat);
+      refreshGenerating();
       break;
     }
     default:
@@ -205,15 +349,31 @@ client.addEventListener("state", ({ detail }) => {
   clearInterval(countdown);
   if (detail.state === "connected") {
     showStatus("connected", client.state.paused ? "Connected · paused" : "Connected");
-    showNotice("");
+    if (notice.dataset.sticky !== "true") showNotice("");
+  } else if (detail.state === "closed" && (detail.status === 401 || detail.status === 403)) {
+    if (detail.status === 401) {
+      signInNeeded(detail.reason);
+    } else {
+      closedForGood = true;
+      showStatus("closed", "Not allowed");
+      showNotice(`The server refused this page: ${detail.reason}. Start a new chat, or sign in as the conversation's owner.`, true);
+      for (const id of [...waiting.keys()]) failWaiting(id, "not sent: not allowed");
+      refreshGenerating();
+    }
   } else if (detail.state === "reconnecting" || detail.state === "offline") {
     startCountdown(detail.state, detail.delayMs, detail.attempt);
   } else if (detail.state === "connecting") {
     showStatus("connecting", "Connecting…");
   } else {
+    closedForGood = true;
     showStatus("closed", `Disconnected${detail.reason ? `: ${detail.reason}` : ""}`);
+    for (const id of [...waiting.keys()]) failWaiting(id, "not sent: disconnected");
+    refreshGenerating();
   }
 });
+
+// Leaving (reload, tab closed): keep what is shown of the turn in progress.
+window.addEventListener("pagehide", savePartial);
 
 window.addEventListener("offline", () => client.networkLost());
 window.addEventListener("online", () => client.retryNow());
@@ -222,12 +382,20 @@ client.start();
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = promptBox.value;
-  if (!text.trim() || generating) return;
+  if (!text.trim() || generating || closedForGood) return;
+  let id;
+  try {
+    id = client.chat(text); // queued and sent on reconnect when offline
+  } catch (error) {
+    if (!(error instanceof TooBig)) throw error;
+    // The server would close the connection on it: refused here, the text stays in the box.
+    const size = error.unit === "bytes" ? `${kib(error.size)} as sent; the server takes at most ${kib(error.limit)}` : `${error.size} characters; the server takes at most ${error.limit}`;
+    showNotice(`This message is too large to send (${size}). Shorten it and send again.`, true);
+    return;
+  }
   showNotice("");
-  const entry = newEntry(text);
-  const id = client.chat(text); // queued and sent on reconnect when offline
-  waiting.set(id, entry);
-  setGenerating(true);
+  waiting.set(id, newEntry(text));
+  refreshGenerating();
   promptBox.value = "";
 });
 
@@ -242,5 +410,15 @@ pauseButton.addEventListener("click", () => (client.state.paused ? client.resume
 stopButton.addEventListener("click", () => client.stop());
 $("new-chat").addEventListener("click", () => {
   localStorage.removeItem(SESSION_KEY);
+  localStorage.removeItem(PARTIAL_KEY);
+  location.reload();
+});
+
+// A pasted token: kept like one from ?token=, then the page starts over with it.
+$("signin-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const pasted = $("signin-token").value.trim();
+  if (!pasted) return;
+  localStorage.setItem(TOKEN_KEY, pasted);
   location.reload();
 });
