@@ -14,7 +14,6 @@ import os
 import secrets
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +61,20 @@ def _infra(
     return started
 
 
+class _Stop(Exception):
+    """SIGTERM or SIGINT: end the run."""
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    # Raise in the main thread, wherever it waits (a service starting, the
+    # watch loop), and ignore further signals while everything stops: a
+    # handler that set a threading.Event could deadlock when a second signal
+    # (make forwards the one it gets) arrived inside the first's set().
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise _Stop
+
+
 def main() -> None:
     env = dict(os.environ)
     # Dev mode: tokens optional, anonymous users; one secret shared by this run's gateways.
@@ -72,21 +85,23 @@ def main() -> None:
     services = [ServiceProcess("services.buffer", env, echo=sys.stdout)]
     services += [ServiceProcess("services.llm_worker", env, name=f"worker{i + 1}", echo=sys.stdout) for i in range(workers)]
     services.append(ServiceProcess("services.gateway", env, echo=sys.stdout))
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         for service in services:
             service.start()
         host = env.get("CHAT_HOST", "127.0.0.1")
         port = env.get("CHAT_PORT", "8000")
         print(f"\nchat page: http://{host}:{port}/\n", flush=True)
-        while not stopping.wait(1.0):
+        while True:
+            time.sleep(1.0)
             for service in services:
                 if not service.alive:
                     print(f"{service.name} exited; restarting", flush=True)
                     time.sleep(1.0)
                     service.start()
+    except _Stop:
+        print("stopping", flush=True)
     except RuntimeError:  # a service did not start: its own lines (echoed above) say why
         failed = next((s.name for s in services if s.process is not None and not s.alive), "a service")
         print(f"make run: {failed} did not start; its last lines above say why", file=sys.stderr, flush=True)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -464,3 +466,29 @@ def test_make_run_says_which_brokers_it_reuses_and_starts(tmp_path: Path) -> Non
         for server in started:
             server.stop()
         running.stop()
+
+
+@pytest.mark.parametrize("moment", ["starting", "running"])
+def test_make_run_stops_on_signals_even_two_at_once(nats_server: Server, redis_server: Server, moment: str) -> None:
+    """make forwards its SIGTERM to the run it started, so the run gets two at once; a user
+    presses Ctrl-C twice. Either way, while its services start or once they run, it stops
+    them all and exits (a signal handler that set an Event could deadlock on the second)."""
+    port = free_port()
+    env = {
+        **os.environ, "CHAT_NATS_URL": nats_server.url, "CHAT_REDIS_URL": redis_server.url,
+        "CHAT_PORT": str(port), "CHAT_WORKERS": "1", **FAST_DEMO,
+    }
+    run = subprocess.Popen(
+        [sys.executable, "-m", "devstack"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        marker = b"using NATS" if moment == "starting" else b"chat page:"
+        wait_for_line(run, marker, what="make run")
+        for _ in range(3):
+            run.send_signal(signal.SIGTERM)
+            run.send_signal(signal.SIGINT)
+        assert run.wait(STOP_WITHIN_S * 3) == 0
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(5)
