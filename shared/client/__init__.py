@@ -3,7 +3,7 @@ connection (``connection``), which reconnects, resumes and deduplicates."""
 
 from __future__ import annotations
 
-from .connection import ChatClient, ClientClosed, TokenProvider
+from .connection import ChatClient, ChatRejected, ClientClosed, HandshakeRefused, TokenProvider
 from .session import (
     CloseAction,
     Connected,
@@ -19,6 +19,8 @@ from .session import (
 __all__ = [
     "ChatClient",
     "ClientClosed",
+    "ChatRejected",
+    "HandshakeRefused",
     "TokenProvider",
     "CloseAction",
     "Connected",

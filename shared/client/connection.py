@@ -3,10 +3,13 @@ network does, on top of the sans-I/O :class:`~shared.client.session.SessionState
 
 Usage::
 
-    async with ChatClient("ws://127.0.0.1:8000/ws") as client:
-        await client.chat("Tell me about rivers")
-        async for event in client.events():
-            ...  # Ready, Accepted, Chunk, Done, Paused, … and Connected, Reconnecting, …
+    async with ChatClient("ws://127.0.0.1:8000/ws", session="demo") as client:
+        async for event in client.turn("Tell me about rivers"):
+            ...  # its Accepted, Chunks and Done, and Connected, Reconnecting, …
+
+``turn()`` follows the turn its own chat started (matched by the chat's id)
+to that turn's ``done``; ``events()`` yields everything, including the replay
+of a session's earlier turns.
 
 It reconnects with exponential backoff and full jitter, resumes from its last
 seq and drops duplicates (its consumer sees every seq once, in order), sends
@@ -18,40 +21,62 @@ waited on), and sends what was sent while offline once it is back.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from ..backoff import Backoff
-from ..errors import ChatError, ProtocolError
-from ..protocol import SUBPROTOCOL, Ack, Auth, AuthOk, Chat, Pause, Ping, Ready, Resume, ServerFrame, Stop, encode
+from ..errors import ProtocolError
+from ..protocol import (
+    SUBPROTOCOL,
+    Accepted,
+    Ack,
+    Auth,
+    AuthOk,
+    Chat,
+    Chunk,
+    Done,
+    Error,
+    Pause,
+    Paused,
+    Ping,
+    Ready,
+    Resume,
+    Resumed,
+    ServerFrame,
+    Stop,
+    encode,
+)
 from .session import (
+    ChatRejected,
+    ClientClosed,
     CloseAction,
     Connected,
     ConnectionEvent,
     Disconnected,
     GapDetected,
     GaveUp,
+    HandshakeRefused,
     Reconnecting,
     SessionState,
     close_action,
     handshake_action,
+    refusal,
 )
 
-__all__ = ["ChatClient", "ClientClosed", "TokenProvider", "Event"]
+__all__ = ["ChatClient", "ClientClosed", "HandshakeRefused", "ChatRejected", "TokenProvider", "Event"]
 
 log = logging.getLogger(__name__)
 
 TokenProvider = Callable[[], Awaitable[str | None]]
 Event = ServerFrame | ConnectionEvent
-
-
-class ClientClosed(ChatError):
-    """The client was closed, or gave up reconnecting."""
 
 
 class ChatClient:
@@ -61,13 +86,19 @@ class ChatClient:
         url: the gateway's WebSocket URL, e.g. ``ws://127.0.0.1:8000/ws``.
         session: the session to continue; None starts a new one.
         last_seq: the highest seq the caller already has (0: replay everything).
+        token: a fixed token, sent as ``Authorization: Bearer`` (never in the
+            URL); a 401 refusal then stops the client. Not with ``token_provider``.
         token_provider: called for a token before connecting, after a 4001 or
             HTTP 401, and ahead of the token's expiry (sent as an ``auth`` frame:
-            the connection stays open); None when no token is needed.
+            the connection stays open); None when no token is needed. A 401 for
+            a token it has just given stops the client.
         backoff: the reconnect schedule (default: 0.5 s doubling to 30 s, forever).
         ping_interval_s: how often to send an application ping.
         ping_timeout_s: silence after which the connection is considered dead.
         open_timeout_s: the longest a connection attempt may take.
+        connect_timeout_s: the longest the client tries to make its first
+            connection (until ``ready``) before giving up; None: as long as
+            ``backoff`` allows. Once connected, reconnects follow ``backoff``.
         max_queue: frames held while offline.
         max_events: events buffered for a slow consumer before reading stops.
         rng: the jitter source, ``random.random`` by default.
@@ -79,22 +110,30 @@ class ChatClient:
         *,
         session: str | None = None,
         last_seq: int = 0,
+        token: str | None = None,
         token_provider: TokenProvider | None = None,
         backoff: Backoff | None = None,
         ping_interval_s: float = 5.0,
         ping_timeout_s: float = 15.0,
         open_timeout_s: float = 10.0,
+        connect_timeout_s: float | None = None,
         max_queue: int = 100,
         max_events: int = 1024,
         rng: Callable[[], float] = random.random,
     ) -> None:
+        if token is not None and token_provider is not None:
+            raise ValueError("pass token or token_provider, not both")
+        if connect_timeout_s is not None and connect_timeout_s <= 0:
+            raise ValueError(f"connect_timeout_s must be positive, got {connect_timeout_s}")
         self.url = url
         self.state = SessionState(session=session, last_seq=last_seq, max_queue=max_queue)
+        self.token = token
         self.token_provider = token_provider
         self.backoff = backoff or Backoff()
         self.ping_interval_s = ping_interval_s
         self.ping_timeout_s = ping_timeout_s
         self.open_timeout_s = open_timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.rng = rng
         self._events: asyncio.Queue[Event | None] = asyncio.Queue(max_events)
         self._ws: ClientConnection | None = None
@@ -102,6 +141,8 @@ class ChatClient:
         self._closing = False
         self._finished = False
         self._gave_up: GaveUp | None = None
+        self._ever_connected = False
+        self._ready_seen = False  # the current connection got its ready
 
     # Lifecycle -----------------------------------------------------------
 
@@ -163,7 +204,7 @@ class ChatClient:
 
     async def _flush(self) -> None:
         if self._gave_up is not None:
-            raise ClientClosed(self._gave_up.reason)
+            raise self._gave_up.exception
         ws = self._ws
         for data in self.state.data_to_send():
             if ws is None:
@@ -183,6 +224,45 @@ class ChatClient:
                 return
             yield event
 
+    async def turn(self, prompt: str, *, id: str | None = None) -> AsyncIterator[Event]:
+        """Start a turn and yield what belongs to it, ending with its ``Done``.
+
+        Yields the chat's ``Accepted``, then that turn's ``Chunk``s and its
+        ``Done`` (matched by the turn number the ``accepted`` gave), plus
+        ``Paused``, ``Resumed``, other ``Error``s and connection events.
+        Frames of other turns (the replay of a session's earlier turns when
+        ``last_seq`` is behind, another client's turn) are skipped, so this
+        works however often it is run on the same session.
+
+        Raises:
+            ChatRejected: the server refused the chat (``busy``: another turn
+                is generating; ``too_big``, ``rate_limited``, …).
+            HandshakeRefused: the gateway refused the connection (400, 401, 403).
+            ClientClosed: the client gave up reconnecting or was closed.
+        """
+        chat_id = await self.chat(prompt, id=id)
+        turn: int | None = None
+        async for event in self.events():
+            match event:
+                case Accepted(id=accepted_id, turn=number):
+                    if accepted_id == chat_id:
+                        turn = number
+                        yield event
+                case Error(id=error_id, code=code, message=message) if error_id == chat_id:
+                    raise ChatRejected(code, message)
+                case Chunk(turn=number) if number == turn:
+                    yield event
+                case Done(turn=number) if number == turn:
+                    yield event
+                    return
+                case Chunk() | Done() | Ready():
+                    pass  # another turn's, or the ready every connection starts with
+                case GaveUp():
+                    raise event.exception
+                case Connected() | Disconnected() | Reconnecting() | Error() | Paused() | Resumed():
+                    yield event
+        raise ClientClosed("the client was closed before the turn ended")
+
     async def _emit(self, event: Event) -> None:
         await self._events.put(event)  # blocks reading while the consumer lags
 
@@ -190,29 +270,56 @@ class ChatClient:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        token: str | None = None
+        token: str | None = self.token
         need_token = self.token_provider is not None
+        fresh_token = False  # the token in hand was just given by the provider
+        deadline = None if self.connect_timeout_s is None else loop.time() + self.connect_timeout_s
         try:
             while not self._closing:
+                error: ClientClosed | None = None
+                connected = False
                 try:
                     if need_token and self.token_provider is not None:
                         token = await self.token_provider()
-                        need_token = False
+                        need_token, fresh_token = False, True
                 except Exception as exc:  # a failed attempt like any other: back off, ask again
                     action, code, reason = CloseAction.RECONNECT, None, f"the token provider failed: {exc}"
                 else:
-                    action, code, reason = await self._connect_once(token, loop)
+                    open_timeout = self.open_timeout_s
+                    if deadline is not None and not self._ever_connected:
+                        open_timeout = max(0.1, min(open_timeout, deadline - loop.time()))
+                    outcome = await self._connect_once(token, loop, open_timeout)
+                    if isinstance(outcome, HandshakeRefused):
+                        error, code, reason = outcome, None, str(outcome)
+                        action = handshake_action(
+                            outcome.status, can_refresh=self.token_provider is not None and not fresh_token
+                        )
+                    else:
+                        action, code, reason, connected = outcome
+                    if connected:
+                        fresh_token = False
                 if self._closing:
                     break
                 if action is CloseAction.STOP:
-                    await self._give_up(GaveUp(reason=reason, code=code))
+                    await self._give_up(GaveUp(reason=reason, code=code, error=error))
                     break
-                need_token = need_token or action is CloseAction.REFRESH_TOKEN
+                if action is CloseAction.REFRESH_TOKEN:
+                    need_token = True
+                elif error is not None:
+                    fresh_token = False  # refused for another reason: a later 401 may refresh again
                 delay = self.backoff.next_delay(self.rng())
                 if delay is None:
-                    await self._give_up(GaveUp(reason=f"gave up after {self.backoff.attempt} attempts: {reason}", code=code))
+                    await self._give_up(GaveUp(reason=f"gave up after {self.backoff.attempt} attempts: {reason}", code=code, error=error))
                     break
-                await self._emit(Reconnecting(delay_s=delay, attempt=self.backoff.attempt))
+                if deadline is not None and not self._ever_connected:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        await self._give_up(
+                            GaveUp(reason=f"could not connect within {self.connect_timeout_s:g} s: {reason}", code=code, error=error)
+                        )
+                        break
+                    delay = min(delay, remaining)
+                await self._emit(Reconnecting(delay_s=delay, attempt=self.backoff.attempt, reason="" if connected else reason))
                 await asyncio.sleep(delay)
         finally:
             self._finished = True
@@ -223,27 +330,49 @@ class ChatClient:
         self._gave_up = event
         await self._emit(event)
 
+    def display_url(self) -> str:
+        """The gateway's URL for messages: without its query (no token, no cursor)."""
+        parts = urlsplit(self.url)
+        return urlunsplit(parts._replace(query="", fragment=""))
+
+    def _unreachable(self, exc: BaseException, open_timeout: float) -> str:
+        """Why a connection attempt failed, in words: "cannot reach URL: connection refused"."""
+        if isinstance(exc, TimeoutError):
+            what = f"no answer within {open_timeout:g} s"
+        elif isinstance(exc, socket.gaierror):
+            what = f"cannot resolve {urlsplit(self.url).hostname} ({exc.strerror or exc})"
+        elif isinstance(exc, ConnectionRefusedError) or f"[Errno {errno.ECONNREFUSED}]" in str(exc):
+            what = "connection refused"  # also asyncio's "Multiple exceptions" when every address refused
+        elif isinstance(exc, OSError) and exc.strerror:
+            what = exc.strerror[:1].lower() + exc.strerror[1:]
+        else:
+            what = str(exc) or type(exc).__name__
+        return f"cannot reach {self.display_url()}: {what}"
+
     async def _connect_once(
-        self, token: str | None, loop: asyncio.AbstractEventLoop
-    ) -> tuple[CloseAction, int | None, str]:
+        self, token: str | None, loop: asyncio.AbstractEventLoop, open_timeout: float
+    ) -> tuple[CloseAction, int | None, str, bool] | HandshakeRefused:
+        """One connection, start to end: (what to do next, close code, reason,
+        whether it got as far as ``ready``), or the refusal of the upgrade."""
         headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
             ws = await connect(
                 self.state.url(self.url),
                 subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
                 additional_headers=headers,
-                open_timeout=self.open_timeout_s,
+                open_timeout=open_timeout,
                 ping_interval=None,  # the application heartbeat below replaces it
                 close_timeout=2,
             )
         except InvalidStatus as exc:
-            status = exc.response.status_code
-            return handshake_action(status), None, f"the gateway refused the connection (HTTP {status})"
+            # websockets reads the refusal's body into the response: the server's reason.
+            return refusal(exc.response.status_code, exc.response.body)
         except InvalidURI as exc:
-            return CloseAction.STOP, None, str(exc)
+            return CloseAction.STOP, None, str(exc), False
         except (OSError, TimeoutError, InvalidHandshake) as exc:
-            return CloseAction.RECONNECT, None, f"could not connect: {exc}"
+            return CloseAction.RECONNECT, None, self._unreachable(exc, open_timeout), False
         started = loop.time()
+        self._ready_seen = False
         try:
             code, reason = await self._serve(ws, loop)
         finally:
@@ -252,7 +381,7 @@ class ChatClient:
         self.backoff.connection_ended(loop.time() - started)
         if not self._closing:
             await self._emit(Disconnected(code=code, reason=reason))
-        return close_action(code), code, reason or f"closed with {code}"
+        return close_action(code), code, reason or f"closed with {code}", self._ready_seen
 
     async def _serve(self, ws: ClientConnection, loop: asyncio.AbstractEventLoop) -> tuple[int | None, str]:
         """Read until the connection ends; return its close code and reason."""
@@ -316,6 +445,7 @@ class ChatClient:
                     continue
                 for frame in frames:
                     if isinstance(frame, Ready):
+                        self._ever_connected = self._ready_seen = True
                         await self._emit(Connected(session=frame.session, attempt=self.backoff.attempt))
                         await self._flush()
                     if isinstance(frame, (Ready, AuthOk)) and frame.exp is not None:

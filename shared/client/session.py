@@ -12,6 +12,7 @@ handshake means for reconnecting.
 from __future__ import annotations
 
 import enum
+import json
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ __all__ = [
     "CloseAction",
     "close_action",
     "handshake_action",
+    "ClientClosed",
+    "HandshakeRefused",
+    "ChatRejected",
+    "refusal",
     "Connected",
     "Disconnected",
     "Reconnecting",
@@ -70,13 +75,64 @@ def close_action(code: int | None) -> CloseAction:
     return CloseAction.STOP
 
 
-def handshake_action(status: int) -> CloseAction:
-    """What to do when the gateway refused the upgrade with HTTP ``status``."""
+def handshake_action(status: int, *, can_refresh: bool = True) -> CloseAction:
+    """What to do when the gateway refused the upgrade with HTTP ``status``.
+
+    401 asks for a new token when one can be had (``can_refresh``: there is a
+    token provider and the token it just gave was not already refused), else
+    stops: the same token, or none, is refused again however often it is sent.
+    """
     if status == 401:
-        return CloseAction.REFRESH_TOKEN
+        return CloseAction.REFRESH_TOKEN if can_refresh else CloseAction.STOP
     if status in (408, 429) or status >= 500:
         return CloseAction.RECONNECT
-    return CloseAction.STOP  # 400, 403: retrying cannot help
+    return CloseAction.STOP  # 400, 403 and other 4xx: retrying cannot help
+
+
+class ClientClosed(ChatError):
+    """The client was closed, or gave up reconnecting."""
+
+
+class HandshakeRefused(ClientClosed):
+    """The gateway refused the WebSocket upgrade with an HTTP status.
+
+    ``status`` is the HTTP status; ``code`` and ``message`` are the server's
+    reason from the refusal's body ``{"type":"error","code":…,"message":…}``
+    (None when the body was not one: a proxy's page, say).
+    """
+
+    def __init__(self, status: int, code: str | None = None, message: str | None = None) -> None:
+        self.status, self.code, self.message = status, code, message
+        reason = f"the gateway refused the connection: HTTP {status}"
+        if code:
+            reason += f" {code}"
+        if message:
+            reason += f": {message}"
+        super().__init__(reason)
+
+
+class ChatRejected(ChatError):
+    """The server answered a ``chat`` with an ``error`` (``busy``, ``too_big``, …)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code, self.message = code, message
+        super().__init__(f"the chat was refused: {code}: {message}")
+
+
+def refusal(status: int, body: bytes | bytearray) -> HandshakeRefused:
+    """The exception for a refused upgrade, with the server's reason read from its body."""
+    code = message = None
+    text = bytes(body).decode("utf-8", "replace").strip()
+    try:
+        parsed = json.loads(text) if text else None
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
+        message = parsed["message"]
+        code = parsed["code"] if isinstance(parsed.get("code"), str) else None
+    elif text and not text.startswith("<"):  # a plain-text reason; an HTML page says nothing useful
+        message = " ".join(text.split())[:200]
+    return HandshakeRefused(status, code, message)
 
 
 # Connection events, given to the consumer beside the server's frames.
@@ -96,18 +152,35 @@ class Disconnected:
 
 @dataclass(frozen=True, slots=True)
 class Reconnecting:
-    """The client will try again in ``delay_s`` (attempt counts from 1)."""
+    """The client will try again in ``delay_s`` (attempt counts from 1).
+
+    ``reason`` says why the last attempt to connect failed ("cannot reach
+    ws://…: connection refused", a refused handshake); it is empty after a
+    connection that ended, which :class:`Disconnected` reports.
+    """
 
     delay_s: float
     attempt: int
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class GaveUp:
-    """The client stopped for good; ``reason`` says why."""
+    """The client stopped for good; ``reason`` says why.
+
+    ``code`` is the close code that ended it, if one did; ``error`` the
+    exception the client raises from now on (a :class:`HandshakeRefused`
+    with the HTTP status and the server's code and message for a refused
+    upgrade).
+    """
 
     reason: str
     code: int | None = None
+    error: ClientClosed | None = None
+
+    @property
+    def exception(self) -> ClientClosed:
+        return self.error if self.error is not None else ClientClosed(self.reason)
 
 
 ConnectionEvent = Connected | Disconnected | Reconnecting | GaveUp
