@@ -5,32 +5,41 @@
     chatrelay chat                                   # interactive; p/r/s pause, resume, stop
 
 The answer goes to stdout and nothing else does, so it can be piped; the
-session id, reconnects and errors go to stderr on lines of their own.
-Ctrl-C stops the running turn; a second Ctrl-C quits.
+session id, connection trouble ("cannot reach …; retrying in 2.0 s"),
+reconnects and errors go to stderr on lines of their own. Ctrl-C while an
+answer streams stops it; a second Ctrl-C, or one at the idle prompt, quits.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import os
 import signal
 import sys
 import termios
 import tty
-from collections.abc import AsyncIterator, Iterator
-from typing import TextIO
+from collections.abc import Callable, Iterator
+from typing import NoReturn, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from ..backoff import Backoff
-from ..protocol import Accepted, Chunk, Done, Error, Paused, Resumed
-from .connection import ChatClient, Event
-from .session import Connected, Disconnected, GaveUp, Reconnecting
+from ..errors import ProtocolError
+from ..protocol import Accepted, AuthOk, Chunk, Done, Error, Paused, Pong, Ready, Resumed
+from ..subjects import validate_session_id
+from .connection import ChatClient, ClientClosed, Event
+from .session import Connected, Disconnected, GaveUp, HandshakeRefused, Reconnecting
 
 __all__ = ["main", "run_turn"]
 
 EXIT_OK, EXIT_ERROR, EXIT_GAVE_UP, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_USAGE = 2  # a bad argument, as argparse
+DEFAULT_URL = "ws://127.0.0.1:8000/ws"
+DEFAULT_CONNECT_TIMEOUT_S = 30.0
+
+Inbox = asyncio.Queue[Event | None]  # the client's events for the running turn; None: the client stopped
 
 
 class Terminal:
@@ -60,14 +69,17 @@ class Terminal:
 def describe(event: Event) -> str | None:
     """A one-line notice for connection events and errors, or None."""
     match event:
+        case Reconnecting(delay_s=delay, attempt=attempt, reason=reason) if reason:
+            return f"{reason}; retrying in {delay:.1f} s (attempt {attempt})"
         case Reconnecting(delay_s=delay, attempt=attempt):
             return f"reconnecting in {delay:.1f} s, attempt {attempt}"
         case Disconnected(code=code, reason=reason):
             return f"disconnected ({code or 'network'}{': ' + reason if reason else ''})"
-        case Connected(attempt=attempt) if attempt:
-            return "reconnected"
-        case GaveUp(reason=reason):
-            return f"gave up: {reason}"
+        case GaveUp(reason=reason, error=error):
+            hint = ""
+            if isinstance(error, HandshakeRefused) and error.status == 401:
+                hint = " (pass a valid token with --token or CHAT_TOKEN)"
+            return f"{reason}{hint}" if reason.startswith("gave up") else f"gave up: {reason}{hint}"
         case Error(code=code, message=message):
             return f"error {code}: {message}"
         case Paused():
@@ -77,31 +89,86 @@ def describe(event: Event) -> str | None:
     return None
 
 
-async def run_turn(client: ChatClient, events: AsyncIterator[Event], prompt: str, term: Terminal) -> int:
+class Chat:
+    """The CLI's side of one client: notices as events happen, the running turn, Ctrl-C."""
+
+    def __init__(self, client: ChatClient, term: Terminal) -> None:
+        self.client, self.term = client, term
+        self.inbox: Inbox = asyncio.Queue()
+        self.connected = asyncio.Event()
+        self.finished = asyncio.Event()  # the client gave up (or stopped): nothing more will come
+        self.turn_running = False  # a chat was sent and its done has not come
+        self.stop_sent = False  # Ctrl-C already stopped the running turn
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def pump(self) -> None:
+        """Print notices the moment events happen (also between turns, and
+        before the first connection) and pass the rest to the running turn."""
+        async for event in self.client.events():
+            if isinstance(event, Connected):
+                if not self.connected.is_set():
+                    self.term.notice(f"session {event.session} (continue with --session {event.session})")
+                    self.connected.set()
+                else:
+                    self.term.notice("reconnected")
+            elif (notice := describe(event)) is not None:
+                self.term.notice(notice)
+            if not isinstance(event, (Pong, Ready, AuthOk)):
+                self.inbox.put_nowait(event)
+            if isinstance(event, GaveUp):
+                self.finished.set()
+        self.finished.set()
+        self.inbox.put_nowait(None)
+
+    def interrupt(self, quit: Callable[[], None]) -> None:
+        """Ctrl-C: the first while an answer streams stops it; any other quits."""
+        if self.turn_running and not self.stop_sent:
+            self.stop_sent = True
+            self.term.notice("stopping the answer (Ctrl-C again to quit)")
+            task = asyncio.get_running_loop().create_task(self._stop())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            quit()
+
+    async def _stop(self) -> None:
+        with contextlib.suppress(ClientClosed):
+            await self.client.stop()
+
+
+async def run_turn(chat: Chat, prompt: str) -> int:
     """Send one prompt and stream its answer; return an exit code."""
-    chat_id = await client.chat(prompt)
-    turn: int | None = None
-    async for event in events:
-        if (notice := describe(event)) is not None:
-            term.notice(notice)
-        match event:
-            case Accepted(id=accepted_id, turn=number) if accepted_id == chat_id:
-                turn = number
-            case Error(id=error_id) if error_id == chat_id:
-                return EXIT_ERROR
-            case Chunk(turn=number, text=text) if number == turn:
-                term.text(text)
-            case Done(turn=number, reason=reason, message=message) if number == turn:
-                term.end_answer()
-                if reason == "error":
-                    term.notice(f"the answer failed: {message}")
+    term = chat.term
+    chat.turn_running, chat.stop_sent = True, False
+    try:
+        while not chat.inbox.empty():  # what came between turns (notices were printed already)
+            chat.inbox.get_nowait()
+        try:
+            chat_id = await chat.client.chat(prompt)
+        except ClientClosed:
+            return EXIT_GAVE_UP
+        turn: int | None = None
+        while (event := await chat.inbox.get()) is not None:
+            match event:
+                case Accepted(id=accepted_id, turn=number) if accepted_id == chat_id:
+                    turn = number
+                case Error(id=error_id) if error_id == chat_id:
                     return EXIT_ERROR
-                if reason == "stopped":
-                    term.notice("stopped")
-                return EXIT_OK
-            case GaveUp():
-                return EXIT_GAVE_UP
-    return EXIT_GAVE_UP
+                case Chunk(turn=number, text=text) if number == turn:
+                    term.text(text)
+                case Done(turn=number, reason=reason, message=message) if number == turn:
+                    term.end_answer()
+                    if reason == "error":
+                        term.notice(f"the answer failed: {message}")
+                        return EXIT_ERROR
+                    if reason == "stopped":
+                        term.notice("stopped")
+                    return EXIT_OK
+                case GaveUp():
+                    return EXIT_GAVE_UP
+        return EXIT_GAVE_UP
+    finally:
+        chat.turn_running = False
 
 
 @contextlib.contextmanager
@@ -119,14 +186,68 @@ def single_keys(stream: TextIO) -> Iterator[bool]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-async def interactive(client: ChatClient, events: AsyncIterator[Event], term: Terminal) -> int:
+class LineReader:
+    """Lines from a file descriptor, read on the event loop (no thread), so a
+    Ctrl-C at the prompt ends the program at once: a thread blocked in
+    ``readline`` would keep it alive until Enter."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = ""
+        self.eof = False
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _take(self, data: bytes) -> None:
+        self.buffer += self.decoder.decode(data, final=not data)
+        self.eof = not data
+
+    async def readline(self) -> str:
+        """The next line with its newline; the rest at end of input; "" after it."""
+        loop = asyncio.get_running_loop()
+        while "\n" not in self.buffer and not self.eof:
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def wake(ready: asyncio.Future[None] = ready) -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            try:
+                loop.add_reader(self.fd, wake)
+            except (PermissionError, ValueError, OSError):  # a regular file: reading never blocks
+                self._take(os.read(self.fd, 65536))
+                continue
+            try:
+                await ready
+            finally:
+                loop.remove_reader(self.fd)
+            self._take(os.read(self.fd, 65536))
+        line, newline, self.buffer = self.buffer.partition("\n")
+        return line + newline
+
+
+async def interactive(chat: Chat) -> int:
     """Read prompts from stdin; while an answer streams, p/r/s pause, resume and stop."""
     loop = asyncio.get_running_loop()
+    client, term = chat.client, chat.term
+    lines = LineReader(sys.stdin.fileno())
     while True:
         term.err.write("> ")
         term.err.flush()
-        line = await loop.run_in_executor(None, sys.stdin.readline)
+        reading = asyncio.ensure_future(lines.readline())
+        ending = asyncio.ensure_future(chat.finished.wait())
+        try:
+            await asyncio.wait({reading, ending}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ending.cancel()
+            if not reading.done():
+                reading.cancel()
+        if not reading.done() or reading.cancelled():
+            term.err.write("\n")
+            return EXIT_GAVE_UP  # the client gave up while the prompt waited; the notice said why
+        line = reading.result()
         if not line:
+            if term.err.isatty():
+                term.err.write("\n")  # end of input (Ctrl-D): leave the prompt's line
             return EXIT_OK
         if not line.strip():
             continue
@@ -134,14 +255,14 @@ async def interactive(client: ChatClient, events: AsyncIterator[Event], term: Te
             if keys:
 
                 def on_key() -> None:
-                    key = sys.stdin.read(1).lower()
-                    action = {"p": client.pause, "r": client.resume, "s": client.stop}.get(key)
-                    if action is not None:
-                        loop.create_task(action())
+                    for key in os.read(sys.stdin.fileno(), 64).decode(errors="replace").lower():
+                        action = {"p": client.pause, "r": client.resume, "s": client.stop}.get(key)
+                        if action is not None:
+                            loop.create_task(action())
 
                 loop.add_reader(sys.stdin.fileno(), on_key)
             try:
-                code = await run_turn(client, events, line.rstrip("\n"), term)
+                code = await run_turn(chat, line.rstrip("\n"))
             finally:
                 if keys:
                     loop.remove_reader(sys.stdin.fileno())
@@ -152,65 +273,137 @@ async def interactive(client: ChatClient, events: AsyncIterator[Event], term: Te
 async def chat_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     term = Terminal(out, err)
     backoff = Backoff(initial_s=args.backoff_initial, cap_s=args.backoff_cap, max_attempts=args.max_attempts)
-    client = ChatClient(args.url, session=args.session, last_seq=args.last_seq, backoff=backoff)
+    client = ChatClient(
+        args.url,
+        session=args.session,
+        last_seq=args.last_seq,
+        token=args.token or None,
+        backoff=backoff,
+        connect_timeout_s=args.connect_timeout or None,
+    )
+    chat = Chat(client, term)
     loop = asyncio.get_running_loop()
-    interrupts = 0
     main_task = asyncio.current_task()
     assert main_task is not None
 
-    def on_interrupt() -> None:
-        nonlocal interrupts
-        interrupts += 1
-        if interrupts == 1:
-            term.notice("stopping the answer (Ctrl-C again to quit)")
-            loop.create_task(client.stop())
-        else:
-            main_task.cancel()
+    def quit() -> None:
+        main_task.cancel()
 
-    loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    loop.add_signal_handler(signal.SIGINT, chat.interrupt, quit)
     try:
         async with client:
-            events = client.events()
-            async for event in events:  # wait for the session before announcing it
-                if isinstance(event, Connected):
-                    term.notice(f"session {event.session} (continue with --session {event.session})")
-                    break
-                if isinstance(event, GaveUp):
-                    term.notice(f"gave up: {event.reason}")
-                    return EXIT_GAVE_UP
-            if args.prompt:
-                return await run_turn(client, events, " ".join(args.prompt), term)
-            return await interactive(client, events, term)
+            pumping = asyncio.create_task(chat.pump())
+            try:
+                # Wait for the session before sending anything; the pump reports
+                # every failed attempt meanwhile, and the client gives up after
+                # --connect-timeout.
+                while not chat.connected.is_set():
+                    event = await chat.inbox.get()
+                    if event is None or isinstance(event, GaveUp):
+                        return EXIT_GAVE_UP
+                if args.prompt:
+                    return await run_turn(chat, " ".join(args.prompt))
+                return await interactive(chat)
+            finally:
+                pumping.cancel()
     except asyncio.CancelledError:
         term.end_answer()
+        if term.err.isatty():
+            term.err.write("\n")  # leave the prompt's line
         return EXIT_INTERRUPTED
     finally:
         loop.remove_signal_handler(signal.SIGINT)
 
 
+# Arguments ---------------------------------------------------------------
+
+
+def _session_id(value: str) -> str:
+    try:
+        return validate_session_id(value)
+    except ProtocolError as exc:
+        raise argparse.ArgumentTypeError(f"invalid session id {value!r}: {exc}") from None
+
+
+def _websocket_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a ws:// or wss:// URL (e.g. {DEFAULT_URL})")
+    return value
+
+
+def _number(kind: type[int] | type[float], *, positive: bool) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if number < 0 or (positive and number == 0):
+            raise argparse.ArgumentTypeError(f"{value!r} must be {'positive' if positive else '0 or more'}")
+        return number
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line ("chatrelay chat: error: …"), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="chatrelay", description="Chat with a chatrelay gateway.")
+    root = ArgumentParser(prog="chatrelay", description="Chat with a chatrelay gateway.")
     commands = root.add_subparsers(dest="command", required=True)
     chat = commands.add_parser("chat", help="send a prompt (or, without one, chat interactively)")
+    chat.set_defaults(parser=chat)
     chat.add_argument("prompt", nargs="*", help="the prompt; none for interactive mode")
-    chat.add_argument("--url", default=os.environ.get("CHAT_URL", "ws://127.0.0.1:8000/ws"), help="the gateway's WebSocket URL (env CHAT_URL)")
-    chat.add_argument("--session", help="continue this session")
-    chat.add_argument("--last-seq", type=int, default=None, help="resume after this seq (default: only new frames)")
-    chat.add_argument("--max-attempts", type=int, default=None, help="reconnect attempts before giving up (default: forever)")
-    chat.add_argument("--backoff-initial", type=float, default=0.5, help="first reconnect delay ceiling, seconds")
-    chat.add_argument("--backoff-cap", type=float, default=30.0, help="largest reconnect delay, seconds")
+    chat.add_argument("--url", type=_websocket_url, default=os.environ.get("CHAT_URL", DEFAULT_URL), help=f"the gateway's WebSocket URL (env CHAT_URL, default {DEFAULT_URL})")
+    chat.add_argument("--token", default=os.environ.get("CHAT_TOKEN"), help="a token for a gateway that requires one, sent as Authorization: Bearer (env CHAT_TOKEN, which keeps it out of the process list)")
+    chat.add_argument("--session", type=_session_id, help="continue this session (letters, digits, _ and -, at most 64)")
+    chat.add_argument("--last-seq", type=_number(int, positive=False), default=None, help="resume after this seq (default: after the session's last finished turn)")
+    chat.add_argument(
+        "--connect-timeout",
+        type=_number(float, positive=False),
+        default=_env_float("CHAT_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_S),
+        help=f"give up if the first connection does not succeed within this many seconds; 0: keep trying (env CHAT_CONNECT_TIMEOUT, default {DEFAULT_CONNECT_TIMEOUT_S:g})",
+    )
+    chat.add_argument("--max-attempts", type=_number(int, positive=False), default=None, help="reconnect attempts before giving up (default: no limit once connected)")
+    chat.add_argument("--backoff-initial", type=_number(float, positive=True), default=0.5, help="first reconnect delay ceiling, seconds")
+    chat.add_argument("--backoff-cap", type=_number(float, positive=True), default=30.0, help="largest reconnect delay, seconds")
     return root
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        print(f"chatrelay: error: {name}={raw!r} must be a number of seconds, 0 or more", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    if args.last_seq is None:
-        # An existing session's finished turns were seen already: start after them.
-        args.last_seq = _last_seq(args.url, args.session) if args.session else 0
-    sys.exit(asyncio.run(chat_command(args, sys.stdout, sys.stderr)))
+    try:
+        args = parser().parse_args(argv)
+        if args.backoff_initial > args.backoff_cap:
+            args.parser.error(f"--backoff-initial ({args.backoff_initial:g}) must not exceed --backoff-cap ({args.backoff_cap:g})")
+        if args.last_seq is None:
+            # An existing session's finished turns were seen already: start after them.
+            args.last_seq = _last_seq(args.url, args.session, args.token) if args.session else 0
+        code = asyncio.run(chat_command(args, sys.stdout, sys.stderr))
+    except KeyboardInterrupt:  # before the handler was in place, or after it was gone
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
 
 
-def _last_seq(url: str, session: str) -> int:
+def _last_seq(url: str, session: str, token: str | None = None) -> int:
     """Where to resume the session: after its last finished turn (history's
     ``resume_from``), so an answer still generating is shown from its start."""
     import json
@@ -220,8 +413,9 @@ def _last_seq(url: str, session: str) -> int:
     parts = urlsplit(url)
     scheme = "https" if parts.scheme == "wss" else "http"
     history = urlunsplit((scheme, parts.netloc, f"/api/sessions/{session}/history", "", ""))
+    request = urllib.request.Request(history, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(history, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             return int(json.load(response)["resume_from"])
     except (urllib.error.URLError, OSError, ValueError, KeyError):
         return 0  # replay the whole session instead
