@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -23,6 +24,12 @@ def main() -> None:
     except ConfigError as exc:
         sys.exit(f"llm_worker: {exc}")
     configure_logging("llm_worker", settings.log_level)
+    unused = settings.unused_model_settings(os.environ)
+    if unused:
+        logging.getLogger(__name__).warning(
+            f"the demo model answers, though {', '.join(unused)} is set: set CHAT_MODEL_PROVIDER=openai to use that model",
+            extra={"event": "unused_settings"},
+        )
 
     def build(connections: Connections) -> Worker:
         provider = create_provider(settings.provider, demo=settings.demo, openai=settings.openai)

@@ -206,7 +206,10 @@ class Worker:
             ),
         )
         await requests.start()
-        log.info("worker ready", extra={"event": "ready", "concurrency": self.settings.concurrency})
+        log.info(
+            "worker ready",
+            extra={"event": "ready", "concurrency": self.settings.concurrency, **self.settings.describe_model()},
+        )
         try:
             while not self.stopping.is_set():
                 slots = await self._free_slots()

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
+from shared.redact import redact_secrets
 from shared.settings import (
     BrokerSettings,
     HealthSettings,
@@ -61,6 +62,29 @@ class Settings:
     drain_timeout_s: float = 20.0
     health: HealthSettings = field(default_factory=HealthSettings)
     log_level: str = "INFO"
+
+    def describe_model(self) -> dict[str, str]:
+        """Which model answers, safe to log (no key): provider, and for ``openai`` the URL and model."""
+        if self.provider != "openai":
+            return {"provider": self.provider}
+        return {"provider": "openai", "upstream": redact_secrets(self.openai.base_url), "model": self.openai.model}
+
+    def unused_model_settings(self, environ: Mapping[str, str]) -> list[str]:
+        """``CHAT_OPENAI_*`` variables set to something other than their default while
+        the demo model answers: most likely ``CHAT_MODEL_PROVIDER=openai`` was forgotten."""
+        if self.provider != "demo":
+            return []
+        defaults = OpenAISettings()
+        default_of = {
+            "CHAT_OPENAI_BASE_URL": defaults.base_url,
+            "CHAT_OPENAI_MODEL": defaults.model,
+            "CHAT_OPENAI_API_KEY_HEADER": defaults.api_key_header,
+        }
+        return sorted(
+            name
+            for name, value in environ.items()
+            if name.startswith("CHAT_OPENAI_") and value and value.rstrip("/") != default_of.get(name, "")
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

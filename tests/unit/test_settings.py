@@ -94,3 +94,19 @@ def test_a_bad_url_with_a_password_is_reported_without_it() -> None:
     with pytest.raises(ConfigError) as error:
         WorkerSettings.from_env({"CHAT_OPENAI_BASE_URL": "htp://user:hunter22@host/v1"})
     assert "hunter22" not in str(error.value)
+
+
+def test_model_settings_without_the_openai_provider_are_named() -> None:
+    """Setting the model's URL but not CHAT_MODEL_PROVIDER=openai leaves the demo answering: say so."""
+    env = {"CHAT_OPENAI_BASE_URL": "http://127.0.0.1:11434/v1", "CHAT_OPENAI_MODEL": "llama3.2"}
+    assert WorkerSettings.from_env(env).unused_model_settings(env) == ["CHAT_OPENAI_BASE_URL", "CHAT_OPENAI_MODEL"]
+    assert WorkerSettings.from_env({**env, "CHAT_MODEL_PROVIDER": "openai"}).unused_model_settings(env) == []
+    compose_defaults = {"CHAT_OPENAI_BASE_URL": "https://api.openai.com/v1", "CHAT_OPENAI_API_KEY": "", "CHAT_OPENAI_MODEL": "gpt-4o-mini"}
+    assert WorkerSettings.from_env(compose_defaults).unused_model_settings(compose_defaults) == []
+
+
+def test_the_worker_says_which_model_answers_without_its_key() -> None:
+    env = {"CHAT_MODEL_PROVIDER": "openai", "CHAT_OPENAI_BASE_URL": "http://u:pw123456@h:1/v1", "CHAT_OPENAI_API_KEY": "sk-abcdefgh12345678"}
+    described = WorkerSettings.from_env(env).describe_model()
+    assert described["model"] == "gpt-4o-mini" and "pw123456" not in described["upstream"]
+    assert "sk-abcdefgh12345678" not in str(described)
