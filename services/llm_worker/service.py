@@ -156,7 +156,8 @@ _HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")
 
 def upstream_failure(exc: BaseException) -> dict[str, Any]:
     """A failed model request for the log: its ``cause`` (``HTTP 503``,
-    ``ConnectError: Connection refused``) and its HTTP ``status`` if it had one."""
+    ``ConnectError: Connection refused``), its HTTP ``status`` if it had one, and
+    for an :class:`UpstreamError` the ``message`` the user gets and its ``code``."""
     cause = exc.cause if isinstance(exc, UpstreamError) and exc.cause else type(exc).__name__
     # What lay under it (kept as the context of the UpstreamError): the OS's words.
     under, inner, depth = "", exc.__cause__ or exc.__context__, 0
@@ -170,6 +171,10 @@ def upstream_failure(exc: BaseException) -> dict[str, Any]:
     failure: dict[str, Any] = {"cause": cause}
     if match := _HTTP_STATUS.search(cause):
         failure["status"] = int(match.group(1))
+    if isinstance(exc, UpstreamError):  # what the user is told: the server's own words, cleaned
+        failure["message"] = str(exc)
+        if exc.code:
+            failure["code"] = exc.code
     return failure
 
 
