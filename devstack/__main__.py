@@ -61,6 +61,18 @@ def _infra(
     return started
 
 
+def health_ports(env: dict[str, str], names: list[str], say: Callable[[str], None] = _say) -> dict[str, dict[str, str]]:
+    """With ``CHAT_HEALTH_PORT`` set, one port each from it up (the buffer first, then
+    the workers), said once; otherwise none. Returns each process's own settings."""
+    first = int(env.get("CHAT_HEALTH_PORT") or 0)
+    if not first:
+        return {name: {} for name in names}
+    host = env.get("CHAT_HEALTH_HOST", "127.0.0.1")
+    ports = {name: first + index for index, name in enumerate(names)}
+    say("health and metrics: " + ", ".join(f"{name} http://{host}:{port}/" for name, port in ports.items()))
+    return {name: {"CHAT_HEALTH_PORT": str(port)} for name, port in ports.items()}
+
+
 class _Stop(Exception):
     """SIGTERM or SIGINT: end the run."""
 
@@ -82,8 +94,12 @@ def main() -> None:
     env.setdefault("CHAT_AUTH_SECRET", secrets.token_urlsafe(32))
     servers = _infra(env)
     workers = int(env.get("CHAT_WORKERS", "2"))
-    services = [ServiceProcess("services.buffer", env, echo=sys.stdout)]
-    services += [ServiceProcess("services.llm_worker", env, name=f"worker{i + 1}", echo=sys.stdout) for i in range(workers)]
+    names = ["buffer", *(f"worker{i + 1}" for i in range(workers))]
+    own = health_ports(env, names)
+    services = [ServiceProcess("services.buffer", {**env, **own["buffer"]}, echo=sys.stdout)]
+    services += [
+        ServiceProcess("services.llm_worker", {**env, **own[name]}, name=name, echo=sys.stdout) for name in names[1:]
+    ]
     services.append(ServiceProcess("services.gateway", env, echo=sys.stdout))
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)

@@ -492,3 +492,36 @@ def test_make_run_stops_on_signals_even_two_at_once(nats_server: Server, redis_s
         if run.poll() is None:
             run.kill()
             run.wait(5)
+
+
+def test_make_run_gives_each_process_its_own_health_port(nats_server: Server, redis_server: Server) -> None:
+    """CHAT_HEALTH_PORT under make run: the buffer on it, each worker on the next one up."""
+    first = next(port for port in iter(free_port, None) if _bindable(port + 1))
+    env = {
+        **os.environ, "CHAT_NATS_URL": nats_server.url, "CHAT_REDIS_URL": redis_server.url,
+        "CHAT_PORT": str(free_port()), "CHAT_WORKERS": "1", "CHAT_HEALTH_PORT": str(first), **FAST_DEMO,
+    }
+    run = subprocess.Popen([sys.executable, "-m", "devstack"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        seen = wait_for_line(run, b"chat page:", what="make run")
+        said = b"".join(seen).decode()
+        assert f"buffer http://127.0.0.1:{first}/" in said and f"worker1 http://127.0.0.1:{first + 1}/" in said
+        for port, name in ((first, "buffer"), (first + 1, "llm_worker")):
+            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=WAIT_S)
+            assert ready.status_code == 200, (name, ready.text)
+            assert f"chat_{name.split('_')[-1]}" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=WAIT_S).text
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(STOP_WITHIN_S * 3) == 0
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(5)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True

@@ -67,14 +67,6 @@ def test_health_under_make_run_is_documented() -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Health and metrics") :]
     section = section[: section.index("\n## ", 1)]
-    for needed in (
-        "CHAT_HEALTH_PORT=",
-        "CHAT_WORKERS=0 make run",
-        "python -m services.llm_worker",
-        "/metrics",
-        "/readyz",
-    ):
+    for needed in ("CHAT_HEALTH_PORT=9100 make run", ":9101", "/metrics", "/readyz"):
         assert needed in section, needed
-    for module in re.findall(r"python -m (services\.\w+)", section):
-        assert (ROOT / module.replace(".", "/") / "__main__.py").exists(), module
     assert "README.md#health-and-metrics" in (ROOT / "docs/architecture.md").read_text()
