@@ -152,6 +152,9 @@ async def test_no_secret_in_any_log_line(two_modes: tuple[Stack, int]) -> None:
     for gateway in gateways:
         await wait_for_line(gateway.output, f"WebSocket /ws?session={marker}&token=***")
     logs = "\n".join(p.output() for p in stack.processes)
+    async with httpx.AsyncClient(timeout=WAIT_S) as http:  # nor in a metric's labels
+        for port in (stack.port, dev_port):
+            logs += (await http.get(f"http://127.0.0.1:{port}/metrics")).text
     for secret in secrets:
         assert secret not in logs, f"a secret in the logs: {secret[:12]}…"
     refusals = [line for line in logs.splitlines() if '"level": "error"' in line]
