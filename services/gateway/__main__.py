@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -11,12 +10,14 @@ import sys
 import uvicorn
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from shared.errors import ConfigError
 from shared.logs import configure_logging
 from shared.runner import Startup, listen_error
 
 from .app import create_app
+from .errors import error_response
 from .settings import Settings
 
 # What the gateway answers while it waits for its brokers.
@@ -47,42 +48,24 @@ def listening_socket(settings: Settings) -> socket.socket:
 
 class StartupGate:
     """Until the gateway's brokers answer, only /healthz (200) and /readyz (503,
-    saying what is awaited) reach the app; other requests get 503 and
-    WebSockets are refused (1013, try again later) instead of failing on
+    saying what is awaited) reach the app; other requests, WebSocket upgrades
+    included, get 503 ``unavailable`` with ``Retry-After`` instead of failing on
     connections that do not exist yet."""
 
     def __init__(self, app: Starlette) -> None:
         self.app = app
 
-    def _startup(self) -> Startup | None:
-        return getattr(self.app.state, "startup", None)
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and scope["path"] not in STARTUP_PATHS:
-            startup = self._startup()
+            startup: Startup | None = getattr(self.app.state, "startup", None)
             if startup is None or startup.connections is None:
-                waiting = "starting"
-                if startup is not None:
-                    _, body = await startup.readiness()
-                    awaited = body.get("waiting")
-                    if isinstance(awaited, list) and awaited:
-                        waiting = "; ".join(str(item) for item in awaited)
-                if scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 1013, "reason": "starting"})
-                    return
-                payload = json.dumps({"error": "unavailable", "message": f"the gateway is starting: {waiting}"}).encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 503,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode()),
-                            (b"retry-after", b"2"),
-                        ],
-                    }
+                refusal = error_response(
+                    "unavailable", "the gateway is starting; try again shortly", headers={"Retry-After": "2"}
                 )
-                await send({"type": "http.response.body", "body": payload})
+                if scope["type"] == "websocket":
+                    await WebSocket(scope, receive, send).send_denial_response(refusal)
+                else:
+                    await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

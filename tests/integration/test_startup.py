@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from devstack.processes import ServiceProcess
 from devstack.servers import LocalNats, LocalRedis, Server, free_port, wait_for_line
@@ -157,6 +159,11 @@ async def test_waits_for_brokers_serving_health_and_stops_on_signal(services: Se
         async with httpx.AsyncClient(base_url=started.url) as http:
             response = await http.get(f"/api/sessions/{new_session()}/history")
         assert response.status_code == 503 and "starting" in response.json()["message"]
+        assert response.json()["code"] == "unavailable" and response.headers["retry-after"] == "2"
+        with pytest.raises(InvalidStatus) as refused:  # an upgrade too, in the same JSON shape
+            await connect(started.url.replace("http", "ws") + "/ws", open_timeout=WAIT_S)
+        assert refused.value.response.status_code == 503
+        assert json.loads(refused.value.response.body or b"{}")["code"] == "unavailable"
 
     assert stop_and_check(process, sig) == 0
 
