@@ -253,14 +253,18 @@ async def test_reload_and_second_tab_while_paused_show_the_delivered_text(
     await page.wait_for_selector('#pause[aria-pressed="true"]')
     session = await page.evaluate("localStorage.getItem('chatrelay.session')")
     assert (await history(slow_stack, session))["active"] is not None  # still generating: the case in question
+    await answer_length(page)  # rendered
     assert await page.inner_text('.answer[data-turn="1"]') == held
     second = await open_page(context, slow_stack)
     await second.wait_for_selector('#pause[aria-pressed="true"]')
+    await answer_length(second)
     assert await second.inner_text('.answer[data-turn="1"]') == held
     assert await second.locator(".turn").count() == 1
     await second.click("#pause")  # resume from the second tab: both complete, every word once
     await wait_done(second)
-    await wait_done(page)
+    await answer_length(second)  # rendered
     await assert_matches_history(second, slow_stack)
-    await assert_matches_history(page, slow_stack)
+    await page.bring_to_front()  # a tab in the background gets no animation frames: nothing is drawn there
+    await wait_done(page)
     assert await answer_length(page) > len(held)
+    await assert_matches_history(page, slow_stack)
