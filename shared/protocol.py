@@ -131,6 +131,10 @@ class Ready(_ServerFrame, tag="ready", frozen=True):
     # Extension: lets a client that lost its connection right after a chat
     # know it was accepted, instead of resending it once its turn has ended.
     last_chat: LastChat | None = None
+    # Extension: the gateway's bounds, so a client can refuse an oversized chat
+    # before sending it (a frame past max_frame_bytes closes the socket with 1009).
+    max_frame_bytes: int | None = None
+    max_prompt_chars: int | None = None
 
 
 class Accepted(_ServerFrame, tag="accepted", frozen=True):

@@ -117,8 +117,10 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             last_chat = None
             if meta.last_chat_id is not None and meta.last_chat_turn is not None:
                 last_chat = LastChat(id=meta.last_chat_id, turn=meta.last_chat_turn)
+            limits = gateway.settings.limits
             ready = Ready(
-                session=handshake.session, last_seq=meta.hwm, paused=meta.paused, exp=principal.exp, last_chat=last_chat
+                session=handshake.session, last_seq=meta.hwm, paused=meta.paused, exp=principal.exp, last_chat=last_chat,
+                max_frame_bytes=limits.max_frame_bytes, max_prompt_chars=limits.max_prompt_chars,
             )
             connection.send(ready)
         await connection.serve()

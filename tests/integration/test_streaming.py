@@ -13,7 +13,10 @@ async def test_three_turn_conversation_matches_history(stack: Stack, clients: Cl
     """Three turns stream gap-free across the session and equal the stored answers."""
     session = new_session()
     client, ready = await clients.open(session)
-    assert ready == {"type": "ready", "session": session, "last_seq": 0, "paused": False}
+    assert ready == {
+        "type": "ready", "session": session, "last_seq": 0, "paused": False,
+        "max_frame_bytes": 64 * 1024, "max_prompt_chars": 16_000,  # the defaults, so a client can check before sending
+    }
     answers = []
     for number, prompt in enumerate(["first question", "second question", "third question"], start=1):
         turn, text, done = await client.turn(prompt)
