@@ -18,6 +18,7 @@ browser's cross-origin calls and pass.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -38,16 +39,33 @@ def _hostname(authority: str) -> str:
     return (urlsplit(f"//{authority}").hostname or "") if authority else ""
 
 
+def _rebindable(hostname: str) -> bool:
+    """True for a DNS name a foreign site could point at this machine (DNS
+    rebinding); false for IP literals and ``localhost``, which no site controls."""
+    if hostname == "localhost" or hostname.endswith(".localhost"):  # browsers resolve these to loopback themselves
+        return False
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return True
+    return False
+
+
 @dataclass(frozen=True)
 class OriginPolicy:
     origins: tuple[str, ...] = ("*",)  # exact origins (scheme://host[:port], no slash); "*" for any
     loopback: bool = False  # also any page on this machine
+    # No token protects dev mode, so a request must also name this machine by a
+    # name no foreign site controls (or a listed origin's): a site that rebinds
+    # its DNS name to 127.0.0.1 sends its own name as Host, and its pages look
+    # same-origin to the browser (no Origin on their GETs).
+    check_host: bool = False
 
     @classmethod
     def from_settings(cls, listed: tuple[str, ...], *, dev: bool) -> OriginPolicy:
         if listed:
-            return cls(origins=listed)
-        return cls(origins=(), loopback=True) if dev else cls()
+            return cls(origins=listed, check_host=dev)
+        return cls(origins=(), loopback=True, check_host=True) if dev else cls()
 
     @property
     def any(self) -> bool:
@@ -58,8 +76,24 @@ class OriginPolicy:
         origin = origin.rstrip("/")
         return self.any or origin in self.origins or (self.loopback and _LOOPBACK.fullmatch(origin) is not None)
 
+    def allows_host(self, host: str | None) -> bool:
+        """True unless dev mode's check refuses the ``Host`` header (a DNS name not listed)."""
+        if not self.check_host or not host:
+            return True
+        try:
+            hostname = _hostname(host)
+            listed = {urlsplit(origin).hostname for origin in self.origins}
+        except ValueError:  # a malformed Host (or port)
+            return False
+        return not _rebindable(hostname) or hostname in listed
+
     def allows_request(self, origin: str | None, host: str | None) -> bool:
-        """True unless a browser page from a refused origin sent the request."""
+        """True unless a browser page from a refused origin sent the request, or
+        (dev mode) it names this machine by a name a foreign site could control.
+        A page served by the gateway itself (its origin's host is the request's)
+        is allowed."""
+        if not self.allows_host(host):
+            return False
         if origin is None or self.allows(origin):
             return True
         try:
@@ -67,9 +101,14 @@ class OriginPolicy:
         except ValueError:  # a malformed Origin or Host
             return False
 
-    def refusal(self, origin: str) -> str:
-        shown = origin[:100]
-        return f"pages from {shown!r} may not call this gateway; add the origin to CHAT_ALLOWED_ORIGINS"
+    def refusal(self, origin: str | None, host: str | None) -> str:
+        """Why :meth:`allows_request` said no, for the error message."""
+        if not self.allows_host(host):
+            return (
+                "in dev mode the gateway answers only to localhost or an IP address (a site could point another "
+                "name at this machine); use one, or list the page's origin in CHAT_ALLOWED_ORIGINS"
+            )
+        return f"pages from {(origin or '')[:100]!r} may not call this gateway; add the origin to CHAT_ALLOWED_ORIGINS"
 
 
 class BrowserOrigins(CORSMiddleware):
@@ -95,7 +134,7 @@ class BrowserOrigins(CORSMiddleware):
         if scope["type"] == "http":
             headers = Headers(scope=scope)
             origin = headers.get("origin")
-            if origin is not None and not self.policy.allows_request(origin, headers.get("host")):
-                await error_response("forbidden", self.policy.refusal(origin))(scope, receive, send)
+            if not self.policy.allows_request(origin, headers.get("host")):
+                await error_response("forbidden", self.policy.refusal(origin, headers.get("host")))(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)

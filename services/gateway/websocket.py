@@ -96,9 +96,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     try:
         handshake = parse_handshake(websocket)
         principal = gateway.tokens.principal(token_from(websocket.headers, websocket.query_params))
-        origin = websocket.headers.get("origin")
-        if not gateway.settings.origins.allows_request(origin, websocket.headers.get("host")):
-            raise ProtocolError(gateway.settings.origins.refusal(origin or ""), code="forbidden")
+        origin, host = websocket.headers.get("origin"), websocket.headers.get("host")
+        if not gateway.settings.origins.allows_request(origin, host):
+            raise ProtocolError(gateway.settings.origins.refusal(origin, host), code="forbidden")
         await gateway.authorize(handshake.session, principal)
         meta = await gateway.store.meta(handshake.session)
         if handshake.last_seq > meta.hwm:

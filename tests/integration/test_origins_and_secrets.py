@@ -168,3 +168,27 @@ async def wait_for_line(output: Callable[[], str], text: str) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"{text!r} never logged:\n{output()[-2000:]}")
         await asyncio.sleep(0.05)
+
+
+async def test_dev_mode_refuses_a_rebound_dns_name(two_modes: tuple[Stack, int]) -> None:
+    """A site that points its own name at 127.0.0.1 (DNS rebinding) makes the browser send
+    Host: its name, with no Origin on same-origin GETs: dev mode answers only to names
+    no site controls; tokens protect the required mode."""
+    stack, dev_port = two_modes
+    session = new_session()
+    rebound = {"Host": f"rebound.example:{dev_port}"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{dev_port}", timeout=WAIT_S) as http:
+        read = await http.get(f"/api/sessions/{session}/history", headers=rebound)
+        assert read.status_code == 403 and "localhost" in read.json()["message"]
+        started = await http.post(
+            "/api/chat", json={"prompt": "hi", "session": session},
+            headers={**rebound, "Origin": f"http://rebound.example:{dev_port}"},
+        )
+        assert started.status_code == 403
+        assert (await http.get(f"/api/sessions/{session}/history", headers={"Host": "localhost"})).status_code == 200
+    status, _ = await ws_status(
+        f"ws://127.0.0.1:{dev_port}/ws?session={session}", additional_headers=rebound, origin=f"http://{rebound['Host']}"
+    )
+    assert status == 403
+    async with httpx.AsyncClient(base_url=stack.http_url, timeout=WAIT_S) as http:
+        assert (await http.get("/healthz", headers={"Host": "rebound.example"})).status_code == 200  # required mode

@@ -29,12 +29,33 @@ def test_dev_mode_refuses_other_pages(origin: str) -> None:
     assert not policy.allows_request(origin, "127.0.0.1:8000")
 
 
-def test_a_page_from_the_gateways_own_host_is_always_allowed() -> None:
-    policy = Settings.from_env({**DEV, "CHAT_ALLOWED_ORIGINS": "https://app.example"}).origins
-    assert policy.allows_request("http://192.168.1.20:8000", "192.168.1.20:8000")
-    assert policy.allows_request("https://chat.example", "chat.example")  # behind a proxy that drops the port
-    assert not policy.allows_request("https://chat.example", "other.example")
-    assert not policy.allows_request("http://[::1", "x")  # malformed: refused, not an exception
+def test_a_page_from_the_gateways_own_host_is_allowed() -> None:
+    dev = Settings.from_env({**DEV, "CHAT_ALLOWED_ORIGINS": "https://app.example"}).origins
+    assert dev.allows_request("http://192.168.1.20:8000", "192.168.1.20:8000")  # dev mode on a LAN address
+    required = Settings.from_env({**REQUIRED, "CHAT_ALLOWED_ORIGINS": "https://app.example"}).origins
+    assert required.allows_request("https://chat.example", "chat.example")  # behind a proxy that drops the port
+    assert not required.allows_request("https://chat.example", "other.example")
+    assert not required.allows_request("http://[::1", "x")  # malformed: refused, not an exception
+
+
+@pytest.mark.parametrize("origin", ["http://rebound.example:8000", None])
+def test_dev_mode_refuses_a_dns_name_a_foreign_site_could_rebind(origin: str | None) -> None:
+    """DNS rebinding: evil.example points at 127.0.0.1, so its page's requests carry
+    Host: evil.example (and, being same-origin to the browser, often no Origin)."""
+    policy = Settings.from_env(DEV).origins
+    assert not policy.allows_request(origin, "rebound.example:8000")
+    assert "localhost" in policy.refusal(origin, "rebound.example:8000")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "[::1]:8000", "chat.localhost:8000", "10.0.0.5:8000"])
+def test_dev_mode_accepts_hosts_no_site_controls(host: str) -> None:
+    assert Settings.from_env(DEV).origins.allows_request(None, host)
+
+
+def test_dev_mode_accepts_a_listed_origins_host_and_required_mode_any() -> None:
+    listed = Settings.from_env({**DEV, "CHAT_ALLOWED_ORIGINS": "https://app.example"}).origins
+    assert listed.allows_request("https://app.example", "app.example")
+    assert Settings.from_env(REQUIRED).origins.allows_request(None, "anything.example")
 
 
 def test_a_listed_origin_is_exact_and_replaces_the_dev_default() -> None:
