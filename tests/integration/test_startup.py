@@ -297,35 +297,24 @@ def test_nats_without_jetstream_is_one_clear_line(
     assert "description=" not in started.process.output()
 
 
-def test_port_in_use_is_one_clear_line(services: Services, nats_server: Server, redis_server: Server) -> None:
+@pytest.mark.parametrize(
+    ("kind", "setting", "advice"),
+    [("gateway", "CHAT_PORT", "CHAT_PORT (and CHAT_HOST)"), ("buffer", "CHAT_HEALTH_PORT", "CHAT_HEALTH_PORT (and CHAT_HEALTH_HOST)")],
+)
+def test_port_in_use_is_one_clear_line(
+    services: Services, nats_server: Server, redis_server: Server, kind: str, setting: str, advice: str
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        process = ServiceProcess(
-            "services.gateway",
-            {"CHAT_PORT": str(port), "CHAT_NATS_URL": nats_server.url, "CHAT_REDIS_URL": redis_server.url,
-             "CHAT_AUTH_MODE": "dev", "CHAT_AUTH_SECRET": secrets.token_urlsafe(32)},
-        )
+        env = {setting: str(port), "CHAT_NATS_URL": nats_server.url, "CHAT_REDIS_URL": redis_server.url,
+               "CHAT_AUTH_MODE": "dev", "CHAT_AUTH_SECRET": secrets.token_urlsafe(32)}
+        process = ServiceProcess(MODULES[kind], env)
         process.start(wait=False)
         services.started.append(process)
-        last = failed_with(process, "gateway")
-    assert last == f"gateway: cannot listen on 127.0.0.1:{port}: address in use; set CHAT_PORT (and CHAT_HOST)"
-
-
-def test_health_port_in_use_is_one_clear_line(services: Services, nats_server: Server, redis_server: Server) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        process = ServiceProcess(
-            "services.buffer",
-            {"CHAT_HEALTH_PORT": str(port), "CHAT_NATS_URL": nats_server.url, "CHAT_REDIS_URL": redis_server.url},
-        )
-        process.start(wait=False)
-        services.started.append(process)
-        last = failed_with(process, "buffer")
-    assert last == f"buffer: cannot listen on 127.0.0.1:{port}: address in use; set CHAT_HEALTH_PORT (and CHAT_HEALTH_HOST)"
+        last = failed_with(process, NAMES[kind])
+    assert last == f"{NAMES[kind]}: cannot listen on 127.0.0.1:{port}: address in use; set {advice}"
 
 
 @dataclass
