@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.broker import safe_url
+from shared.settings import masked_url
 
 from .processes import ServiceProcess
 from .servers import LocalNats, LocalRedis, LocalServer, Server, port_open
@@ -47,7 +47,7 @@ def _infra(
     ]
     for variable, label, server in wanted:
         if variable in env:
-            say(f"using {label} at {safe_url(env[variable])} (from {variable})")
+            say(f"using {label} at {masked_url(env[variable])} (from {variable})")
             continue
         if port_open("127.0.0.1", server.port):
             say(f"reusing the {label} already running at {server.url} (set {variable} to use another)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -16,32 +15,13 @@ from nats.js.errors import BadRequestError
 from .settings import masked_url
 from .subjects import STREAM_GENERATED, STREAM_REQUESTS, SUBJECT_REQUESTS, generated_wildcard
 
-__all__ = ["NatsUnreachable", "connect_nats", "ensure_streams", "jetstream_enabled", "safe_url", "describe_error"]
+__all__ = ["NatsUnreachable", "connect_nats", "ensure_streams", "jetstream_enabled", "describe_error"]
 
 log = logging.getLogger(__name__)
 
 # While a broker is away, say so at most this often (the client retries every 0.5 s).
 LOG_EVERY_S = 5.0
 
-_SECRET_PARAMS = {"password", "pass", "token", "auth"}
-
-
-def safe_url(url: str) -> str:
-    """``url`` (or comma-separated URLs) fit for a log: no password, no NATS
-    token (``nats://TOKEN@host``), no ``?password=``."""
-    parts = []
-    for one in url.split(","):
-        one = masked_url(one.strip())
-        split = urlsplit(one)
-        netloc = split.netloc
-        if split.username and split.password is None and split.scheme in ("nats", "tls", "ws", "wss"):
-            netloc = "***@" + netloc.rsplit("@", 1)[1]
-        query = split.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*")
-        parts.append(urlunsplit(split._replace(netloc=netloc, query=query)))
-    return ",".join(parts)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -92,7 +72,7 @@ async def connect_nats(
     while disconnected are gone, so live consumers must catch up from Redis.
     """
     servers = [one.strip() for one in url.split(",") if one.strip()]
-    where = safe_url(url)
+    where = masked_url(url)
     established = False
     failures: list[BaseException] = []
     last_log = 0.0

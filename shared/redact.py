@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote_plus
 
 __all__ = ["redact_secrets", "remember_secret"]
 
@@ -17,10 +18,19 @@ _CREDENTIAL = re.compile(
     r"|\b(sk-)[\w-]{8,}"  # an OpenAI-style key
 )
 # A browser can send its token only in the WebSocket URL (?token=…), so URLs in
-# access lines carry it; other credential-like query parameters are masked too.
-_QUERY_SECRET = re.compile(r"([?&](?i:token|access_token|id_token|api_key|apikey|key|password|secret)=)[^&#\s\"'\\]+")
+# log lines carry it. A parameter is judged by its decoded name: "%74oken=" is
+# "token=" to the gateway, so it must be to the mask too.
+_QUERY_PARAM = re.compile(r"([?&;])([^=&;#\s\"'\\]{1,64})=([^&;#\s\"'\\]*)")
+_SECRET_PARAMS = frozenset({"token", "access_token", "id_token", "api_key", "apikey", "key", "password", "secret"})
 _JWT = re.compile(r"\beyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*")
-_URL_PASSWORD = re.compile(r"(://[^/\s:@\"']*):[^@\s/\"']+@")
+# Up to the authority's last "@": a password may hold one. A NATS token (nats://TOKEN@host) too.
+_URL_PASSWORD = re.compile(r"(://[^/\s:@\"']*):[^\s/\"']+@")
+_URL_TOKEN = re.compile(r"\b((?:nats|tls)://)[^/\s:@\"']+@")
+
+
+def _masked_param(match: re.Match[str]) -> str:
+    separator, name, _ = match.groups()
+    return f"{separator}{name}=***" if unquote_plus(name).lower() in _SECRET_PARAMS else match.group(0)
 
 
 def _masked(match: re.Match[str]) -> str:
@@ -41,7 +51,8 @@ def redact_secrets(text: str) -> str:
     for secret in _KNOWN:
         if secret in text:
             text = text.replace(secret, "***")
-    text = _QUERY_SECRET.sub(r"\1***", text)
+    text = _QUERY_PARAM.sub(_masked_param, text)
     text = _JWT.sub("***", text)
     text = _CREDENTIAL.sub(_masked, text)
+    text = _URL_TOKEN.sub(r"\1***@", text)
     return _URL_PASSWORD.sub(r"\1:***@", text)

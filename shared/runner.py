@@ -28,10 +28,10 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 
-from .broker import NatsUnreachable, connect_nats, describe_error, ensure_streams, jetstream_enabled, safe_url
+from .broker import NatsUnreachable, connect_nats, describe_error, ensure_streams, jetstream_enabled
 from .health import serve_health
 from .metrics import Metrics
-from .settings import BrokerSettings, HealthSettings
+from .settings import BrokerSettings, HealthSettings, masked_url
 from .store import connect_redis
 
 __all__ = [
@@ -59,6 +59,9 @@ class StartupFailed(Exception):
     """A start-up failure that waiting will not fix; its message is one line for the operator."""
 
 
+READINESS_TIMEOUT_S = 1.0  # what a probe waits by default (Kubernetes: timeoutSeconds 1)
+
+
 @dataclass
 class Connections:
     """One NATS connection and one bounded Redis pool per process."""
@@ -69,9 +72,9 @@ class Connections:
 
     async def checks(self) -> dict[str, bool]:
         """Readiness: NATS connected and Redis answering."""
-        try:
-            redis_ok = bool(await self.redis.ping())
-        except (RedisError, OSError):
+        try:  # bounded: a Redis that hangs (not refuses) must not hang the probe
+            redis_ok = bool(await asyncio.wait_for(self.redis.ping(), READINESS_TIMEOUT_S))
+        except (RedisError, OSError, TimeoutError):
             redis_ok = False
         return {"nats": self.nc.is_connected, "redis": redis_ok}
 
@@ -159,7 +162,7 @@ async def _wait_for_nats(
     url: str, *, name: str, on_reconnect: Callable[[], None] | None, startup: Startup
 ) -> tuple[NATS, JetStreamContext]:
     """Connect to NATS and make sure the JetStream streams exist, waiting for both."""
-    where = safe_url(url)
+    where = masked_url(url)
     report = _Reporter("nats", where, startup)
     while True:
         try:
@@ -222,7 +225,7 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 async def _wait_for_redis(broker: BrokerSettings, *, startup: Startup) -> aioredis.Redis:
-    where = safe_url(str(broker.redis_url))
+    where = masked_url(str(broker.redis_url))
     report = _Reporter("redis", where, startup)
     redis = connect_redis(broker)
     try:

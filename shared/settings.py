@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .errors import ConfigError
 from .redact import redact_secrets, remember_secret
@@ -73,7 +73,9 @@ def env_url(environ: Mapping[str, str], name: str, default: str, *, schemes: tup
     return raw
 
 
-def env_int(environ: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+def env_int(
+    environ: Mapping[str, str], name: str, default: int, *, minimum: int = 0, maximum: int | None = None
+) -> int:
     raw = environ.get(name)
     if raw is None:
         return default
@@ -83,7 +85,14 @@ def env_int(environ: Mapping[str, str], name: str, default: int, *, minimum: int
         raise ConfigError(f"Config '{name}' has value '{raw}'. Not a valid int.") from None
     if value < minimum:
         raise ConfigError(f"Config '{name}' has value '{raw}'. Must be at least {minimum}.")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"Config '{name}' has value '{raw}'. Must be at most {maximum}.")
     return value
+
+
+def env_port(environ: Mapping[str, str], name: str, default: int) -> int:
+    """A TCP port, 0 to 65535 (0: none, or any free one)."""
+    return env_int(environ, name, default, minimum=0, maximum=65535)
 
 
 def env_float(environ: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
@@ -133,20 +142,53 @@ class HealthSettings:
     def from_env(cls, environ: Mapping[str, str]) -> HealthSettings:
         return cls(
             host=env_str(environ, "CHAT_HEALTH_HOST", cls.host),
-            port=env_int(environ, "CHAT_HEALTH_PORT", cls.port, minimum=0),
+            port=env_port(environ, "CHAT_HEALTH_PORT", cls.port),
         )
 
 
+_SECRET_PARAMS = {"password", "pass", "token", "auth"}
+_TOKEN_SCHEMES = ("nats", "tls", "ws", "wss")  # nats://TOKEN@host: a user name alone is a token
+
+
 def masked_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, fit for a log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """``url`` (or comma-separated URLs) fit for a log: no password, no NATS token
+    (``nats://TOKEN@host``), no ``?password=``; a URL that cannot be parsed is
+    masked by :func:`~shared.redact.redact_secrets` instead."""
+    return ",".join(_masked_one(one.strip()) for one in url.split(","))
+
+
+def _masked_one(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        userinfo, at, hostport = parts.netloc.rpartition("@")  # the last "@": a password may hold one
+        if at:
+            user, colon, _ = userinfo.partition(":")
+            if colon:
+                userinfo = f"{user}:***"
+            elif parts.scheme in _TOKEN_SCHEMES:
+                userinfo = "***"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*")
+        return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{hostport}", query=query))
+    except ValueError:
+        return redact_secrets(url)
+
+
+def _broker_url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+    """What is wrong with a NATS or Redis URL, or None: caught here rather than as a
+    client library's traceback (or, for a Redis database that is not a number, silently db 0)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
+    except ValueError as exc:
+        return f"Not a valid URL ({exc})."
+    if parts.scheme not in schemes:
+        return f"Expected a URL with scheme {' or '.join(schemes)}."
+    if parts.scheme in ("redis", "rediss") and parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        return "The database after the last '/' must be a number (redis://host:6379/0)."
+    return None
 
 
 @dataclass(frozen=True)
@@ -166,11 +208,8 @@ class BrokerSettings:
             ("CHAT_REDIS_URL", redis_url, ("redis", "rediss", "unix")),
         ):
             for one in url.split(","):
-                if urlsplit(one.strip()).scheme not in schemes:
-                    raise ConfigError(
-                        f"Config '{name}' has value '{masked_url(one)}'. "
-                        f"Expected a URL with scheme {' or '.join(schemes)}."
-                    )
+                if problem := _broker_url_problem(one.strip(), schemes):
+                    raise ConfigError(f"Config '{name}' has value '{masked_url(one)}'. {problem}")
         return cls(
             nats_url=nats_url,
             redis_url=Secret(redis_url, mask_everywhere=False),  # its password is masked as a URL's

@@ -68,7 +68,8 @@ class _DenialIsNotAnError(logging.Filter):
     completing handshake." at ERROR after every denial response, though the
     denial went out (Kludex/uvicorn#3138, open). The gateway refuses upgrades on
     purpose (expired tokens in a reconnect storm), and uvicorn has already
-    logged each at INFO with its status, so the line is dropped."""
+    logged each at INFO with its status, so the line is dropped. (Secrets in
+    uvicorn's lines are masked with every other line's, in shared.logs.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.msg != "ASGI callable returned without completing handshake."

@@ -12,6 +12,7 @@ from shared.settings import (
     env_float,
     env_int,
     env_log_level,
+    env_port,
     env_str,
 )
 
@@ -90,6 +91,6 @@ class Settings:
                 dev=not auth.required,
             ),
             host=env_str(environ, "CHAT_HOST", cls.host),
-            port=env_int(environ, "CHAT_PORT", cls.port, minimum=0),
+            port=env_port(environ, "CHAT_PORT", cls.port),
             log_level=env_log_level(environ),
         )

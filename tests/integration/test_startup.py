@@ -521,3 +521,24 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+async def test_readiness_answers_at_once_while_redis_hangs(services: Services, nats_server: Server) -> None:
+    """A Redis that hangs (stopped, not gone) makes /readyz say not ready within its own
+    timeout, instead of hanging the probe for the client's 20 s."""
+    redis = LocalRedis()
+    redis.start()
+    try:
+        started = services.start("buffer", {"CHAT_NATS_URL": nats_server.url, "CHAT_REDIS_URL": redis.url})
+        await wait_status(started.url, "/readyz", 200)
+        assert redis.process is not None
+        redis.process.send_signal(signal.SIGSTOP)
+        try:
+            async with httpx.AsyncClient(base_url=started.url, timeout=WAIT_S) as http:
+                ready = await http.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["redis"] is False
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+        await wait_status(started.url, "/readyz", 200)
+    finally:
+        redis.stop()

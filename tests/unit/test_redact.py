@@ -27,6 +27,8 @@ JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1MSIsImV4cCI6OTk5fQ.c2lnbmF0dXJlLXZhbHVl"
         ("cannot reach redis://:hunter22@cache:6379/0", "hunter22"),
         ("nats://user:s3cret@nats:4222 refused", "s3cret"),
         (f"a token {JWT} in prose", JWT),
+        ("nats://user:p@ss@nats:4222", "ss@nats"),
+        ("connecting to nats://Sekr1tTok@127.0.0.1:4222", "Sekr1tTok"),
     ],
 )
 def test_secret_is_masked(text: str, secret: str) -> None:
@@ -65,3 +67,8 @@ def test_configured_secrets_are_masked_whatever_their_shape() -> None:
     assert key not in redact_secrets(f"Access denied due to invalid subscription key {key}.")
     message = "x" * 270 + f" key {key} is not valid"
     assert "0123456789" not in short(message)
+
+
+@pytest.mark.parametrize("query", ["%74oken=sekret-value-1", "t%6Fken=sekret-value-1", "TOKEN=sekret-value-1", "x=1;token=sekret-value-1"])
+def test_a_secret_parameter_is_known_by_its_decoded_name(query: str) -> None:
+    assert "sekret-value-1" not in redact_secrets(f"< GET /ws?session=s1&{query} HTTP/1.1")

@@ -110,3 +110,21 @@ def test_the_worker_says_which_model_answers_without_its_key() -> None:
     described = WorkerSettings.from_env(env).describe_model()
     assert described["model"] == "gpt-4o-mini" and "pw123456" not in described["upstream"]
     assert "sk-abcdefgh12345678" not in str(described)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CHAT_PORT": "70000"}, "CHAT_PORT.*at most 65535"),
+        ({"CHAT_HEALTH_PORT": "70000"}, "CHAT_HEALTH_PORT.*at most 65535"),
+        ({"CHAT_NATS_URL": "nats://[::1"}, "CHAT_NATS_URL.*Not a valid URL"),
+        ({"CHAT_NATS_URL": "nats://u:pw123456@h:notaport"}, "CHAT_NATS_URL.*Not a valid URL"),
+        ({"CHAT_REDIS_URL": "redis://127.0.0.1:6379/abc"}, "CHAT_REDIS_URL.*must be a number"),
+    ],
+)
+def test_ports_and_broker_urls_are_checked_at_start_up(env: dict[str, str], message: str) -> None:
+    """Caught with the variable's name, not as a traceback from a library (or a port that wraps)."""
+    reader = GatewaySettings if "CHAT_PORT" in env else BufferSettings  # the buffer reads the health port
+    with pytest.raises(ConfigError, match=message) as error:
+        reader.from_env({"CHAT_AUTH_MODE": "dev", **env})
+    assert "pw123456" not in str(error.value)

@@ -10,9 +10,10 @@ import httpx
 import pytest
 
 from services.llm_worker.service import upstream_failure
-from shared.broker import describe_error, safe_url
+from shared.broker import describe_error
 from shared.errors import UpstreamError
 from shared.runner import REPORT_EVERY_S, Startup, _Reporter, listen_error
+from shared.settings import masked_url
 
 
 @pytest.mark.parametrize(
@@ -25,10 +26,12 @@ from shared.runner import REPORT_EVERY_S, Startup, _Reporter, listen_error
         ("redis://:pw@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
         ("redis://user:pw@redis:6379/2", "redis://user:***@redis:6379/2"),
         ("redis://redis:6379/0?password=pw&socket_timeout=3", "redis://redis:6379/0?password=***&socket_timeout=3"),
+        ("nats://user:p@ss@nats:4222", "nats://user:***@nats:4222"),  # a password holding "@"
+        ("nats://[::1", "nats://[::1"),  # unparsable: not an exception
     ],
 )
-def test_safe_url_hides_passwords_and_tokens(url: str, safe: str) -> None:
-    assert safe_url(url) == safe
+def test_masked_url_hides_passwords_and_tokens(url: str, safe: str) -> None:
+    assert masked_url(url) == safe
 
 
 def test_describe_error_is_a_few_words() -> None:
