@@ -46,9 +46,15 @@ def listening_socket(settings: Settings) -> socket.socket:
     return sock
 
 
+def _served_while_starting(scope: Scope) -> bool:
+    """Health, and the page with its files (it then shows that it is connecting)."""
+    path = scope["path"]
+    return path in STARTUP_PATHS or (scope["type"] == "http" and (path == "/" or path.startswith("/static/")))
+
+
 class StartupGate:
-    """Until the gateway's brokers answer, only /healthz (200) and /readyz (503,
-    saying what is awaited) reach the app; other requests, WebSocket upgrades
+    """Until the gateway's brokers answer, only /healthz (200), /readyz (503,
+    saying what is awaited) and the page reach the app; other requests, WebSocket upgrades
     included, get 503 ``unavailable`` with ``Retry-After`` instead of failing on
     connections that do not exist yet."""
 
@@ -56,7 +62,7 @@ class StartupGate:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and scope["path"] not in STARTUP_PATHS:
+        if scope["type"] in ("http", "websocket") and not _served_while_starting(scope):
             startup: Startup | None = getattr(self.app.state, "startup", None)
             if startup is None or startup.connections is None:
                 refusal = error_response(

@@ -81,6 +81,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/", h["page"]),
         WebSocketRoute("/", websocket_endpoint),
         WebSocketRoute("/ws", websocket_endpoint),
+        Route("/ws", errors.websocket_only),
         Route("/api/chat", h["chat"], methods=["POST"]),
         Route("/api/token", h["issue_token"], methods=["POST"]),
         Route("/api/token/refresh", h["refresh_token"], methods=["POST"]),
@@ -92,6 +93,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/healthz", h["healthz"]),
         Route("/readyz", h["readyz"]),
         Route("/metrics", h["metrics"]),
+        WebSocketRoute("/static/{path:path}", errors.unknown_socket),  # StaticFiles would refuse it bare
         Mount("/static", StaticFiles(directory=http.STATIC_DIR), name="static"),
     ]
     app = Starlette(

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-__all__ = ["HTTP_STATUS", "error_response", "http_exception", "not_found", "quiet_denials"]
+__all__ = ["HTTP_STATUS", "error_response", "http_exception", "not_found", "quiet_denials", "unknown_socket", "websocket_only"]
 
 HTTP_STATUS = {
     "invalid": 400,
@@ -53,14 +53,27 @@ async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
     """The router's default: 404 JSON for HTTP, and for a WebSocket upgrade to an
     unknown path a 404 JSON denial (not uvicorn's bare 403)."""
     if scope["type"] == "websocket":
-        websocket = WebSocket(scope, receive, send)
-        path = scope.get("path", "")[:200]
-        await websocket.send_denial_response(
-            error_response("not_found", f"no WebSocket endpoint at {path}; connect to /ws")
-        )
+        await unknown_socket(WebSocket(scope, receive, send))
         return
     if scope["type"] == "http":
         raise HTTPException(404)
+
+
+async def unknown_socket(websocket: WebSocket) -> None:
+    """A WebSocket upgrade where none is served (an unknown path, or a static file)."""
+    path = websocket.scope.get("path", "")[:200]
+    await websocket.send_denial_response(error_response("not_found", f"no WebSocket endpoint at {path}; connect to /ws"))
+
+
+async def websocket_only(request: Request) -> Response:
+    """A plain HTTP request to the WebSocket endpoint: 426, saying how to connect (RFC 9110 section 15.5.22)."""
+    return error_response(
+        "invalid",
+        "this is the WebSocket endpoint: connect with a WebSocket client (Upgrade: websocket); "
+        "plain HTTP calls are under /api",
+        status=426,
+        headers={"Upgrade": "websocket"},
+    )
 
 
 class _DenialIsNotAnError(logging.Filter):

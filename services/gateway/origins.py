@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import error_response
@@ -129,6 +130,16 @@ class BrowserOrigins(CORSMiddleware):
 
     def is_allowed_origin(self, origin: str) -> bool:
         return self.policy.allows(origin)
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        """Starlette's answer, with a refused preflight (a method or header not
+        allowed) in the documented JSON error shape instead of plain text."""
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        headers = {k: v for k, v in response.headers.items() if k.lower().startswith(("access-control-", "vary"))}
+        return error_response("invalid", f"{bytes(response.body).decode()} (allowed: GET, POST; headers "
+                              "Authorization, Content-Type, Last-Event-ID, X-API-Key)", headers=headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

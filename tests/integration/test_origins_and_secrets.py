@@ -109,8 +109,17 @@ async def test_every_refusal_is_json(two_modes: tuple[Stack, int]) -> None:
         wrong_method = await http.get("/api/chat")
         assert wrong_method.status_code == 405 and wrong_method.json()["code"] == "method_not_allowed"
         assert "POST" in wrong_method.headers["allow"]
-    status, body = await ws_status(stack.ws_url("/no/such/socket"))
-    assert status == 404 and body["code"] == "not_found" and "/ws" in body["message"]  # type: ignore[index, operator]
+        plain = await http.get("/ws")  # the WebSocket endpoint over plain HTTP
+        assert plain.status_code == 426 and plain.headers["upgrade"] == "websocket"
+        assert plain.json()["code"] == "invalid" and "WebSocket" in plain.json()["message"]
+        odd_preflight = await http.options(
+            "/api/chat",
+            headers={"Origin": VITE, "Access-Control-Request-Method": "PUT", "Access-Control-Request-Headers": "x-odd"},
+        )
+        assert odd_preflight.status_code == 400 and odd_preflight.json()["code"] == "invalid"
+    for path in ("/no/such/socket", "/static/chat-page.js"):
+        status, body = await ws_status(stack.ws_url(path))
+        assert status == 404 and body["code"] == "not_found" and "/ws" in body["message"]  # type: ignore[index, operator]
 
 
 async def test_no_secret_in_any_log_line(two_modes: tuple[Stack, int]) -> None:

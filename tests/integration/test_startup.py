@@ -158,8 +158,10 @@ async def test_waits_for_brokers_serving_health_and_stops_on_signal(services: Se
     if kind == "gateway":  # anything else than health waits for the brokers too
         async with httpx.AsyncClient(base_url=started.url) as http:
             response = await http.get(f"/api/sessions/{new_session()}/history")
+            page = await http.get("/")  # the page loads, and shows that it is connecting
         assert response.status_code == 503 and "starting" in response.json()["message"]
         assert response.json()["code"] == "unavailable" and response.headers["retry-after"] == "2"
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
         with pytest.raises(InvalidStatus) as refused:  # an upgrade too, in the same JSON shape
             await connect(started.url.replace("http", "ws") + "/ws", open_timeout=WAIT_S)
         assert refused.value.response.status_code == 503
