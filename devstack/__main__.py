@@ -37,10 +37,12 @@ def _infra(
     redis_port: int = 6379,
     run_dir: Path = RUN_DIR,
     say: Callable[[str], None] = _say,
+    started: list[Server] | None = None,
 ) -> list[Server]:
     """Reuse NATS and Redis where they answer; start the local binaries where
-    not; say which (without passwords) either way. Returns the servers started."""
-    started: list[Server] = []
+    not; say which (without passwords) either way. Returns the servers started
+    (also appended to ``started`` as each starts, so a signal cannot orphan one)."""
+    started = [] if started is None else started
     wanted: list[tuple[str, str, LocalServer]] = [
         ("CHAT_NATS_URL", "NATS", LocalNats(port=nats_port)),
         ("CHAT_REDIS_URL", "Redis", LocalRedis(port=redis_port)),
@@ -55,8 +57,8 @@ def _infra(
             server.data_dir = str(run_dir / server.binary)
             Path(server.data_dir).mkdir(parents=True, exist_ok=True)
             say(f"starting {server.binary} at {server.url} (data in {server.data_dir})")
+            started.append(server)  # first: stopped even if a signal comes while it starts
             server.start()
-            started.append(server)
         env[variable] = server.url
     return started
 
@@ -92,22 +94,26 @@ def main() -> None:
     # Dev mode: tokens optional, anonymous users; one secret shared by this run's gateways.
     env.setdefault("CHAT_AUTH_MODE", "dev")
     env.setdefault("CHAT_AUTH_SECRET", secrets.token_urlsafe(32))
-    servers = _infra(env)
-    workers = int(env.get("CHAT_WORKERS", "2"))
-    names = ["buffer", *(f"worker{i + 1}" for i in range(workers))]
-    own = health_ports(env, names)
-    services = [ServiceProcess("services.buffer", {**env, **own["buffer"]}, echo=sys.stdout)]
-    services += [
-        ServiceProcess("services.llm_worker", {**env, **own[name]}, name=name, echo=sys.stdout) for name in names[1:]
-    ]
-    services.append(ServiceProcess("services.gateway", env, echo=sys.stdout))
+    host, port = env.get("CHAT_HOST", "127.0.0.1"), env.get("CHAT_PORT", "8000")
+    if port.isdigit() and port_open(host, int(port)):  # before anything starts, not after
+        sys.exit(f"make run: {host}:{port} is already in use (another make run?); set CHAT_PORT to another port")
+    servers: list[Server] = []
+    services: list[ServiceProcess] = []
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
+        _infra(env, started=servers)
+        workers = int(env.get("CHAT_WORKERS", "2"))
+        names = ["buffer", *(f"worker{i + 1}" for i in range(workers))]
+        own = health_ports(env, names)
+        services.append(ServiceProcess("services.buffer", {**env, **own["buffer"]}, echo=sys.stdout))
+        services += [
+            ServiceProcess("services.llm_worker", {**env, **own[name]}, name=name, echo=sys.stdout)
+            for name in names[1:]
+        ]
+        services.append(ServiceProcess("services.gateway", env, echo=sys.stdout))
         for service in services:
             service.start()
-        host = env.get("CHAT_HOST", "127.0.0.1")
-        port = env.get("CHAT_PORT", "8000")
         print(f"\nchat page: http://{host}:{port}/\n", flush=True)
         while True:
             time.sleep(1.0)

@@ -70,7 +70,7 @@ _SENTENCES = [
     "A worker only takes a request when it has room for it, so a busy cluster queues instead of collapsing.",
     "Backoff with jitter keeps a crowd of reconnecting clients from arriving at the same instant.",
     "Exactly once, in order, with no gap: that promise is kept by the cursor, not by luck.",
-    "The original sketch paused by writing to a list and resumed by reading it back, and lost words in between.",
+    "A naive relay pauses by writing to a list and resumes by reading it back, and loses words in between.",
     "Here the pause is a flag on the session, shared by every tab and every gateway that serves it.",
     "If you stop the answer, the worker closes its request upstream and the turn ends cleanly.",
     "History keeps each prompt with its full answer, so the next turn has the whole conversation.",

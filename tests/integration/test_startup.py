@@ -544,3 +544,17 @@ async def test_readiness_answers_at_once_while_redis_hangs(services: Services, n
         await wait_status(started.url, "/readyz", 200)
     finally:
         redis.stop()
+
+
+def test_make_run_says_at_once_that_its_port_is_taken(nats_server: Server, redis_server: Server) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        env = {**os.environ, "CHAT_NATS_URL": nats_server.url, "CHAT_REDIS_URL": redis_server.url, "CHAT_PORT": str(port)}
+        run = subprocess.run([sys.executable, "-m", "devstack"], env=env, capture_output=True, text=True, timeout=WAIT_S)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"make run: 127.0.0.1:{port} is already in use (another make run?); set CHAT_PORT to another port"
+    )
+    assert "services.buffer" not in run.stdout and "worker" not in run.stdout  # nothing was started first
