@@ -8,6 +8,10 @@ The answer goes to stdout and nothing else does, so it can be piped; the
 session id, connection trouble ("cannot reach …; retrying in 2.0 s"),
 reconnects and errors go to stderr on lines of their own. Ctrl-C while an
 answer streams stops it; a second Ctrl-C, or one at the idle prompt, quits.
+The p/r/s keys need stdin to be a terminal (piped prompts are just lines).
+
+What the server sends is printed cleaned: the answer without escape sequences
+and control characters (newlines and tabs kept), messages as one short line.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import asyncio
 import codecs
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -23,19 +28,26 @@ import termios
 import tty
 from collections.abc import Callable, Iterator
 from typing import NoReturn, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import httpx
 
 from ..backoff import Backoff
 from ..errors import ProtocolError
 from ..protocol import Accepted, AuthOk, Chunk, Done, Error, Paused, Pong, Ready, Resumed
+from ..redact import redact_secrets
 from ..subjects import validate_session_id
 from .connection import ChatClient, ClientClosed, Event
+from .display import clean_message, clean_text
 from .session import Connected, Disconnected, GaveUp, HandshakeRefused, Reconnecting
 
 __all__ = ["main", "run_turn"]
 
 EXIT_OK, EXIT_ERROR, EXIT_GAVE_UP, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_USAGE = 2  # a bad argument, as argparse
+EXIT_BROKEN_PIPE = 141  # stdout's reader went away (`| head`): 128 + SIGPIPE, as other pipe writers
+MAX_HISTORY_BYTES = 64 * 1024 * 1024  # a history body past this is not read (a long session's is MBs)
+MAX_SEQ = 2**63 - 1
 DEFAULT_URL = "ws://127.0.0.1:8000/ws"
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
 
@@ -50,12 +62,18 @@ class Terminal:
         self.mid_line = False  # the answer's last character was not a newline
 
     def text(self, text: str) -> None:
+        """Print the answer's text (the model's, so cleaned of escape sequences)."""
+        text = clean_text(text)
         self.out.write(text)
         self.out.flush()
         if text:
             self.mid_line = not text.endswith("\n")
 
     def notice(self, message: str) -> None:
+        """Print a notice on a line of its own: parts from the server were cut
+        already; here control characters go (whatever their source), and
+        credentials (a URL's password) are masked."""
+        message = redact_secrets(clean_message(message, limit=None))
         # On a terminal, start the notice on a fresh line; a pipe gets none of it.
         prefix = "\n" if self.mid_line and self.out.isatty() and self.err.isatty() else ""
         self.err.write(f"{prefix}[{message}]\n")
@@ -67,13 +85,15 @@ class Terminal:
 
 
 def describe(event: Event) -> str | None:
-    """A one-line notice for connection events and errors, or None."""
+    """A one-line notice for connection events and errors, or None; the
+    server's words in it cleaned and cut (:func:`clean_message`)."""
     match event:
         case Reconnecting(delay_s=delay, attempt=attempt, reason=reason) if reason:
             return f"{reason}; retrying in {delay:.1f} s (attempt {attempt})"
         case Reconnecting(delay_s=delay, attempt=attempt):
             return f"reconnecting in {delay:.1f} s, attempt {attempt}"
         case Disconnected(code=code, reason=reason):
+            reason = clean_message(reason)
             return f"disconnected ({code or 'network'}{': ' + reason if reason else ''})"
         case GaveUp(reason=reason, error=error):
             hint = ""
@@ -81,7 +101,7 @@ def describe(event: Event) -> str | None:
                 hint = " (pass a valid token with --token or CHAT_TOKEN)"
             return f"{reason}{hint}" if reason.startswith("gave up") else f"gave up: {reason}{hint}"
         case Error(code=code, message=message):
-            return f"error {code}: {message}"
+            return f"error {clean_message(code)}: {clean_message(message)}"
         case Paused():
             return "paused"
         case Resumed():
@@ -159,7 +179,7 @@ async def run_turn(chat: Chat, prompt: str) -> int:
                 case Done(turn=number, reason=reason, message=message) if number == turn:
                     term.end_answer()
                     if reason == "error":
-                        term.notice(f"the answer failed: {message}")
+                        term.notice(f"the answer failed: {clean_message(message)}" if message else "the answer failed")
                         return EXIT_ERROR
                     if reason == "stopped":
                         term.notice("stopped")
@@ -272,16 +292,6 @@ async def interactive(chat: Chat) -> int:
 
 async def chat_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     term = Terminal(out, err)
-    backoff = Backoff(initial_s=args.backoff_initial, cap_s=args.backoff_cap, max_attempts=args.max_attempts)
-    client = ChatClient(
-        args.url,
-        session=args.session,
-        last_seq=args.last_seq,
-        token=args.token or None,
-        backoff=backoff,
-        connect_timeout_s=args.connect_timeout or None,
-    )
-    chat = Chat(client, term)
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     assert main_task is not None
@@ -289,8 +299,30 @@ async def chat_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> in
     def quit() -> None:
         main_task.cancel()
 
-    loop.add_signal_handler(signal.SIGINT, chat.interrupt, quit)
+    chat: Chat | None = None  # until it exists (the history request), Ctrl-C quits
+
+    def interrupt() -> None:
+        if chat is not None:
+            chat.interrupt(quit)
+        else:
+            quit()
+
+    loop.add_signal_handler(signal.SIGINT, interrupt)
     try:
+        last_seq = args.last_seq
+        if last_seq is None:
+            # An existing session's finished turns were seen already: start after them.
+            last_seq = await resume_point(args, term) if args.session else 0
+        backoff = Backoff(initial_s=args.backoff_initial, cap_s=args.backoff_cap, max_attempts=args.max_attempts)
+        client = ChatClient(
+            args.url,
+            session=args.session,
+            last_seq=last_seq,
+            token=args.token or None,
+            backoff=backoff,
+            connect_timeout_s=args.connect_timeout or None,
+        )
+        chat = Chat(client, term)
         async with client:
             pumping = asyncio.create_task(chat.pump())
             try:
@@ -326,9 +358,16 @@ def _session_id(value: str) -> str:
 
 
 def _websocket_url(value: str) -> str:
-    parts = urlsplit(value)
+    shown = redact_secrets(value)  # ws://user:pw@host: not the password
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises for a port out of range or not a number
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{shown!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a ws:// or wss:// URL (e.g. {DEFAULT_URL})")
+        raise argparse.ArgumentTypeError(f"{shown!r} is not a ws:// or wss:// URL (e.g. {DEFAULT_URL})")
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"{shown!r} is not a valid URL: port 0 cannot be connected to")
     return value
 
 
@@ -358,7 +397,7 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     chat = commands.add_parser("chat", help="send a prompt (or, without one, chat interactively)")
     chat.set_defaults(parser=chat)
-    chat.add_argument("prompt", nargs="*", help="the prompt; none for interactive mode")
+    chat.add_argument("prompt", nargs="*", help="the prompt; none for interactive mode (p/r/s keys when stdin is a terminal)")
     chat.add_argument("--url", type=_websocket_url, default=os.environ.get("CHAT_URL", DEFAULT_URL), help=f"the gateway's WebSocket URL (env CHAT_URL, default {DEFAULT_URL})")
     chat.add_argument("--token", default=os.environ.get("CHAT_TOKEN"), help="a token for a gateway that requires one, sent as Authorization: Bearer (env CHAT_TOKEN, which keeps it out of the process list)")
     chat.add_argument("--session", type=_session_id, help="continue this session (letters, digits, _ and -, at most 64)")
@@ -394,31 +433,71 @@ def main(argv: list[str] | None = None) -> None:
         args = parser().parse_args(argv)
         if args.backoff_initial > args.backoff_cap:
             args.parser.error(f"--backoff-initial ({args.backoff_initial:g}) must not exceed --backoff-cap ({args.backoff_cap:g})")
-        if args.last_seq is None:
-            # An existing session's finished turns were seen already: start after them.
-            args.last_seq = _last_seq(args.url, args.session, args.token) if args.session else 0
         code = asyncio.run(chat_command(args, sys.stdout, sys.stderr))
     except KeyboardInterrupt:  # before the handler was in place, or after it was gone
         code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Whoever read stdout (or stderr) went away, as `| head -c 10` does: stop
+        # quietly. Both point at /dev/null from now on, so flushing what is left
+        # at exit cannot fail again ("Exception ignored … BrokenPipeError").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(devnull, stream.fileno())
+        code = EXIT_BROKEN_PIPE
     sys.exit(code)
 
 
-def _last_seq(url: str, session: str, token: str | None = None) -> int:
-    """Where to resume the session: after its last finished turn (history's
-    ``resume_from``), so an answer still generating is shown from its start."""
-    import json
-    import urllib.error
-    import urllib.request
+async def resume_point(args: argparse.Namespace, term: Terminal) -> int:
+    """Where to resume ``args.session``: after its last finished turn (history's
+    ``resume_from``), so an answer still generating is shown from its start.
 
+    0 (replay the whole session) when that cannot be read: the gateway does
+    not answer (the connection reports it), refuses (401, 403: so does the
+    connection), or answers with something else than a seq, or too slowly.
+    The request as a whole, dripped bytes too, is bounded by
+    ``--connect-timeout`` (30 s when that is 0).
+    """
+    limit = args.connect_timeout or DEFAULT_CONNECT_TIMEOUT_S
+    try:
+        async with asyncio.timeout(limit):
+            body = await _history_body(args.url, args.session, args.token or None, limit)
+    except (TimeoutError, httpx.TimeoutException):
+        why = f"no answer within {limit:g} s"
+    except httpx.HTTPStatusError:
+        return 0
+    except (httpx.ConnectError, httpx.UnsupportedProtocol, httpx.InvalidURL):
+        return 0
+    except (httpx.HTTPError, OSError, ValueError) as exc:
+        why = clean_message(str(exc)) or type(exc).__name__
+    else:
+        try:
+            value = json.loads(body)["resume_from"]
+        except (ValueError, RecursionError, KeyError, TypeError, IndexError):
+            value = None
+        if type(value) is int and 0 <= value <= MAX_SEQ:  # not a bool, a float (1e400), a string
+            return value
+        why = "its answer has no resume_from that is a seq"
+    term.notice(f"could not read where session {args.session} left off ({why}): replaying it from the start")
+    return 0
+
+
+async def _history_body(url: str, session: str, token: str | None, io_timeout_s: float) -> bytes:
+    """The body of the session's history, at most MAX_HISTORY_BYTES of it."""
     parts = urlsplit(url)
     scheme = "https" if parts.scheme == "wss" else "http"
-    history = urlunsplit((scheme, parts.netloc, f"/api/sessions/{session}/history", "", ""))
-    request = urllib.request.Request(history, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return int(json.load(response)["resume_from"])
-    except (urllib.error.URLError, OSError, ValueError, KeyError):
-        return 0  # replay the whole session instead
+    host = parts.netloc.rpartition("@")[2]  # credentials go in a header, as websockets sends them
+    history = urlunsplit((scheme, host, f"/api/sessions/{session}/history", "", ""))
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    auth = httpx.BasicAuth(unquote(parts.username or ""), unquote(parts.password or "")) if parts.username and not token else None
+    async with httpx.AsyncClient(timeout=io_timeout_s) as http, http.stream("GET", history, headers=headers, auth=auth) as response:
+        response.raise_for_status()
+        body = bytearray()
+        async for data in response.aiter_bytes():
+            body += data
+            if len(body) > MAX_HISTORY_BYTES:
+                raise ValueError(f"the history is larger than {MAX_HISTORY_BYTES} bytes")
+        return bytes(body)
 
 
 if __name__ == "__main__":

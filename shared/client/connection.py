@@ -54,6 +54,7 @@ from ..protocol import (
     Stop,
     encode,
 )
+from ..redact import redact_secrets
 from .session import (
     ChatRejected,
     ClientClosed,
@@ -331,9 +332,10 @@ class ChatClient:
         await self._emit(event)
 
     def display_url(self) -> str:
-        """The gateway's URL for messages: without its query (no token, no cursor)."""
+        """The gateway's URL for messages: without its query (no token, no
+        cursor), and with a password in it (``ws://user:pw@host``) masked."""
         parts = urlsplit(self.url)
-        return urlunsplit(parts._replace(query="", fragment=""))
+        return redact_secrets(urlunsplit(parts._replace(query="", fragment="")))
 
     def _unreachable(self, exc: BaseException, open_timeout: float) -> str:
         """Why a connection attempt failed, in words: "cannot reach URL: connection refused"."""
@@ -368,7 +370,7 @@ class ChatClient:
             # websockets reads the refusal's body into the response: the server's reason.
             return refusal(exc.response.status_code, exc.response.body)
         except InvalidURI as exc:
-            return CloseAction.STOP, None, str(exc), False
+            return CloseAction.STOP, None, redact_secrets(str(exc)), False
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             return CloseAction.RECONNECT, None, self._unreachable(exc, open_timeout), False
         started = loop.time()

@@ -35,6 +35,7 @@ from ..protocol import (
     decode_server_frame,
     encode,
 )
+from .display import clean_message
 
 __all__ = [
     "CloseAction",
@@ -89,6 +90,9 @@ def handshake_action(status: int, *, can_refresh: bool = True) -> CloseAction:
     return CloseAction.STOP  # 400, 403 and other 4xx: retrying cannot help
 
 
+MAX_CODE_CHARS = 64  # a refusal's code ("unauthorized"), as printed
+
+
 class ClientClosed(ChatError):
     """The client was closed, or gave up reconnecting."""
 
@@ -120,18 +124,26 @@ class ChatRejected(ChatError):
 
 
 def refusal(status: int, body: bytes | bytearray) -> HandshakeRefused:
-    """The exception for a refused upgrade, with the server's reason read from its body."""
+    """The exception for a refused upgrade, with the server's reason read from its body.
+
+    The body is the server's (or a proxy's) to choose: a reason is cleaned of
+    control characters and escape sequences and cut to ~200 characters; JSON
+    nested too deeply to read gives no reason (nor a traceback).
+    """
     code = message = None
     text = bytes(body).decode("utf-8", "replace").strip()
     try:
         parsed = json.loads(text) if text else None
+    except RecursionError:  # [[[[…]]]] deeper than the parser goes: nothing to show
+        parsed, text = None, ""
     except ValueError:
         parsed = None
     if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
-        message = parsed["message"]
-        code = parsed["code"] if isinstance(parsed.get("code"), str) else None
+        message = clean_message(parsed["message"]) or None
+        if isinstance(parsed.get("code"), str):
+            code = clean_message(parsed["code"], MAX_CODE_CHARS) or None
     elif text and not text.startswith("<"):  # a plain-text reason; an HTML page says nothing useful
-        message = " ".join(text.split())[:200]
+        message = clean_message(text) or None
     return HandshakeRefused(status, code, message)
 
 

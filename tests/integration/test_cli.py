@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
 
 from devstack.servers import Server, free_port
 from shared.auth import AuthSettings, TokenService
+from shared.protocol import SUBPROTOCOL, Accepted, Chunk, Done, Error, Ready, encode
 from tests.faultproxy import FaultProxy
 from tests.stack import WAIT_S, Stack, history, isolated_stack, new_session
 
@@ -162,6 +168,9 @@ async def test_connect_timeout_from_the_environment() -> None:
         (["--session", "bad id!"], "argument --session: invalid session id 'bad id!'"),
         (["--last-seq", "-1"], "argument --last-seq: '-1' must be 0 or more"),
         (["--url", "http://127.0.0.1:8000/ws"], "argument --url: 'http://127.0.0.1:8000/ws' is not a ws:// or wss:// URL"),
+        (["--url", "ws://h:99999/ws"], "argument --url: 'ws://h:99999/ws' is not a valid URL: Port out of range"),
+        (["--url", "ws://h:abc/ws"], "argument --url: 'ws://h:abc/ws' is not a valid URL: Port could not be cast"),
+        (["--url", "ws://u:pw@h:abc/ws"], "argument --url: 'ws://u:***@h:abc/ws' is not a valid URL"),
         (["--connect-timeout", "soon"], "argument --connect-timeout: 'soon' is not a number"),
         (["--backoff-initial", "0"], "argument --backoff-initial: '0' must be positive"),
         (["--backoff-initial", "5", "--backoff-cap", "1"], "--backoff-initial (5) must not exceed --backoff-cap (1)"),
@@ -282,3 +291,222 @@ async def test_reconnects_at_the_idle_prompt_are_reported_and_giving_up_ends_it(
     assert "refused; retrying in" in text or "reconnecting in" in text
     assert "[gave up after 2 attempts: " in text
     assert "Traceback" not in text
+
+
+# Hostile or broken servers: what the CLI prints of theirs, and how it ends ---
+
+
+def http_response(status: str, body: bytes, content_type: str = "application/json") -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+Answer = Callable[[str, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def crafted_server(answer: Answer) -> AsyncIterator[tuple[int, list[str]]]:
+    """A server answering each HTTP request (an upgrade too) as ``answer`` writes:
+    yields its port and the request lines it got."""
+    requests: list[str] = []
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            line = head.split(b"\r\n", 1)[0].decode()
+            requests.append(line)
+            await answer(line, writer)
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            handlers.discard(task)
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], requests
+    finally:
+        server.close()
+        for task in list(handlers):
+            task.cancel()
+        await server.wait_closed()
+
+
+def refuse_with(body: bytes, status: str = "401 Unauthorized") -> Answer:
+    async def answer(line: str, writer: asyncio.StreamWriter) -> None:
+        writer.write(http_response(status, body))
+
+    return answer
+
+
+async def test_a_refusal_nested_too_deeply_is_reported_without_a_traceback() -> None:
+    """A 401 whose JSON body is [[[[…]]]] 100k deep: the status, exit 2, no RecursionError."""
+    async with crafted_server(refuse_with(b"[" * 100_000 + b"]" * 100_000)) as (port, _):
+        code, out, err = await run_cli("chat", "--url", f"ws://127.0.0.1:{port}/ws", "hi")
+    assert code == 2, err
+    assert out == ""
+    assert "[gave up: the gateway refused the connection: HTTP 401 (pass a valid token" in err
+    assert "Traceback" not in err and "[[[" not in err
+
+
+@pytest.mark.parametrize("shape", ["json", "plain"])
+async def test_a_refusals_message_is_cut_and_cleaned(shape: str) -> None:
+    """A 900 KB reason full of escapes (clear screen, window title, C1 CSI): one short, clean line."""
+    hostile = "\x1b[2J\x1b]0;pwned\x07\x9b31mlogin again\x07\x00\r" + "x" * 900_000
+    if shape == "json":
+        body = json.dumps({"type": "error", "code": "unauthorized\x1b[5m", "message": hostile}).encode()
+    else:
+        body = hostile.encode()
+    async with crafted_server(refuse_with(body)) as (port, _):
+        code, _, err = await run_cli("chat", "--url", f"ws://127.0.0.1:{port}/ws", "hi")
+    assert code == 2, err[:500]
+    assert len(err) < 500, err[:500]
+    assert "refused the connection: HTTP 401" in err and "login again x" in err and "…" in err
+    assert not any(ch < " " and ch != "\n" or "\x7f" <= ch <= "\x9f" for ch in err), repr(err)
+    assert "pwned" not in err
+
+
+@asynccontextmanager
+async def fake_gateway(answer: Callable[[ServerConnection, str], Awaitable[None]]) -> AsyncIterator[str]:
+    """A protocol-v1 gateway that sends ready, then answers each chat (by its id) as ``answer`` does."""
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(encode(Ready(session="s1", last_seq=0, paused=False)).decode())
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                frame = json.loads(message)
+                if frame.get("type") == "chat":
+                    await answer(ws, frame["id"])
+
+    async with serve(handler, "127.0.0.1", 0, subprotocols=[Subprotocol(SUBPROTOCOL)]) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield f"ws://127.0.0.1:{port}/ws"
+
+
+async def test_escapes_from_the_server_never_reach_the_terminal() -> None:
+    """Escape sequences and control characters in an error frame, the answer and a
+    done message are dropped (the answer keeps its newlines and tabs); messages are cut."""
+
+    async def answer(ws: ServerConnection, chat_id: str) -> None:
+        for frame in (
+            Error(code="busy", message="\x1b]0;title\x07slow \x1b[2Jdown" + "!" * 5000),
+            Accepted(turn=1, id=chat_id),
+            Chunk(seq=1, turn=1, text="line one\x1b[2J\x1b[H\n\tline\x07 two\r\x9b1m"),
+            Chunk(seq=2, turn=1, text="\x1b]0;pwned\x1b\\ end"),
+            Done(seq=3, turn=1, reason="error", message="\x1b[31mbroke\x00n" + "?" * 5000),
+        ):
+            await ws.send(encode(frame).decode())
+
+    async with fake_gateway(answer) as url:
+        code, out, err = await run_cli("chat", "--url", url, "hi")
+    assert code == 1, err
+    assert out == "line one\n\tline two end\n"
+    assert "[error busy: slow down!!!" in err and "[the answer failed: broke n???" in err
+    assert all(len(line) < 260 for line in err.splitlines()), err
+    assert not any(ch < " " and ch != "\n" or "\x7f" <= ch <= "\x9f" for ch in err), repr(err)
+    assert "title" not in err and "pwned" not in out
+
+
+async def test_stdout_closed_early_ends_quietly() -> None:
+    """`chatrelay chat … | head -c 10`: the reader goes away mid-answer; no traceback, exit 141."""
+
+    async def answer(ws: ServerConnection, chat_id: str) -> None:
+        await ws.send(encode(Accepted(turn=1, id=chat_id)).decode())
+        for seq in range(1, 100_000):  # until the CLI goes away
+            await ws.send(encode(Chunk(seq=seq, turn=1, text="words and more words ")).decode())
+
+    async with fake_gateway(answer) as url:
+        read_fd, write_fd = os.pipe()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shared.client.cli", "chat", "--url", url, "hi",
+            stdin=asyncio.subprocess.DEVNULL, stdout=write_fd, stderr=asyncio.subprocess.PIPE,
+        )
+        os.close(write_fd)
+        try:
+            assert process.stderr is not None
+            with os.fdopen(read_fd, "rb") as head:
+                first = await asyncio.to_thread(head.read, 10)  # then close it, as head does
+            async with asyncio.timeout(3 * WAIT_S):
+                err = await process.stderr.read()
+                code = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert first == b"words and "
+    assert code == 141, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipe" not in err
+
+
+async def test_a_password_in_the_url_is_masked() -> None:
+    """ws://user:pw@host: notices show ws://user:***@host."""
+    url = f"ws://alice:s3cret-pw@127.0.0.1:{free_port()}/ws"
+    code, _, err = await run_cli("chat", "--url", url, "--connect-timeout", "0.5", "--backoff-initial", "0.05", "hi")
+    assert code == 2
+    assert "cannot reach ws://alice:***@127.0.0.1:" in err
+    assert "s3cret-pw" not in err
+
+
+# --session: the history request that says where to resume --------------------
+
+
+def history_then_refuse(body: bytes) -> Answer:
+    """History answers ``body``; the upgrade is refused (403), so the CLI ends there."""
+
+    async def answer(line: str, writer: asyncio.StreamWriter) -> None:
+        if "/history" in line:
+            writer.write(http_response("200 OK", body))
+        else:
+            writer.write(http_response("403 Forbidden", b'{"type":"error","code":"forbidden","message":"no"}'))
+
+    return answer
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b"null", b'{"resume_from": 1e400}', b'{"resume_from": -3}', b'{"resume_from": true}', b'{"resume_from": "7"}', b"[" * 100_000, b"not json"])
+async def test_a_bad_history_answer_replays_the_session(body: bytes) -> None:
+    """History that is not {"resume_from": seq}: a notice, then last_seq=0; no traceback."""
+    async with crafted_server(history_then_refuse(body)) as (port, requests):
+        code, _, err = await run_cli("chat", "--url", f"ws://127.0.0.1:{port}/ws", "--session", "abc", "hi")
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert "[could not read where session abc left off (its answer has no resume_from that is a seq): replaying it from the start]" in err
+    assert any(line.startswith("GET /ws?") and "last_seq=0" in line for line in requests), requests
+
+
+async def test_a_good_history_answer_sets_where_to_resume() -> None:
+    async with crafted_server(history_then_refuse(b'{"resume_from": 42}')) as (port, requests):
+        code, _, err = await run_cli("chat", "--url", f"ws://127.0.0.1:{port}/ws", "--session", "abc", "hi")
+    assert code == 2, err
+    assert "could not read" not in err
+    assert any(line.startswith("GET /ws?") and "last_seq=42" in line for line in requests), requests
+
+
+async def test_a_dripping_history_answer_is_bounded_by_the_connect_timeout() -> None:
+    """A byte at a time, each well within any per-read timeout: --connect-timeout bounds the whole request."""
+    stop = asyncio.Event()
+
+    async def answer(line: str, writer: asyncio.StreamWriter) -> None:
+        if "/history" not in line:
+            await history_then_refuse(b"")(line, writer)
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        while not stop.is_set():
+            writer.write(b" ")
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)  # the drip's pace
+
+    async with crafted_server(answer) as (port, requests):
+        started = asyncio.get_running_loop().time()
+        code, _, err = await run_cli("chat", "--url", f"ws://127.0.0.1:{port}/ws", "--session", "abc", "--connect-timeout", "1", "hi")
+        elapsed = asyncio.get_running_loop().time() - started
+        stop.set()
+    assert code == 2, err
+    assert "[could not read where session abc left off (no answer within 1 s): replaying it from the start]" in err
+    assert any(line.startswith("GET /ws?") and "last_seq=0" in line for line in requests), requests
+    assert elapsed < 1 + WAIT_S
