@@ -99,12 +99,14 @@ class Stack:
     def start_worker(self, env: Mapping[str, str] | None = None) -> ServiceProcess:
         return self._start("services.llm_worker", env)
 
-    def start_worker_through(self, proxy_port: int) -> ServiceProcess:
+    async def start_worker_through(self, proxy_port: int) -> ServiceProcess:
         """A worker that reaches Redis only through a proxy on ``proxy_port`` to
-        the stack's Redis, so a test can cut that worker alone off from it."""
+        the stack's Redis, so a test can cut that worker alone off from it.
+        Started in a thread: the worker is ready only once it has reached Redis,
+        through the proxy, which runs on this event loop."""
         parts = urlsplit(self.env["CHAT_REDIS_URL"])
         proxied = urlunsplit(parts._replace(netloc=f"127.0.0.1:{proxy_port}"))
-        return self.start_worker({"CHAT_REDIS_URL": proxied})
+        return await asyncio.to_thread(self.start_worker, {"CHAT_REDIS_URL": proxied})
 
     def redis_address(self) -> tuple[str, int]:
         parts = urlsplit(self.env["CHAT_REDIS_URL"])

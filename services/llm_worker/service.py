@@ -157,7 +157,7 @@ _HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")
 def upstream_failure(exc: BaseException) -> dict[str, Any]:
     """A failed model request for the log: its ``cause`` (``HTTP 503``,
     ``ConnectError: Connection refused``), its HTTP ``status`` if it had one, and
-    for an :class:`UpstreamError` the ``message`` the user gets and its ``code``."""
+    for an :class:`UpstreamError` what the user is ``told`` and its ``code``."""
     cause = exc.cause if isinstance(exc, UpstreamError) and exc.cause else type(exc).__name__
     # What lay under it (kept as the context of the UpstreamError): the OS's words.
     under, inner, depth = "", exc.__cause__ or exc.__context__, 0
@@ -172,7 +172,7 @@ def upstream_failure(exc: BaseException) -> dict[str, Any]:
     if match := _HTTP_STATUS.search(cause):
         failure["status"] = int(match.group(1))
     if isinstance(exc, UpstreamError):  # what the user is told: the server's own words, cleaned
-        failure["message"] = str(exc)
+        failure["told"] = str(exc)  # not "message": a log record's own attribute
         if exc.code:
             failure["code"] = exc.code
     return failure

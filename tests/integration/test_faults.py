@@ -175,7 +175,7 @@ async def test_a_worker_cut_off_from_redis_publishes_nothing_after_the_reaper(re
     env = {"CHAT_LEASE_S": "1", "CHAT_REAP_INTERVAL_S": "0.1", "CHAT_DEMO_TOKENS_PER_S": "50", "CHAT_DEMO_ANSWER_TOKENS": "4000"}
     with isolated_stack(redis_server.url, env, worker=False) as stack:
         async with FaultProxy(*stack.redis_address()) as proxy:
-            stack.start_worker_through(proxy.port)
+            await stack.start_worker_through(proxy.port)
             async with Clients(stack) as clients:
                 session = new_session()
                 client, _ = await clients.open(session)
@@ -204,7 +204,7 @@ async def test_a_worker_cut_off_from_redis_still_shuts_down(redis_server: Server
            "CHAT_DEMO_TOKENS_PER_S": "50", "CHAT_DEMO_ANSWER_TOKENS": "4000"}
     with isolated_stack(redis_server.url, env, worker=False) as stack:
         async with FaultProxy(*stack.redis_address()) as proxy:
-            worker = stack.start_worker_through(proxy.port)
+            worker = await stack.start_worker_through(proxy.port)
             async with Clients(stack) as clients:
                 client, _ = await clients.open(new_session())
                 await client.send({"type": "chat", "prompt": "cut off, then told to stop", "id": "a"})

@@ -107,7 +107,7 @@ async def test_health_and_readiness(stack: Stack) -> None:
         page = await http.get("/")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
         assert "/static/chat-page.js" in page.text
-        for name, export in [("chat-page.js", "import { ChatClient }"), ("chat-client.js", "export class ChatClient"), ("markdown.js", "export function renderMarkdown")]:
+        for name, export in [("chat-page.js", "import { ChatClient"), ("chat-client.js", "export class ChatClient"), ("markdown.js", "export function renderMarkdown")]:
             module = await http.get(f"/static/{name}")
             assert module.status_code == 200 and "javascript" in module.headers["content-type"]
             assert export in module.text

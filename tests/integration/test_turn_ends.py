@@ -281,7 +281,7 @@ async def test_a_done_that_waits_for_redis_still_frees_the_worker(fake: FakeOpen
     )
     with isolated_stack(redis_server.url, env, worker=False) as stack:
         async with FaultProxy(*stack.redis_address()) as proxy:
-            stack.start_worker_through(proxy.port)
+            await stack.start_worker_through(proxy.port)
             async with Clients(stack) as clients:
                 client, _ = await clients.open(new_session())
                 fake.gate.clear()

@@ -91,10 +91,10 @@ def test_upstream_failure_names_the_cause_under_the_error_and_the_status() -> No
             raise UpstreamError("Could not reach the model API.", retryable=True, cause="ConnectError") from None
     except UpstreamError as exc:
         assert upstream_failure(exc) == {
-            "cause": "ConnectError: [Errno 111] Connection refused", "message": "Could not reach the model API."
+            "cause": "ConnectError: [Errno 111] Connection refused", "told": "Could not reach the model API."
         }
     failed = UpstreamError("unavailable", code="model_unavailable", cause="HTTP 503")
     assert upstream_failure(failed) == {
-        "cause": "HTTP 503", "status": 503, "message": "unavailable", "code": "model_unavailable"
+        "cause": "HTTP 503", "status": 503, "told": "unavailable", "code": "model_unavailable"
     }
     assert upstream_failure(ValueError("boom")) == {"cause": "ValueError"}
