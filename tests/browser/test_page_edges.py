@@ -111,6 +111,9 @@ async def test_sign_in_needed_instead_of_endless_reconnects(
     assert await page.get_attribute("#status", "data-state") == "closed"  # stopped for good, no countdown
     assert "sign-in" in (await page.inner_text("#status")).lower()
     assert "?token=" in await page.inner_text("#signin")  # says how
+    assert f"X-API-Key: …' -H 'Content-Type: application/json' -d '{{\"user\":\"me\"}}' {strict_stack.http_url}/api/token" in (
+        await page.inner_text("#signin")
+    )  # and how an operator gets one
     assert len(seen["sockets"]) <= 2
     assert "token" not in await page.evaluate("location.href")
     assert await page.evaluate("localStorage.getItem('chatrelay.token')") is None  # the refused token is not kept

@@ -208,6 +208,7 @@ function signInNeeded(message) {
   token = null;
   showStatus("closed", "Sign-in needed");
   $("signin-detail").textContent = message ? `The server said: ${message}.` : "";
+  for (const origin of signin.querySelectorAll(".origin")) origin.textContent = location.origin;
   signin.hidden = false;
   for (const id of [...waiting.keys()]) failWaiting(id, "not sent: sign-in needed");
   refreshGenerating();
