@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 
+from .backoff import Backoff
 from .broker import NatsUnreachable, connect_nats, describe_error, ensure_streams, jetstream_enabled
 from .health import serve_health
 from .metrics import Metrics
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 # Retry delays while a broker is away: 0.5 s, 1 s, 2 s, then every 3 s.
 RETRY_INITIAL_S = 0.5
 RETRY_CAP_S = 3.0
+_RETRY = Backoff(initial_s=RETRY_INITIAL_S, cap_s=RETRY_CAP_S)  # its ceilings: 0.5, 1, 2, then 3 s
 # Say that a broker is still away at most this often (and whenever the cause changes).
 REPORT_EVERY_S = 5.0
 # Draining NATS on the way out is bounded: a stop must not wait on a dead broker.
@@ -146,7 +148,7 @@ class _Reporter:
                        "attempts": self.attempts},
             )
             self.last_report, self.last_cause = now, cause
-        return min(RETRY_CAP_S, RETRY_INITIAL_S * 2.0 ** min(self.attempts - 1, 8))
+        return _RETRY.ceiling(self.attempts - 1)
 
     def succeeded(self) -> None:
         self.startup.waiting.pop(self.broker, None)
