@@ -49,9 +49,9 @@ async def serve_health(
                 ready, body = await readiness()
                 status = 200 if ready else 503
             elif path == "/metrics" and metrics is not None:
-                status, body = 503, {"error": "starting"}
-            else:
-                status, body = 404, {"error": "not found"}
+                status, body = 503, {"type": "error", "code": "unavailable", "message": "starting"}
+            else:  # the documented error shape, as the gateway's
+                status, body = 404, {"type": "error", "code": "not_found", "message": f"nothing at {path[:100]}"}
             payload = json.dumps(body).encode()
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
             writer.write(

@@ -22,7 +22,8 @@ async def test_health_endpoints(stack: Stack, kind: str) -> None:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             assert (await http.get("/healthz")).json() == {"status": "ok"}
             assert (await http.get("/readyz")).json() == {"ready": True, "nats": True, "redis": True}
-            assert (await http.get("/nope")).status_code == 404
+            missing = await http.get("/nope")
+            assert missing.status_code == 404 and missing.json()["code"] == "not_found"  # the documented shape
             metrics = await http.get("/metrics")
             assert metrics.status_code == 200
             assert ("chat_buffer_store_seconds" if kind == "buffer" else "chat_worker_publish_seconds") in metrics.text
