@@ -1,7 +1,7 @@
 """Which browser pages may call the gateway, and CORS for those on another origin.
 
 One policy guards both the WebSocket upgrade and every HTTP request
-(docs/configuration.md, "Browser origins"):
+(docs/configuration.md, "Browser origins and CORS"):
 
 - ``CHAT_ALLOWED_ORIGINS`` set: exactly those origins (``*`` for any).
 - unset, dev mode: pages on this machine (``localhost``, ``127.0.0.1``,
@@ -11,9 +11,11 @@ One policy guards both the WebSocket upgrade and every HTTP request
 - unset, tokens required: any origin. Tokens travel in a header or the URL,
   never in cookies, so a foreign page has no credential to ride on.
 
-Pages served from the gateway's own host name are always allowed. Requests
-without an ``Origin`` header (curl, the Python client, probes) are not a
-browser's cross-origin calls and pass.
+Pages served from the gateway's own host name are allowed. Requests without
+an ``Origin`` header (curl, the Python client, probes) are not a browser's
+cross-origin calls and pass. In dev mode the ``Host`` must also be a name no
+web site controls (``localhost``, an IP address, a listed origin's host), or
+DNS rebinding would make a foreign page same-origin.
 """
 
 from __future__ import annotations
