@@ -50,6 +50,16 @@ class Started:
         return f"http://127.0.0.1:{self.port}"
 
 
+@pytest.fixture(scope="module")
+def own_nats() -> Iterator[LocalNats]:
+    """This module's own NATS: the services started here, some with other Redis
+    databases, must never take the session stack's turn requests or frames."""
+    nats = LocalNats()
+    nats.start()
+    yield nats
+    nats.stop()
+
+
 class Services:
     """Service processes started without waiting for them to be ready; all killed at the end."""
 
@@ -304,13 +314,13 @@ def test_nats_without_jetstream_is_one_clear_line(
     [("gateway", "CHAT_PORT", "CHAT_PORT (and CHAT_HOST)"), ("buffer", "CHAT_HEALTH_PORT", "CHAT_HEALTH_PORT (and CHAT_HEALTH_HOST)")],
 )
 def test_port_in_use_is_one_clear_line(
-    services: Services, nats_server: Server, redis_server: Server, kind: str, setting: str, advice: str
+    services: Services, own_nats: LocalNats, redis_server: Server, kind: str, setting: str, advice: str
 ) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        env = {setting: str(port), "CHAT_NATS_URL": nats_server.url, "CHAT_REDIS_URL": redis_server.url,
+        env = {setting: str(port), "CHAT_NATS_URL": own_nats.url, "CHAT_REDIS_URL": redis_server.url,
                "CHAT_AUTH_MODE": "dev", "CHAT_AUTH_SECRET": secrets.token_urlsafe(32)}
         process = ServiceProcess(MODULES[kind], env)
         process.start(wait=False)
@@ -349,10 +359,10 @@ def password_nats() -> Iterator[LocalNats]:
 
 @pytest.mark.parametrize("kind", ["gateway", "worker"])
 def test_a_wrong_redis_password_is_one_clear_line(
-    services: Services, nats_server: Server, password_redis: LocalRedis, kind: str
+    services: Services, own_nats: LocalNats, password_redis: LocalRedis, kind: str
 ) -> None:
     url = f"redis://:wrong-{PASSWORD}@127.0.0.1:{password_redis.port}/0"
-    started = services.start(kind, {"CHAT_NATS_URL": nats_server.url, "CHAT_REDIS_URL": url})
+    started = services.start(kind, {"CHAT_NATS_URL": own_nats.url, "CHAT_REDIS_URL": url})
     last = failed_with(started.process, kind)
     assert re.fullmatch(
         rf"{NAMES[kind]}: redis at redis://:\*\*\*@127\.0\.0\.1:{password_redis.port}/0 refused the password "
@@ -363,9 +373,9 @@ def test_a_wrong_redis_password_is_one_clear_line(
 
 
 def test_a_missing_redis_password_is_one_clear_line(
-    services: Services, nats_server: Server, password_redis: LocalRedis
+    services: Services, own_nats: LocalNats, password_redis: LocalRedis
 ) -> None:
-    started = services.start("buffer", {"CHAT_NATS_URL": nats_server.url, "CHAT_REDIS_URL": password_redis.url})
+    started = services.start("buffer", {"CHAT_NATS_URL": own_nats.url, "CHAT_REDIS_URL": password_redis.url})
     last = failed_with(started.process, "buffer")
     assert last.startswith(f"buffer: redis at {password_redis.url} refused the password"), last
 
@@ -467,13 +477,13 @@ def test_make_run_says_which_brokers_it_reuses_and_starts(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("moment", ["starting", "running"])
-def test_make_run_stops_on_signals_even_two_at_once(nats_server: Server, redis_server: Server, moment: str) -> None:
+def test_make_run_stops_on_signals_even_two_at_once(own_nats: LocalNats, redis_server: Server, moment: str) -> None:
     """make forwards its SIGTERM to the run it started, so the run gets two at once; a user
     presses Ctrl-C twice. Either way, while its services start or once they run, it stops
     them all and exits (a signal handler that set an Event could deadlock on the second)."""
     port = free_port()
     env = {
-        **os.environ, "CHAT_NATS_URL": nats_server.url, "CHAT_REDIS_URL": redis_server.url,
+        **os.environ, "CHAT_NATS_URL": own_nats.url, "CHAT_REDIS_URL": redis_server.url,
         "CHAT_PORT": str(port), "CHAT_WORKERS": "1", **FAST_DEMO,
     }
     run = subprocess.Popen(
@@ -492,11 +502,11 @@ def test_make_run_stops_on_signals_even_two_at_once(nats_server: Server, redis_s
             run.wait(5)
 
 
-def test_make_run_gives_each_process_its_own_health_port(nats_server: Server, redis_server: Server) -> None:
+def test_make_run_gives_each_process_its_own_health_port(own_nats: LocalNats, redis_server: Server) -> None:
     """CHAT_HEALTH_PORT under make run: the buffer on it, each worker on the next one up."""
     first = next(port for port in iter(free_port, None) if _bindable(port + 1))
     env = {
-        **os.environ, "CHAT_NATS_URL": nats_server.url, "CHAT_REDIS_URL": redis_server.url,
+        **os.environ, "CHAT_NATS_URL": own_nats.url, "CHAT_REDIS_URL": redis_server.url,
         "CHAT_PORT": str(free_port()), "CHAT_WORKERS": "1", "CHAT_HEALTH_PORT": str(first), **FAST_DEMO,
     }
     run = subprocess.Popen([sys.executable, "-m", "devstack"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -525,13 +535,13 @@ def _bindable(port: int) -> bool:
         return True
 
 
-async def test_readiness_answers_at_once_while_redis_hangs(services: Services, nats_server: Server) -> None:
+async def test_readiness_answers_at_once_while_redis_hangs(services: Services, own_nats: LocalNats) -> None:
     """A Redis that hangs (stopped, not gone) makes /readyz say not ready within its own
     timeout, instead of hanging the probe for the client's 20 s."""
     redis = LocalRedis()
     redis.start()
     try:
-        started = services.start("buffer", {"CHAT_NATS_URL": nats_server.url, "CHAT_REDIS_URL": redis.url})
+        started = services.start("buffer", {"CHAT_NATS_URL": own_nats.url, "CHAT_REDIS_URL": redis.url})
         await wait_status(started.url, "/readyz", 200)
         assert redis.process is not None
         redis.process.send_signal(signal.SIGSTOP)
@@ -546,12 +556,12 @@ async def test_readiness_answers_at_once_while_redis_hangs(services: Services, n
         redis.stop()
 
 
-def test_make_run_says_at_once_that_its_port_is_taken(nats_server: Server, redis_server: Server) -> None:
+def test_make_run_says_at_once_that_its_port_is_taken(own_nats: LocalNats, redis_server: Server) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        env = {**os.environ, "CHAT_NATS_URL": nats_server.url, "CHAT_REDIS_URL": redis_server.url, "CHAT_PORT": str(port)}
+        env = {**os.environ, "CHAT_NATS_URL": own_nats.url, "CHAT_REDIS_URL": redis_server.url, "CHAT_PORT": str(port)}
         run = subprocess.run([sys.executable, "-m", "devstack"], env=env, capture_output=True, text=True, timeout=WAIT_S)
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == (
