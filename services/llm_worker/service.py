@@ -81,6 +81,7 @@ MAX_MESSAGE_CHARS = 500  # a done's error message
 # host and a reaper's, and the renewal's own latency.
 LEASE_TRUSTED_FRACTION = 2 / 3
 LEASE_RETRY_S = 0.5  # how soon a failed renewal is tried again once the lease is no longer trusted
+RESTARTED = "The model worker restarted before the answer finished. Please send it again."
 DRAIN_END_S = 5.0  # on shutdown, how long the done of an interrupted turn may take to go out
 
 
@@ -359,7 +360,7 @@ class Worker:
             except asyncio.CancelledError:
                 # The worker is shutting down: end the turn cleanly rather than leave it open.
                 cancelled = True
-                ending = Ending("error", "The model worker restarted before the answer finished. Please send it again.")
+                ending = Ending("error", RESTARTED)
             except (PublishFailed, LeaseLost):
                 pass
             except Exception as exc:
@@ -575,8 +576,11 @@ class Worker:
         if not turn.chunks:
             self.metrics.first_token.observe(time.monotonic() - turn.started_at)
         frame = protocol.Chunk(seq=turn.seq + 1, turn=turn.request.turn, text=text)
-        await self._publish(turn, frame.seq, protocol.encode(frame))
+        # The seq is taken before the publish: a turn cut off while publishing ends
+        # with a done at the next seq, never at this one, which JetStream would drop
+        # as a repeat of this frame's message id.
         turn.seq = frame.seq
+        await self._publish(turn, frame.seq, protocol.encode(frame))
         turn.chunks += 1
         self.metrics.chunks.inc()
 
@@ -647,7 +651,14 @@ class Worker:
         while True:
             try:
                 with self.metrics.publish.time():
-                    await self.js.publish(subject, payload, headers=headers, timeout=5)
+                    publishing = asyncio.ensure_future(self.js.publish(subject, payload, headers=headers, timeout=5))
+                    try:
+                        await asyncio.shield(publishing)
+                    except asyncio.CancelledError:
+                        # Cut off mid-publish (shutdown): finish this frame (bounded by its
+                        # timeout), so the frames after it do not leave a gap at its seq.
+                        await asyncio.gather(publishing, return_exceptions=True)
+                        raise
                 return
             except Exception as exc:  # timeouts, no responders, reconnecting
                 if time.monotonic() > deadline:
