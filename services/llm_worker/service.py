@@ -109,7 +109,8 @@ class Turn:
 
     request: TurnRequest
     trace: str = ""  # from the request's Chat-Trace header, carried on the turn's end
-    seq: int = field(init=False)  # the last seq JetStream acknowledged
+    seq: int = field(init=False)  # the last seq taken (acknowledged by JetStream unless ``unsent``)
+    unsent: tuple[int, bytes] | None = None  # a frame whose publish was cut off: sent again before the done
     answer_bytes: int = 0
     chunks: int = 0
     stop_requested: bool = False
@@ -189,6 +190,10 @@ class Worker:
         self.capacity = asyncio.Semaphore(settings.concurrency)
         self.turns: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
+        # Set once the drain timeout has passed: a turn still running ends at its next
+        # chunk even if its cancellation was lost (on Python 3.11 asyncio.wait_for, as
+        # nats-py's publish uses it, can swallow a cancel that races its result, bpo-42130).
+        self.cutting_off = False
         self.worker_id = uuid.uuid4().hex
         self.metrics = WorkerMetrics()
         # Where the model is, for the log: no password, no query (a key may hide there).
@@ -267,6 +272,7 @@ class Worker:
             return
         log.info("draining %d turns", len(self.turns), extra={"event": "draining"})
         _, unfinished = await asyncio.wait(self.turns, timeout=self.settings.drain_timeout_s)
+        self.cutting_off = True
         for task in unfinished:
             task.cancel()  # generate() publishes the turn's done/error before it ends
         if not unfinished:
@@ -478,6 +484,8 @@ class Worker:
                 texts.append(joiner.flush())
             if turn.stop_requested:
                 return Ending("stopped")  # a stop beats whatever the model sent meanwhile
+            if self.cutting_off:
+                return Ending("error", RESTARTED)
             if not await self._publish_text(turn, "".join(texts)):
                 # Cut short: by a stop that came while publishing, or by the answer cap.
                 return Ending("stopped") if turn.stop_requested else Ending("length")
@@ -576,11 +584,14 @@ class Worker:
         if not turn.chunks:
             self.metrics.first_token.observe(time.monotonic() - turn.started_at)
         frame = protocol.Chunk(seq=turn.seq + 1, turn=turn.request.turn, text=text)
-        # The seq is taken before the publish: a turn cut off while publishing ends
-        # with a done at the next seq, never at this one, which JetStream would drop
-        # as a repeat of this frame's message id.
-        turn.seq = frame.seq
-        await self._publish(turn, frame.seq, protocol.encode(frame))
+        # The seq is taken before the publish, and the frame kept until it is stored: a
+        # turn cut off meanwhile sends it again (its message id makes that idempotent)
+        # and ends with a done at the next seq, never at this one, which JetStream
+        # would drop as a repeat of this frame's id.
+        payload = protocol.encode(frame)
+        turn.seq, turn.unsent = frame.seq, (frame.seq, payload)
+        await self._publish(turn, frame.seq, payload)
+        turn.unsent = None
         turn.chunks += 1
         self.metrics.chunks.inc()
 
@@ -592,6 +603,9 @@ class Worker:
             seq=turn.seq + 1, turn=request.turn, reason=ending.reason, message=message, code=ending.code  # type: ignore[arg-type]
         )
         try:
+            if turn.unsent is not None:  # cut off while publishing: that frame first, so no gap precedes the done
+                await self._publish(turn, *turn.unsent)
+                turn.unsent = None
             await self._publish(turn, done.seq, protocol.encode(TurnEnd(done=done, user=request.user)), with_trace=True)
         except PublishFailed:
             await self._abandon(turn)
@@ -651,14 +665,7 @@ class Worker:
         while True:
             try:
                 with self.metrics.publish.time():
-                    publishing = asyncio.ensure_future(self.js.publish(subject, payload, headers=headers, timeout=5))
-                    try:
-                        await asyncio.shield(publishing)
-                    except asyncio.CancelledError:
-                        # Cut off mid-publish (shutdown): finish this frame (bounded by its
-                        # timeout), so the frames after it do not leave a gap at its seq.
-                        await asyncio.gather(publishing, return_exceptions=True)
-                        raise
+                    await self.js.publish(subject, payload, headers=headers, timeout=5)
                 return
             except Exception as exc:  # timeouts, no responders, reconnecting
                 if time.monotonic() > deadline:
