@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote_plus
 
-__all__ = ["redact_secrets", "remember_secret"]
+__all__ = ["SECRET_PARAMS", "redact_secrets", "remember_secret"]
 
 # Secrets this process was configured with (keys, passwords): masked wherever
 # they appear, whatever their shape. Filled by shared.settings.Secret.
@@ -21,7 +21,9 @@ _CREDENTIAL = re.compile(
 # log lines carry it. A parameter is judged by its decoded name: "%74oken=" is
 # "token=" to the gateway, so it must be to the mask too.
 _QUERY_PARAM = re.compile(r"([?&;])([^=&;#\s\"'\\]{1,64})=([^&;#\s\"'\\]*)")
-_SECRET_PARAMS = frozenset({"token", "access_token", "id_token", "api_key", "apikey", "key", "password", "secret"})
+SECRET_PARAMS = frozenset(
+    {"token", "access_token", "id_token", "api_key", "apikey", "key", "password", "pass", "secret", "auth"}
+)
 _JWT = re.compile(r"\beyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*")
 # Up to the authority's last "@": a password may hold one. A NATS token (nats://TOKEN@host) too.
 _URL_PASSWORD = re.compile(r"(://[^/\s:@\"']*):[^\s/\"']+@")
@@ -30,7 +32,7 @@ _URL_TOKEN = re.compile(r"\b((?:nats|tls)://)[^/\s:@\"']+@")
 
 def _masked_param(match: re.Match[str]) -> str:
     separator, name, _ = match.groups()
-    return f"{separator}{name}=***" if unquote_plus(name).lower() in _SECRET_PARAMS else match.group(0)
+    return f"{separator}{name}=***" if unquote_plus(name).lower() in SECRET_PARAMS else match.group(0)
 
 
 def _masked(match: re.Match[str]) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .errors import ConfigError
-from .redact import redact_secrets, remember_secret
+from .redact import SECRET_PARAMS, redact_secrets, remember_secret
 
 __all__ = [
     "Secret",
@@ -146,7 +146,6 @@ class HealthSettings:
         )
 
 
-_SECRET_PARAMS = {"password", "pass", "token", "auth"}
 _TOKEN_SCHEMES = ("nats", "tls", "ws", "wss")  # nats://TOKEN@host: a user name alone is a token
 
 
@@ -170,7 +169,7 @@ def _masked_one(url: str) -> str:
         query = parts.query
         if query:
             pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*")
+            query = urlencode([(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in pairs], safe="*")
         return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{hostport}", query=query))
     except ValueError:
         return redact_secrets(url)

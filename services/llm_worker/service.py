@@ -46,7 +46,6 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from shared import protocol
 from shared.errors import BrokerUnavailable, UpstreamError
 from shared.messages import TRACE_HEADER, TurnEnd, TurnRequest, decode_control, decode_request
-from shared.settings import masked_url
 from shared.store import SessionStore
 from shared.subjects import (
     CONSUMER_WORKERS,
@@ -196,8 +195,7 @@ class Worker:
         self.cutting_off = False
         self.worker_id = uuid.uuid4().hex
         self.metrics = WorkerMetrics()
-        # Where the model is, for the log: no password, no query (a key may hide there).
-        self.upstream_url = masked_url(settings.openai.base_url).split("?", 1)[0] if settings.provider == "openai" else "demo"
+        self.upstream_url = settings.upstream_url
 
     async def run(self) -> None:
         """Pull requests until :meth:`stop`; then wait for running turns (bounded)."""

@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-from shared.redact import redact_secrets
 from shared.settings import (
     BrokerSettings,
     HealthSettings,
@@ -17,6 +16,7 @@ from shared.settings import (
     env_log_level,
     env_str,
     env_url,
+    masked_url,
 )
 
 
@@ -63,11 +63,16 @@ class Settings:
     health: HealthSettings = field(default_factory=HealthSettings)
     log_level: str = "INFO"
 
+    @property
+    def upstream_url(self) -> str:
+        """Where the model is, for the log: no password, no query (a key may hide there); ``demo``."""
+        return masked_url(self.openai.base_url).split("?", 1)[0] if self.provider == "openai" else "demo"
+
     def describe_model(self) -> dict[str, str]:
         """Which model answers, safe to log (no key): provider, and for ``openai`` the URL and model."""
         if self.provider != "openai":
             return {"provider": self.provider}
-        return {"provider": "openai", "upstream": redact_secrets(self.openai.base_url), "model": self.openai.model}
+        return {"provider": "openai", "upstream": self.upstream_url, "model": self.openai.model}
 
     def unused_model_settings(self, environ: Mapping[str, str]) -> list[str]:
         """``CHAT_OPENAI_*`` variables set to something other than their default while
