@@ -20,6 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from devstack.processes import ServiceProcess
 from devstack.servers import LocalNats, free_port
 from shared.subjects import control_subject, delivery_subject
+from tests.wire import WireChecker, WsConnection
 
 # Every wait in the integration tests is scaled by this factor (slow CI boxes).
 TIMEOUT_FACTOR = float(os.environ.get("CHAT_TEST_TIMEOUT_FACTOR", "1"))
@@ -134,23 +135,23 @@ class Stack:
 
 
 class Client:
-    """A protocol-v1 WebSocket client that checks every frame it reads."""
+    """A protocol-v1 WebSocket client whose every frame the strict wire checker sees."""
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: ClientConnection, wire: WsConnection) -> None:
         self.ws = ws
+        self.wire = wire
         self.frames: list[dict[str, Any]] = []
-        self.last_seq = 0
+
+    @property
+    def last_seq(self) -> int:
+        """The last seq this connection delivered (or its last_seq, before any)."""
+        return self.wire.cursor or 0
 
     async def send(self, frame: dict[str, Any]) -> None:
         await self.ws.send(json.dumps(frame))
 
     async def recv(self, wait_s: float = WAIT_S) -> dict[str, Any]:
-        raw = await asyncio.wait_for(self.ws.recv(), wait_s)
-        frame: dict[str, Any] = json.loads(raw)
-        if frame["type"] in ("chunk", "done"):
-            # Guarantee 1, checked on every frame: exactly once, in order, no gap.
-            assert frame["seq"] == self.last_seq + 1, f"got seq {frame['seq']} after {self.last_seq}"
-            self.last_seq = frame["seq"]
+        frame = self.wire.feed(await asyncio.wait_for(self.ws.recv(), wait_s))
         self.frames.append(frame)
         return frame
 
@@ -210,17 +211,22 @@ def isolated_stack(
 
 
 class Clients:
-    """Opens protocol-v1 clients for one test and closes them all afterwards."""
+    """Opens protocol-v1 clients for one test, all watched by one strict wire
+    checker (``wire``), and closes them all afterwards; a contract violation
+    seen anywhere fails the test."""
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: Stack, wire: WireChecker | None = None) -> None:
         self.stack = stack
+        self.wire = wire or WireChecker()
         self.opened: list[Client] = []
 
     async def __aenter__(self) -> Clients:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
         await self.close()
+        if exc_type is None:
+            self.wire.assert_clean()
 
     async def open(
         self,
@@ -236,10 +242,8 @@ class Clients:
         if port is not None:
             url = url.replace(f":{self.stack.port}/", f":{port}/", 1)
         ws = await connect(url, subprotocols=["chat.v1"])  # type: ignore[list-item]
-        client = Client(ws)
+        client = Client(ws, self.wire.ws(session, last_seq or 0))
         self.opened.append(client)
-        if last_seq:
-            client.last_seq = last_seq
         ready = await client.recv()
         assert ready["type"] == "ready"
         return client, ready

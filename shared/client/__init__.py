@@ -3,7 +3,7 @@ connection (``connection``), which reconnects, resumes and deduplicates."""
 
 from __future__ import annotations
 
-from .connection import ChatClient, ChatRejected, ClientClosed, HandshakeRefused, TokenProvider
+from .connection import ChatClient, ChatRejected, ClientClosed, HandshakeRefused, TokenProvider, WireTap
 from .session import (
     CloseAction,
     Connected,
@@ -22,6 +22,7 @@ __all__ = [
     "ChatRejected",
     "HandshakeRefused",
     "TokenProvider",
+    "WireTap",
     "CloseAction",
     "Connected",
     "Disconnected",

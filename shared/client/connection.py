@@ -27,6 +27,7 @@ import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -72,12 +73,27 @@ from .session import (
     refusal,
 )
 
-__all__ = ["ChatClient", "ClientClosed", "HandshakeRefused", "ChatRejected", "TokenProvider", "Event"]
+__all__ = ["ChatClient", "ClientClosed", "HandshakeRefused", "ChatRejected", "TokenProvider", "Event", "WireTap"]
 
 log = logging.getLogger(__name__)
 
 TokenProvider = Callable[[], Awaitable[str | None]]
 Event = ServerFrame | ConnectionEvent
+
+
+class WireTap(Protocol):
+    """Sees the raw wire, before the client drops duplicates or reconnects on
+    a gap: for protocol checkers and debugging. Called on the client's task;
+    it must not block or raise."""
+
+    def opened(self, url: str) -> None:
+        """A connection was upgraded at ``url`` (its query holds session and last_seq)."""
+
+    def received(self, message: str | bytes) -> None:
+        """A message arrived, as the server sent it."""
+
+    def closed(self) -> None:
+        """The connection ended."""
 
 
 class ChatClient:
@@ -103,6 +119,7 @@ class ChatClient:
         max_queue: frames held while offline.
         max_events: events buffered for a slow consumer before reading stops.
         rng: the jitter source, ``random.random`` by default.
+        wire_tap: shown every connection and raw message (:class:`WireTap`).
     """
 
     def __init__(
@@ -121,6 +138,7 @@ class ChatClient:
         max_queue: int = 100,
         max_events: int = 1024,
         rng: Callable[[], float] = random.random,
+        wire_tap: WireTap | None = None,
     ) -> None:
         if token is not None and token_provider is not None:
             raise ValueError("pass token or token_provider, not both")
@@ -136,6 +154,7 @@ class ChatClient:
         self.open_timeout_s = open_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.rng = rng
+        self.wire_tap = wire_tap
         self._events: asyncio.Queue[Event | None] = asyncio.Queue(max_events)
         self._ws: ClientConnection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -375,9 +394,13 @@ class ChatClient:
             return CloseAction.RECONNECT, None, self._unreachable(exc, open_timeout), False
         started = loop.time()
         self._ready_seen = False
+        if self.wire_tap is not None:
+            self.wire_tap.opened(ws.request.path if ws.request else self.url)
         try:
             code, reason = await self._serve(ws, loop)
         finally:
+            if self.wire_tap is not None:
+                self.wire_tap.closed()
             self._ws = None
             self.state.connection_lost()
         self.backoff.connection_ended(loop.time() - started)
@@ -434,6 +457,8 @@ class ChatClient:
         try:
             async for message in ws:
                 heard_at[0] = loop.time()
+                if self.wire_tap is not None:
+                    self.wire_tap.received(message)
                 if isinstance(message, bytes):
                     continue
                 try:
