@@ -162,9 +162,8 @@ class WireChecker:
 
     # Shared by the connection kinds ---------------------------------------
 
-    def seq_frame(self, where: str, session: str, frame: dict[str, Any]) -> None:
-        """Check a chunk or done against everything known of its session's seq space."""
-        record = self.record(session)
+    def validate(self, where: str, frame: dict[str, Any]) -> None:
+        """A chunk or done has the fields the contract gives it, of the right types."""
         seq, turn = frame.get("seq"), frame.get("turn")
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
             self.fail(where, f"{frame['type']} without a valid seq: {frame!r}")
@@ -174,6 +173,11 @@ class WireChecker:
             self.fail(where, f"chunk without text: {frame!r}")
         if frame["type"] == "done" and frame.get("reason") not in ("stop", "length", "stopped", "error"):
             self.fail(where, f"done with reason {frame.get('reason')!r}")
+
+    def seq_frame(self, where: str, session: str, frame: dict[str, Any]) -> None:
+        """Check a valid chunk or done against everything known of its session's seq space."""
+        record = self.record(session)
+        seq, turn = frame["seq"], frame["turn"]
         known = record.frames.get(seq)
         if known is not None:
             if known != frame:
@@ -230,9 +234,10 @@ class Connection:
     def _advance(self, frame: dict[str, Any]) -> None:
         """A chunk or done: the next seq on this connection, consistent with the session."""
         assert self.session is not None
-        seq = frame.get("seq")
+        self.checker.validate(self.where, frame)
+        seq = frame["seq"]
         if self.cursor is not None and seq != self.cursor + 1:
-            what = "a duplicate or reordered" if isinstance(seq, int) and seq <= self.cursor else "a gap:"
+            what = "a duplicate or reordered" if seq <= self.cursor else "a gap:"
             self.fail(f"{what} seq {seq} after {self.cursor}")
         self.checker.seq_frame(self.where, self.session, frame)
         self.cursor = frame["seq"]
@@ -345,6 +350,7 @@ class SseConnection(Connection):
                 self.fail(f"id {id!r} for seq {frame.get('seq')}")
             if self.paused_at is not None:
                 self.fail(f"{kind} seq {frame.get('seq')} while paused at {self.paused_at}")
+            self.checker.validate(self.where, frame)
             if self.turn is not None:
                 if frame.get("turn") != self.turn:
                     self.fail(f"a frame of turn {frame.get('turn')} on the stream of turn {self.turn}")
