@@ -36,7 +36,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
 from shared.sse import SSEDecoder
@@ -116,7 +116,7 @@ class WireChecker:
             self.sessions[session] = SessionRecord(session)
         return self.sessions[session]
 
-    def fail(self, where: str, message: str) -> None:
+    def fail(self, where: str, message: str) -> NoReturn:
         violation = f"{where}: {message}"
         self.violations.append(violation)
         raise WireViolation(violation)
@@ -228,7 +228,7 @@ class Connection:
     def where(self) -> str:
         return f"{self.kind} #{self.index} ({self.session}, at seq {self.cursor})"
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str) -> NoReturn:
         self.checker.fail(self.where, message)
 
     def _advance(self, frame: dict[str, Any]) -> None:
