@@ -211,7 +211,7 @@ def _parse(where: str, checker: WireChecker, text: str | bytes) -> dict[str, Any
         checker.fail(where, f"not JSON: {text[:80]!r}")
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
         checker.fail(where, f"not a typed JSON object: {text[:80]!r}")
-    return frame  # type: ignore[no-any-return]
+    return frame
 
 
 class Connection:
