@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 
 import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from shared.sse import SSEDecoder
-from tests.stack import TIMEOUT_FACTOR, WAIT_S, Bus, Clients, Stack, history, new_session
+from devstack.servers import Server
+from tests.sse_stream import SseStream
+from tests.stack import TIMEOUT_FACTOR, WAIT_S, Bus, Clients, Stack, history, isolated_stack, new_session
+from tests.wire import WireChecker
 
 
-async def _sse_events(response: httpx.Response, *, until_done: bool = True) -> list[tuple[str, str | None, dict]]:  # type: ignore[type-arg]
-    decoder = SSEDecoder()
-    events = []
-    async for raw in response.aiter_raw():
-        for event in decoder.feed(raw):
-            events.append((event.event, event.id, json.loads(event.data)))
-            if until_done and event.event == "done":
-                return events
-    return events
+def _sse_headers() -> dict[str, str]:
+    return {"Accept": "text/event-stream"}
+
+
+async def stored_frames(bus: Bus, count: int) -> None:
+    """Wait until the buffer has stored and published ``count`` more frames of the session."""
+    async with asyncio.timeout(WAIT_S):
+        for _ in range(count):
+            await bus.frames.get()
 
 
 async def test_post_chat_returns_202_and_streams_to_sockets(stack: Stack, clients: Clients) -> None:
@@ -32,24 +35,24 @@ async def test_post_chat_returns_202_and_streams_to_sockets(stack: Stack, client
         response = await http.post("/api/chat", json={"session": session, "prompt": "over http"})
     assert response.status_code == 202
     assert response.json() == {"session": session, "turn": 1}
+    clients.wire.accepted(session, 1)
     await client.until("done")
-    assert client.texts() == (await history(stack, session))["turns"][0]["answer"]
+    clients.wire.assert_history(session, await history(stack, session))
 
 
 async def test_post_chat_sse_streams_the_turn(stack: Stack) -> None:
-    """With Accept: text/event-stream the turn streams back as SSE with id = seq."""
+    """With Accept: text/event-stream the turn streams back as SSE with id = seq, and ends after its done."""
+    wire = WireChecker()
     async with httpx.AsyncClient(base_url=stack.http_url, timeout=WAIT_S) as http:
-        async with http.stream(
-            "POST", "/api/chat", json={"prompt": "sse please"}, headers={"Accept": "text/event-stream"}
-        ) as response:
+        async with http.stream("POST", "/api/chat", json={"prompt": "sse please"}, headers=_sse_headers()) as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
             session = response.headers["x-chat-session"]
-            events = await _sse_events(response)
-    assert [int(e[1]) for e in events] == list(range(1, len(events) + 1))  # type: ignore[arg-type]
-    assert events[-1][0] == "done"
-    text = "".join(data["text"] for kind, _, data in events if kind == "chunk")
-    assert text == (await history(stack, session))["turns"][0]["answer"]
+            turn = int(response.headers["x-chat-turn"])
+            stream = SseStream(response, wire.sse(session, None, turn=turn))
+            await stream.to_end()
+    assert turn == 1 and [f["type"] for f in stream.frames][-1] == "done"
+    wire.assert_history(session, await history(stack, session))
 
 
 async def test_events_resume_from_last_event_id(stack: Stack, clients: Clients) -> None:
@@ -60,15 +63,13 @@ async def test_events_resume_from_last_event_id(stack: Stack, clients: Clients) 
     await client.turn("second")
     async with httpx.AsyncClient(base_url=stack.http_url, timeout=WAIT_S) as http:
         async with http.stream("GET", f"/api/sessions/{session}/events", headers={"Last-Event-ID": "7"}) as response:
-            decoder = SSEDecoder()
-            ids: list[int] = []
-            async for raw in response.aiter_raw():
-                ids += [int(e.id) for e in decoder.feed(raw) if e.id is not None]
-                if ids and ids[-1] == client.last_seq:
-                    break
-        assert ids == list(range(8, client.last_seq + 1))
+            stream = SseStream(response, clients.wire.sse(session, 7))
+            while stream.wire.cursor != client.last_seq:
+                await stream.recv()
+        assert [f["seq"] for f in stream.frames] == list(range(8, client.last_seq + 1))
         async with http.stream("GET", f"/api/sessions/{session}/events?last_seq=abc") as response:
             assert response.status_code == 400
+    clients.wire.assert_history(session, await history(stack, session))
 
 
 async def test_http_controls_pause_resume_stop(paced_stack: Stack, paced: Clients) -> None:
@@ -94,9 +95,124 @@ async def test_http_controls_pause_resume_stop(paced_stack: Stack, paced: Client
         assert (await http.post(f"/api/sessions/{session}/stop")).status_code == 409
         busy_check = await http.post("/api/chat", json={"session": session, "prompt": "again"})
         assert busy_check.status_code == 202
+        paced.wire.accepted(session, busy_check.json()["turn"])
         second = await http.post("/api/chat", json={"session": session, "prompt": "too soon"})
         assert second.status_code == 409 and second.json()["code"] == "busy"
         await client.until("done")
+    paced.wire.assert_history(session, await history(stack, session))
+
+
+async def test_http_pause_holds_every_connection(paced_stack: Stack, paced: Clients) -> None:
+    """Guarantee 2 over POST …/pause: while a turn streams to a WebSocket, a session events stream and
+    the turn's own POST /api/chat stream, each gets paused and nothing after it, even once the whole
+    turn is stored; after POST …/resume, each gets the rest in order."""
+    stack, wire = paced_stack, paced.wire
+    session = new_session()
+    client, _ = await paced.open(session)
+    async with Bus(stack, session) as bus, httpx.AsyncClient(base_url=stack.http_url, timeout=WAIT_S) as http:
+        async with http.stream("GET", f"/api/sessions/{session}/events") as events_response, http.stream(
+            "POST", "/api/chat", json={"session": session, "prompt": "hold it"}, headers=_sse_headers()
+        ) as turn_response:
+            assert turn_response.status_code == 200
+            turn = int(turn_response.headers["x-chat-turn"])
+            events = SseStream(events_response, wire.sse(session, 0))
+            own = SseStream(turn_response, wire.sse(session, None, turn=turn))
+            for reader in (client, events, own):
+                await reader.until("chunk")
+            assert (await http.post(f"/api/sessions/{session}/pause")).json() == {"session": session, "paused": True}
+            for reader in (client, events, own):
+                await reader.until("paused")
+            # Generation goes on: the whole turn is stored while every connection holds.
+            stored = await bus.stored_done(turn)
+            # The pong is queued after any frame the gateway had taken from NATS: reading it reads
+            # past everything the pause let through (none, or the checker fails).
+            await client.send({"type": "ping", "t": "marker"})
+            assert (await client.until("pong"))["t"] == "marker"
+            assert max(reader.wire.cursor or 0 for reader in (client, events, own)) < stored["seq"]
+            assert (await http.post(f"/api/sessions/{session}/resume")).json() == {"session": session, "paused": False}
+            # Any frame that leaked before resumed is fed, and refused, on the way to the done.
+            for reader in (client, events, own):
+                await reader.until("resumed")
+                await reader.until("done")
+            await own.to_end()
+    wire.assert_history(session, await history(stack, session))
+
+
+async def test_connections_opened_while_paused_wait_for_a_resume(paced_stack: Stack, paced: Clients) -> None:
+    """A WebSocket (ready.paused true) and an events stream opened while the session is paused get
+    nothing, even once the turn is stored, until another connection resumes; then all of it, in order."""
+    stack, wire = paced_stack, paced.wire
+    session = new_session()
+    first, _ = await paced.open(session)
+    async with Bus(stack, session) as bus, httpx.AsyncClient(base_url=stack.http_url, timeout=WAIT_S) as http:
+        await first.send({"type": "chat", "prompt": "late joiners", "id": "j"})
+        turn = (await first.until("accepted"))["turn"]
+        await first.until("chunk")
+        assert (await http.post(f"/api/sessions/{session}/pause")).status_code == 200
+        await first.until("paused")
+        late, ready = await paced.open(session)
+        assert ready["paused"] is True and late.wire.paused
+        async with http.stream("GET", f"/api/sessions/{session}/events") as response:
+            # An events stream has no ready to say it opened paused: the contract says it is.
+            events = SseStream(response, wire.sse(session, 0))
+            events.wire.paused_at = 0
+            await bus.stored_done(turn)
+            for client in (first, late):
+                await client.send({"type": "ping", "t": "marker"})
+                assert (await client.until("pong"))["t"] == "marker"
+            assert late.last_seq == 0
+            await first.send({"type": "resume"})
+            await first.until("resumed")
+            for reader in (late, events):
+                await reader.until("resumed")
+            for reader in (first, late, events):
+                await reader.until("done")
+    assert late.last_seq == events.wire.cursor == first.last_seq  # each from seq 1 (the checker saw to it)
+    wire.assert_history(session, await history(stack, session))
+
+
+@pytest.fixture(scope="module")
+def long_stack(redis_server: Server) -> Iterator[Stack]:
+    """Ten-second answers (50 tokens/s, 500 tokens), for a turn that must outlast several pauses; its own NATS."""
+    with isolated_stack(redis_server.url, {"CHAT_DEMO_TOKENS_PER_S": "50", "CHAT_DEMO_ANSWER_TOKENS": "500"}) as running:
+        yield running
+
+
+async def test_many_pauses_in_one_turn_on_two_connections(long_stack: Stack) -> None:
+    """Pause and resume four times in one turn, over HTTP and by frame, while it streams to a
+    WebSocket and an events stream at once: each pause holds both while frames are stored, each
+    resume delivers the held frames; a stop ends the turn and both have every seq once, in order."""
+    stack = long_stack
+    session = new_session()
+    async with Clients(stack) as clients, Bus(stack, session) as bus, httpx.AsyncClient(base_url=stack.http_url, timeout=WAIT_S) as http:
+        wire = clients.wire
+        client, _ = await clients.open(session)
+        async with http.stream("GET", f"/api/sessions/{session}/events") as response:
+            events = SseStream(response, wire.sse(session, 0))
+            started = await http.post("/api/chat", json={"session": session, "prompt": "stop and go"})
+            assert started.status_code == 202
+            wire.accepted(session, started.json()["turn"])
+            for cycle in range(4):
+                for reader in (client, events):
+                    await reader.until("chunk")
+                if cycle % 2:
+                    await client.send({"type": "pause"})
+                else:
+                    assert (await http.post(f"/api/sessions/{session}/pause")).status_code == 200
+                paused = [await reader.until("paused") for reader in (client, events)]
+                await stored_frames(bus, 5)  # generation goes on while both hold
+                await client.send({"type": "ping", "t": cycle})
+                assert (await client.until("pong"))["t"] == cycle
+                if cycle % 2:
+                    assert (await http.post(f"/api/sessions/{session}/resume")).status_code == 200
+                else:
+                    await client.send({"type": "resume"})
+                for index, held in enumerate(paused):
+                    assert (await (client, events)[index].until("resumed"))["seq"] == held["seq"]
+            assert (await http.post(f"/api/sessions/{session}/stop")).status_code == 202
+            for reader in (client, events):
+                assert (await reader.until("done"))["reason"] == "stopped"
+        wire.assert_history(session, await history(stack, session))
 
 
 async def test_health_and_readiness(stack: Stack) -> None:
@@ -116,29 +232,34 @@ async def test_health_and_readiness(stack: Stack) -> None:
 async def test_original_design_client(stack: Stack) -> None:
     """sessionId= without subprotocol: plain text frames, {action} controls, streamed POST body."""
     session = new_session()
-    received: list[str] = []
+    wire = WireChecker()
     # The original page connects at ws://host:port?sessionId=… (path /).
     async with connect(f"ws://127.0.0.1:{stack.port}/?sessionId={session}") as ws:
         assert ws.subprotocol is None
+        socket = wire.compat(session)
         async with httpx.AsyncClient(base_url=stack.http_url, timeout=WAIT_S) as http:
             async with http.stream("POST", "/api/chat", json={"prompt": "old client", "sessionId": session}) as response:
                 assert response.status_code == 200
                 assert response.headers["content-type"].startswith("text/plain")
-                body_parts = [part async for part in response.aiter_text()]
-        body = "".join(body_parts)
-        answer = (await history(stack, session))["turns"][0]["answer"]
-        assert body == answer
-        while "".join(received) != answer:
-            frame = await asyncio.wait_for(ws.recv(), WAIT_S)
-            assert isinstance(frame, str) and not frame.startswith("{")
-            received.append(frame)
+                body = wire.compat(session)
+                async with asyncio.timeout(WAIT_S):
+                    async for part in response.aiter_text():
+                        body.feed(part)
+        record = await history(stack, session)
+        body.assert_history(record, from_start=True)
+        while len(socket.text) < len(record["turns"][0]["answer"]):
+            socket.feed(await asyncio.wait_for(ws.recv(), WAIT_S))
+        socket.assert_history(record, from_start=True)
         await ws.send(json.dumps({"type": "ping"}))  # tolerated, unanswered
+    wire.assert_clean()
 
 
 async def test_original_client_pause_and_resume(stack: Stack) -> None:
     """{"action":"pause"} holds the text; {"action":"resume"} delivers all of it exactly once."""
     session = new_session()
+    wire = WireChecker()
     async with Bus(stack, session) as bus, connect(f"ws://127.0.0.1:{stack.port}/ws?sessionId={session}") as ws:
+        socket = wire.compat(session)
         # Pause before the turn: the connection's pause is queued ahead of any frame.
         await ws.send(json.dumps({"action": "pause"}))
         await bus.control("pause")
@@ -147,15 +268,15 @@ async def test_original_client_pause_and_resume(stack: Stack) -> None:
         assert started.status_code == 202
         await bus.stored_done(started.json()["turn"])
         # The original protocol has no acknowledgement to wait on, so the
-        # negative check is a short window after the whole turn was stored.
+        # negative check is a short (scaled) window after the whole turn was stored.
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(ws.recv(), 0.2 * TIMEOUT_FACTOR)
+            socket.feed(await asyncio.wait_for(ws.recv(), 0.2 * TIMEOUT_FACTOR))
         await ws.send(json.dumps({"action": "resume"}))
-        answer = (await history(stack, session))["turns"][0]["answer"]
-        received: list[str] = []
-        while len("".join(received)) < len(answer):
-            received.append(await asyncio.wait_for(ws.recv(), WAIT_S))  # type: ignore[arg-type]
-        assert "".join(received) == answer
+        record = await history(stack, session)
+        while len(socket.text) < len(record["turns"][0]["answer"]):
+            socket.feed(await asyncio.wait_for(ws.recv(), WAIT_S))
+    socket.assert_history(record, from_start=True)
+    wire.assert_clean()
 
 
 def _metric(text: str, name: str) -> float:
