@@ -87,13 +87,21 @@ async def paced(paced_stack: Stack) -> AsyncIterator[Clients]:
         yield opened
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Start recording the stacks this test uses (see the report hook below)."""
+    Stack.begin_test()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    """On a failure, attach the logs of the stacks the test used."""
+    """On a failure, attach the logs of every stack alive during the test:
+    those of fixtures and those a test made itself (``with isolated_stack(...)``)."""
     report = yield
-    if report.when == "call" and report.failed:
-        for name in ("stack", "paced_stack", "page_stack", "openai_stack", "long_stack", "flood_stack", "short_stack", "slow_stack"):
-            running = item.funcargs.get(name) if hasattr(item, "funcargs") else None
-            if isinstance(running, Stack):
-                report.sections.append((f"service logs ({name})", running.logs()))
+    if report.failed:
+        funcargs = getattr(item, "funcargs", {})
+        fixtures = {id(value): name for name, value in funcargs.items() if isinstance(value, Stack)}
+        for index, running in enumerate(Stack.used):
+            name = fixtures.get(id(running), f"stack {index + 1} of the test, Redis db {running.database}")
+            report.sections.append((f"service logs ({name})", running.logs()))
     return report
