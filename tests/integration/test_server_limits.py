@@ -14,6 +14,7 @@ from websockets.exceptions import InvalidStatus
 from devstack.servers import Server
 from shared.subjects import session_key
 from tests.stack import WAIT_S, Clients, Stack, history, isolated_stack, new_session
+from tests.wire import WireChecker
 
 SHORT = {"CHAT_RETENTION_S": "1", "CHAT_PING_INTERVAL_S": "0.2", "CHAT_PING_TIMEOUT_S": "0.3"}
 
@@ -25,13 +26,32 @@ def short_stack(redis_server: Server) -> Iterator[Stack]:
         yield stack
 
 
+def server_frames(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """The opcode and payload of each whole frame in bytes a server sent (unmasked; RFC 6455, 5.2)."""
+    at = 0
+    while at + 2 <= len(data):
+        assert data[at] & 0x80, "a fragmented frame"  # FIN: the gateway sends whole messages
+        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
+        at += 2
+        if length in (126, 127):
+            size = 2 if length == 126 else 8
+            length = int.from_bytes(data[at : at + size], "big")
+            at += size
+        if at + length > len(data):
+            return
+        yield opcode, data[at : at + length]
+        at += length
+
+
 async def test_gateway_drops_a_connection_that_stops_answering(short_stack: Stack) -> None:
     """A client that completes the upgrade and then answers no ping is closed by the gateway."""
+    session = new_session()
+    wire = WireChecker()
     reader, writer = await asyncio.open_connection("127.0.0.1", short_stack.port)
     key = base64.b64encode(os.urandom(16)).decode()
     writer.write(
         (
-            f"GET /ws?session={new_session()} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"GET /ws?session={session} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
             "Sec-WebSocket-Protocol: chat.v1\r\n\r\n"
         ).encode()
@@ -42,8 +62,15 @@ async def test_gateway_drops_a_connection_that_stops_answering(short_stack: Stac
     async with asyncio.timeout(WAIT_S):
         while chunk := await reader.read(4096):  # pings arrive; no pong goes back
             received += chunk
-    assert b"\x89" in received  # a ping frame was sent before the close
+    frames = list(server_frames(received))
+    socket = wire.ws(session)
+    for opcode, payload in frames:
+        if opcode == 0x1:  # text: the protocol's frames, checked as any connection's
+            socket.feed(payload.decode())
+    assert socket.ready is not None
+    assert 0x9 in [opcode for opcode, _ in frames]  # a ping frame was sent before the close
     writer.close()
+    wire.assert_clean()
 
 
 async def test_sessions_expire_after_retention(short_stack: Stack, redis_server: Server) -> None:
@@ -58,6 +85,7 @@ async def test_sessions_expire_after_retention(short_stack: Stack, redis_server:
         client, _ = await clients.open(session)
         await client.turn("short-lived")
         last_seq = client.last_seq
+        clients.wire.assert_history(session, await history(short_stack, session))
         await clients.close()
         async with asyncio.timeout(WAIT_S):
             async for message in pubsub.listen():
@@ -68,6 +96,7 @@ async def test_sessions_expire_after_retention(short_stack: Stack, redis_server:
         with pytest.raises(InvalidStatus) as refused:
             await clients.open(session, last_seq=last_seq)
         assert refused.value.response.status_code == 400
+        clients.wire.assert_clean()
     finally:
         await pubsub.aclose()
         await redis.aclose()
