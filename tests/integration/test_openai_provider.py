@@ -50,8 +50,9 @@ async def test_streams_answer_and_sends_history(openai_stack: Stack, oclients: C
         {"role": "user", "content": "and again"},
     ]
     assert server.authorization[-1] == "Bearer sk-test-not-a-secret"
-    answers = [t["answer"] for t in (await history(openai_stack, session))["turns"]]
-    assert answers == [text, text2]
+    record = await history(openai_stack, session)
+    oclients.wire.assert_history(session, record)
+    assert [t["answer"] for t in record["turns"]] == [text, text2]
 
 
 @pytest.mark.parametrize(
@@ -62,9 +63,12 @@ async def test_streams_answer_and_sends_history(openai_stack: Stack, oclients: C
         ("[error-event] please", "some", "content policy triggered"),
     ],
 )
-async def test_upstream_failures_end_turn_with_error(oclients: Clients, prompt: str, expected_text: str, needle: str) -> None:
+async def test_upstream_failures_end_turn_with_error(
+    openai_stack: Stack, oclients: Clients, prompt: str, expected_text: str, needle: str
+) -> None:
     """HTTP errors, a cut connection and error payloads end the turn with done/error; the session goes on."""
-    client, _ = await oclients.open(new_session())
+    session = new_session()
+    client, _ = await oclients.open(session)
     _, text, done = await client.turn(prompt)
     assert text == expected_text
     assert done["reason"] == "error"
@@ -72,16 +76,19 @@ async def test_upstream_failures_end_turn_with_error(oclients: Clients, prompt: 
     assert "sk-test" not in done["message"]
     _, text, done = await client.turn("works again")
     assert done["reason"] == "stop" and text == "".join(ANSWER)
+    oclients.wire.assert_history(session, await history(openai_stack, session))
 
 
-async def test_stop_closes_the_upstream_request(oclients: Clients, fake: tuple[FakeOpenAI, str]) -> None:
+async def test_stop_closes_the_upstream_request(openai_stack: Stack, oclients: Clients, fake: tuple[FakeOpenAI, str]) -> None:
     """stop makes the worker close its upstream HTTP request and end the turn with stopped."""
     server, _ = fake
     server.disconnected.clear()
-    client, _ = await oclients.open(new_session())
+    session = new_session()
+    client, _ = await oclients.open(session)
     await client.send({"type": "chat", "prompt": "[long] story"})
     await client.until("chunk")
     await client.send({"type": "stop"})
     done = await client.until("done")
     assert done["reason"] == "stopped"
     assert server.disconnected.wait(WAIT_S), "the upstream request was not closed"
+    oclients.wire.assert_history(session, await history(openai_stack, session))

@@ -51,7 +51,7 @@ async def test_turn_waits_for_the_first_worker(workerless: tuple[Stack, Clients]
     stack.start_worker()
     done = await client.until("done")
     assert done["reason"] in ("stop", "length")
-    assert client.texts() == (await history(stack, session))["turns"][0]["answer"]
+    clients.wire.assert_history(session, await history(stack, session))
 
 
 async def test_trace_id_joins_a_turn_across_services(stack: Stack, clients: Clients) -> None:
@@ -59,6 +59,7 @@ async def test_trace_id_joins_a_turn_across_services(stack: Stack, clients: Clie
     session = new_session()
     client, _ = await clients.open(session)
     await client.turn("trace me")
+    clients.wire.assert_history(session, await history(stack, session))
     lines = [json.loads(line) for p in stack.processes for line in p.output().splitlines() if line.startswith("{")]
     queued = [e for e in lines if e.get("event") == "turn_queued" and e.get("session") == session]
     assert len(queued) == 1 and len(queued[0]["trace"]) == 16
@@ -66,7 +67,6 @@ async def test_trace_id_joins_a_turn_across_services(stack: Stack, clients: Clie
     services = {e["service"] for e in lines if e.get("trace") == trace}
     assert services == {"gateway", "llm_worker", "buffer"}
     assert "trace me" not in "".join(p.output() for p in stack.processes)  # no prompt text in logs
-
 
 
 async def test_worker_and_buffer_metrics_move_with_a_turn(redis_server: Server) -> None:
@@ -78,8 +78,10 @@ async def test_worker_and_buffer_metrics_move_with_a_turn(redis_server: Server) 
         stack.processes.pop(0)
         stack.start_buffer({"CHAT_HEALTH_PORT": str(ports["buffer"])})
         async with Clients(stack) as clients:
-            client, _ = await clients.open(new_session())
+            session = new_session()
+            client, _ = await clients.open(session)
             _, _, done = await client.turn("measure me")
+            clients.wire.assert_history(session, await history(stack, session))
         async with httpx.AsyncClient() as http:
             worker = (await http.get(f"http://127.0.0.1:{ports['worker']}/metrics")).text
             buffer = (await http.get(f"http://127.0.0.1:{ports['buffer']}/metrics")).text

@@ -27,6 +27,7 @@ async def test_three_turn_conversation_matches_history(stack: Stack, clients: Cl
         answers.append(text)
     await client.ws.close()
     record = await history(stack, session)
+    clients.wire.assert_history(session, record)
     assert [t["answer"] for t in record["turns"]] == answers
     assert [t["prompt"] for t in record["turns"]] == ["first question", "second question", "third question"]
     assert record["last_seq"] == client.last_seq
@@ -57,10 +58,8 @@ async def test_pause_holds_frames_until_resume(paced_stack: Stack, paced: Client
     await client.send({"type": "resume"})
     resumed = await client.until("resumed")
     assert resumed["seq"] == paused["seq"]
-    done = await client.until("done")
-    record = await history(stack, session)
-    assert client.texts() == record["turns"][0]["answer"]
-    assert done["seq"] == record["last_seq"]
+    await client.until("done")
+    paced.wire.assert_history(session, await history(stack, session))
 
 
 async def test_pause_state_is_shared_by_connections(paced_stack: Stack, paced: Clients) -> None:
@@ -86,8 +85,9 @@ async def test_pause_state_is_shared_by_connections(paced_stack: Stack, paced: C
     await third.until("resumed")
     for client in (first, second, third):
         await client.until("done")
-    answer = (await history(stack, session))["turns"][0]["answer"]
-    assert first.texts() == second.texts() == third.texts() == answer
+    record = await history(stack, session)
+    clients.wire.assert_history(session, record)
+    assert first.texts() == second.texts() == third.texts() == record["turns"][0]["answer"]
 
 
 async def test_reconnect_with_last_seq_replays_exactly_the_rest(stack: Stack, clients: Clients) -> None:
@@ -102,8 +102,7 @@ async def test_reconnect_with_last_seq_replays_exactly_the_rest(stack: Stack, cl
     again, ready = await clients.open(session, last_seq=seen)
     assert ready["last_seq"] >= seen
     await again.until("done")
-    record = await history(stack, session)
-    assert client.texts() + again.texts() == record["turns"][0]["answer"]
+    clients.wire.assert_history(session, await history(stack, session))
     assert again.frames[1]["seq"] == seen + 1
 
 
@@ -122,6 +121,7 @@ async def test_replay_from_zero_and_across_gateways(stack: Stack, clients: Clien
             await replayed.recv()
         assert replayed.texts() == first_text + second_text
         assert [f["seq"] for f in replayed.frames[1:]] == list(range(1, client.last_seq + 1))
+        clients.wire.assert_history(session, await history(stack, session, gateway=stack.gateways.index(other)))
     finally:
         other.stop()
         stack.processes.remove(other)
@@ -139,9 +139,10 @@ async def test_stop_ends_the_turn_with_stopped(paced_stack: Stack, paced: Client
     assert done["reason"] == "stopped"
     record = await history(paced_stack, session)
     assert record["turns"][0]["reason"] == "stopped"
-    assert record["turns"][0]["answer"] == client.texts()
+    paced.wire.assert_history(session, record)
     turn, _, done = await client.turn("after stop")
     assert turn == 2 and done["reason"] == "length"
+    paced.wire.assert_history(session, await history(paced_stack, session))
 
 
 async def test_ping_and_ack(stack: Stack, clients: Clients) -> None:
