@@ -1,6 +1,8 @@
 """The original design's page, served from another origin (a front end on its
 own port, the usual set-up), against a gateway with the defaults of
-``make run``: it streams a turn and pauses and resumes it in Chromium."""
+``make run``: it streams a turn and pauses and resumes it in Chromium. Its
+plain-text socket and the POST's streamed body go through the strict wire
+checker (tests/wire.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
-from tests.browser.test_chat_page import browser, context, page_stack  # noqa: F401 (fixtures)
+from tests.browser.test_chat_page import PageWire, browser, context, page_stack, wire  # noqa: F401 (fixtures)
 from tests.fake_openai import serve_in_thread
 from tests.stack import WAIT_S, Bus, Stack, history, new_session
+from tests.wire import CompatConnection
 
 # The original design's React page, as plain JavaScript: a WebSocket on the
 # gateway's root with ?sessionId=, a fetch POST with no Content-Type (a
@@ -64,6 +67,7 @@ async def test_original_page_from_another_origin_streams_pauses_and_resumes(
     page_stack: Stack,  # noqa: F811
     context: BrowserContext,  # noqa: F811
     page_origin: tuple[str, str],
+    wire: PageWire,  # noqa: F811
 ) -> None:
     url, session = page_origin
     page = await context.new_page()
@@ -71,8 +75,11 @@ async def test_original_page_from_another_origin_streams_pauses_and_resumes(
     page.on("pageerror", lambda error: errors.append(str(error)))
     await page.goto(url)
     await page.wait_for_function("window.wsOpen === true")
+    (socket,) = wire.sockets
+    assert isinstance(socket, CompatConnection) and socket.session == session
     async with Bus(page_stack, session) as bus:
-        await page.click("#chat")
+        async with page.expect_response(f"http://127.0.0.1:{page_stack.port}/api/chat") as posted:
+            await page.click("#chat")
         await page.wait_for_function("document.getElementById('out').textContent.length > 0")
         await page.click("#pause")
         await bus.control("pause")
@@ -84,6 +91,12 @@ async def test_original_page_from_another_origin_streams_pauses_and_resumes(
     await page.click("#resume")
     await page.wait_for_function(f"document.getElementById('out').textContent.length >= {len(answer)}")
     assert await page.text_content("#out") == answer  # every chunk once, in order
+    stored = await history(page_stack, session)
+    await wire.until(lambda: len(socket.text) >= len(answer))
+    socket.assert_history(stored, from_start=True)  # the socket was open before the turn: all of it, as sent
+    body = wire.checker.compat(session)  # the POST's text/plain body honours pause too, and is the whole answer
+    body.feed((await (await posted.value).body()).decode())
+    body.assert_history(stored, from_start=True)
     # The POST's answer was readable across origins (CORS), not only sent.
     await page.wait_for_function("window.chatStatus !== null")
     assert await page.evaluate("window.chatStatus") == 200

@@ -15,6 +15,7 @@ from shared.auth import AuthSettings, TokenService
 from tests.browser.test_chat_page import (  # noqa: F401  (fixtures)
     PACED,
     TIMEOUT_MS,
+    PageWire,
     answer_length,
     assert_matches_history,
     browser,
@@ -23,6 +24,7 @@ from tests.browser.test_chat_page import (  # noqa: F401  (fixtures)
     page_stack,
     send,
     wait_done,
+    wire,
 )
 from tests.stack import Stack, history, isolated_stack
 
@@ -78,7 +80,9 @@ async def goto_connected(ctx: BrowserContext, url: str) -> tuple[Page, dict[str,
 # 1. The token leaves the address bar once the page has kept it.
 
 
-async def test_token_is_dropped_from_the_address_bar(strict_stack: Stack, tokens: TokenService, context: BrowserContext) -> None:  # noqa: F811
+async def test_token_is_dropped_from_the_address_bar(
+    strict_stack: Stack, tokens: TokenService, context: BrowserContext, wire: PageWire  # noqa: F811
+) -> None:
     token = tokens.issue("bar-user")[0]
     page, _ = await goto_connected(context, f"{strict_stack.http_url}/?lang=en&token={token}&x=1#here")
     href = await page.evaluate("location.href")
@@ -88,10 +92,7 @@ async def test_token_is_dropped_from_the_address_bar(strict_stack: Stack, tokens
     await page.wait_for_selector('#status[data-state="connected"]')
     await send(page, "after a reload, without the token in the address")
     await wait_done(page)
-    session = await page.evaluate("localStorage.getItem('chatrelay.session')")
-    stored = (await history(strict_stack, session, token=token))["turns"][0]["answer"]
-    assert " ".join((await page.inner_text('.answer[data-turn="1"]')).split()) == " ".join(stored.split())
-    assert page.errors == []  # type: ignore[attr-defined]
+    await assert_matches_history(page, strict_stack, wire, token=token)
     await page.go_back()  # replaced, not pushed: Back does not bring the token back
     assert "token" not in page.url
 
@@ -101,7 +102,7 @@ async def test_token_is_dropped_from_the_address_bar(strict_stack: Stack, tokens
 
 @pytest.mark.parametrize("given", ["none", "garbage", "expired"])
 async def test_sign_in_needed_instead_of_endless_reconnects(
-    strict_stack: Stack, tokens: TokenService, context: BrowserContext, given: str  # noqa: F811
+    strict_stack: Stack, tokens: TokenService, context: BrowserContext, wire: PageWire, given: str  # noqa: F811
 ) -> None:
     token = {"none": None, "garbage": "not-a-token", "expired": tokens.issue("old-user", now=time.time() - 7200)[0]}[given]
     page = await context.new_page()
@@ -118,14 +119,15 @@ async def test_sign_in_needed_instead_of_endless_reconnects(
     assert "token" not in await page.evaluate("location.href")
     assert await page.evaluate("localStorage.getItem('chatrelay.token')") is None  # the refused token is not kept
     # Paste a good token: the page connects and works.
-    await page.fill("#signin-token", tokens.issue("pasted-user")[0])
+    pasted = tokens.issue("pasted-user")[0]
+    await page.fill("#signin-token", pasted)
     await page.click("#signin-use")
     await page.wait_for_selector('#status[data-state="connected"]')
     assert await page.is_hidden("#signin")
     assert "token" not in await page.evaluate("location.href")
     await send(page, "signed in")
     await wait_done(page)
-    assert page.errors == []  # type: ignore[attr-defined]
+    await assert_matches_history(page, strict_stack, wire, token=pasted)
 
 
 async def test_other_handshake_failures_keep_reconnecting(page_stack: Stack, context: BrowserContext) -> None:  # noqa: F811
@@ -163,7 +165,7 @@ async def unaware_of_limits(browser_context: BrowserContext) -> None:
 
 @pytest.mark.parametrize("prompt", ["x" * 100_000, "€" * 70_000], ids=["100KB-ascii", "210KB-utf8"])
 async def test_prompt_over_the_frame_limit_is_refused_before_sending(
-    page_stack: Stack, context: BrowserContext, prompt: str  # noqa: F811
+    page_stack: Stack, context: BrowserContext, wire: PageWire, prompt: str  # noqa: F811
 ) -> None:
     page, seen = await goto_connected(context, page_stack.http_url + "/")
     await page.fill("#prompt", prompt)
@@ -177,7 +179,7 @@ async def test_prompt_over_the_frame_limit_is_refused_before_sending(
     # The page still works: a prompt that fits goes through.
     await send(page, "a short one")
     await wait_done(page)
-    await assert_matches_history(page, page_stack)
+    await assert_matches_history(page, page_stack, wire)
 
 
 async def test_prompt_over_the_character_limit_keeps_the_text(page_stack: Stack, context: BrowserContext) -> None:  # noqa: F811
@@ -197,7 +199,7 @@ async def test_prompt_over_the_character_limit_keeps_the_text(page_stack: Stack,
 
 @pytest.mark.parametrize("size", [10_000, 60_000])
 async def test_server_closing_on_a_big_chat_is_not_retried_forever(
-    strict_stack: Stack, tokens: TokenService, context: BrowserContext, size: int  # noqa: F811
+    strict_stack: Stack, tokens: TokenService, context: BrowserContext, wire: PageWire, size: int  # noqa: F811
 ) -> None:
     """The server's limit is lower than the page knows (a client unaware of ready's bounds): it closes the
     socket on the chat (1009, or 1006 when Chromium is still writing). The page reports it, keeps the text,
@@ -216,12 +218,13 @@ async def test_server_closing_on_a_big_chat_is_not_retried_forever(
     assert await page.is_enabled("#send")
     await page.fill("#prompt", "small again")
     await page.press("#prompt", "Enter")
-    await page.wait_for_selector('.answer[data-turn="1"]:is([data-status="stop"], [data-status="length"])')
+    await wait_done(page)
     assert len(seen["chats"]) <= 4  # the big chat was not sent again with the small one
+    await assert_matches_history(page, strict_stack, wire, token=token)
 
 
 async def test_chat_that_keeps_dropping_the_connection_is_not_resent_forever(
-    page_stack: Stack, context: BrowserContext  # noqa: F811
+    page_stack: Stack, context: BrowserContext, wire: PageWire  # noqa: F811
 ) -> None:
     """The page's own check off (as if it believed in a far bigger limit): a 210 KB chat makes Chromium see
     1006, not 1009, each time it is sent. The page gives it up after a few connections instead of looping."""
@@ -239,14 +242,14 @@ async def test_chat_that_keeps_dropping_the_connection_is_not_resent_forever(
     await send(page, "small again")
     await wait_done(page)
     assert len(seen["chats"]) <= 4
-    await assert_matches_history(page, page_stack)
+    await assert_matches_history(page, page_stack, wire)
 
 
 # 4. A reload or a second tab while the answer is paused shows the text already delivered.
 
 
 async def test_reload_and_second_tab_while_paused_show_the_delivered_text(
-    slow_stack: Stack, context: BrowserContext  # noqa: F811
+    slow_stack: Stack, context: BrowserContext, wire: PageWire  # noqa: F811
 ) -> None:
     page = await open_page(context, slow_stack)
     await send(page, "pause, then reload")
@@ -269,8 +272,8 @@ async def test_reload_and_second_tab_while_paused_show_the_delivered_text(
     await second.click("#pause")  # resume from the second tab: both complete, every word once
     await wait_done(second)
     await answer_length(second)  # rendered
-    await assert_matches_history(second, slow_stack)
+    await assert_matches_history(second, slow_stack, wire)
     await page.bring_to_front()  # a tab in the background gets no animation frames: nothing is drawn there
     await wait_done(page)
     assert await answer_length(page) > len(held)
-    await assert_matches_history(page, slow_stack)
+    await assert_matches_history(page, slow_stack, wire)
