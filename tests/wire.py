@@ -222,6 +222,7 @@ class Connection:
         self.session = session
         self.cursor = last_seq  # the last seq this connection delivered (or was asked to start after)
         self.frames: list[dict[str, Any]] = []
+        self.skipped: list[tuple[int, int]] = []  # ranges an error named past retention
         self.index = len(checker.connections)
 
     @property
@@ -230,6 +231,18 @@ class Connection:
 
     def fail(self, message: str) -> NoReturn:
         self.checker.fail(self.where, message)
+
+    def _error(self, frame: dict[str, Any]) -> None:
+        """An ``error`` frame; one that names frames past retention allows the jump over them."""
+        if not isinstance(frame.get("code"), str) or not isinstance(frame.get("message"), str):
+            self.fail(f"error without code and message: {frame!r}")
+        missing = _PAST_RETENTION.search(frame["message"]) if frame["code"] == "unavailable" else None
+        if missing:
+            first, last = int(missing[1]), int(missing[2])
+            if self.cursor is None or first != self.cursor + 1 or last < first:
+                self.fail(f"frames {first}..{last} past retention, but this connection is at {self.cursor}")
+            self.cursor = last  # the one allowed jump: delivery goes on after the named range
+            self.skipped.append((first, last))
 
     def _advance(self, frame: dict[str, Any]) -> None:
         """A chunk or done: the next seq on this connection, consistent with the session."""
@@ -252,7 +265,6 @@ class WsConnection(Connection):
         super().__init__(checker, session, last_seq)
         self.ready: dict[str, Any] | None = None
         self.paused_at: int | None = None  # the cursor when delivery paused
-        self.skipped: list[tuple[int, int]] = []  # ranges an error named past retention
 
     def feed(self, text: str | bytes) -> dict[str, Any]:
         """Check one frame as received; return it parsed."""
@@ -286,15 +298,7 @@ class WsConnection(Connection):
                 self.fail(f"accepted without a turn: {frame!r}")
             self.checker.accepted(self.session, frame["turn"])
         elif kind == "error":
-            if not isinstance(frame.get("code"), str) or not isinstance(frame.get("message"), str):
-                self.fail(f"error without code and message: {frame!r}")
-            missing = _PAST_RETENTION.search(frame["message"]) if frame["code"] == "unavailable" else None
-            if missing:
-                first, last = int(missing[1]), int(missing[2])
-                if first != self.cursor + 1 or last < first:
-                    self.fail(f"frames {first}..{last} past retention, but this connection is at {self.cursor}")
-                self.cursor = last  # the one allowed jump: delivery goes on after the named range
-                self.skipped.append((first, last))
+            self._error(frame)
         elif kind not in ("pong", "auth_ok"):
             self.fail(f"an unknown frame type {kind!r}")
         return frame
@@ -367,7 +371,9 @@ class SseConnection(Connection):
             if self.paused_at is None or frame.get("seq") != self.paused_at:
                 self.fail(f"resumed at seq {frame.get('seq')} after paused at {self.paused_at}")
             self.paused_at = None
-        elif kind != "error":
+        elif kind == "error":
+            self._error(frame)
+        else:
             self.fail(f"an unexpected frame type {kind!r} on SSE")
         return frame
 

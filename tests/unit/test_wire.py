@@ -234,3 +234,12 @@ def test_the_tap_records_instead_of_raising_into_the_client() -> None:
     assert checker.violations and "a gap" in checker.violations[0]
     with pytest.raises(WireViolation):
         checker.assert_clean()
+
+
+def test_sse_allows_the_jump_over_frames_past_retention_too() -> None:
+    checker = WireChecker()
+    stream = checker.sse("s", 0)
+    stream.feed_bytes(encode_event(frame("error", code="unavailable", message="frames 1..4 are past retention"), event="error"))
+    stream.feed_bytes(encode_event(chunk(5, 2), event="chunk", id=5))
+    checker.assert_clean()
+    assert stream.skipped == [(1, 4)]
