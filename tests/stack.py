@@ -254,7 +254,8 @@ class Clients:
         url = self.stack.ws_url(path, session=session, last_seq=last_seq, **params)
         if port is not None:
             url = url.replace(f":{self.stack.port}/", f":{port}/", 1)
-        ws = await connect(url, subprotocols=["chat.v1"])  # type: ignore[list-item]
+        # max_queue=None: a client a test leaves unread must not stall its close for the close timeout.
+        ws = await connect(url, subprotocols=["chat.v1"], max_queue=None)  # type: ignore[list-item]
         client = Client(ws, self.wire.ws(session, last_seq or 0))
         self.opened.append(client)
         ready = await client.recv()

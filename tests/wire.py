@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from shared.sse import SSEDecoder
 
+T = TypeVar("T")
 _PAST_RETENTION = re.compile(r"frames (\d+)\.\.(\d+) are past retention")
 
 
@@ -214,6 +215,15 @@ def _parse(where: str, checker: WireChecker, text: str | bytes) -> dict[str, Any
     return frame
 
 
+def _lenient(text: str | bytes) -> dict[str, Any]:
+    """A frame of a connection that already broke the contract, parsed as far as it goes."""
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        return {"type": None, "raw": text}
+    return frame if isinstance(frame, dict) else {"type": None, "raw": text}
+
+
 class Connection:
     kind = "connection"
 
@@ -224,6 +234,9 @@ class Connection:
         self.frames: list[dict[str, Any]] = []
         self.skipped: list[tuple[int, int]] = []  # ranges an error named past retention
         self.index = len(checker.connections)
+        # After its first violation a connection's state is unknown: it is
+        # checked no further, so one fault is reported once, not per frame.
+        self.broken = False
 
     @property
     def where(self) -> str:
@@ -231,6 +244,16 @@ class Connection:
 
     def fail(self, message: str) -> NoReturn:
         self.checker.fail(self.where, message)
+
+    def _checked(self, check: Callable[[], T], fallback: Callable[[], T]) -> T:
+        """Run ``check`` unless an earlier frame broke the contract; mark the connection broken if this one does."""
+        if self.broken:
+            return fallback()
+        try:
+            return check()
+        except WireViolation:
+            self.broken = True
+            raise
 
     def _error(self, frame: dict[str, Any]) -> None:
         """An ``error`` frame; one that names frames past retention allows the jump over them."""
@@ -268,6 +291,9 @@ class WsConnection(Connection):
 
     def feed(self, text: str | bytes) -> dict[str, Any]:
         """Check one frame as received; return it parsed."""
+        return self._checked(lambda: self._check(text), lambda: _lenient(text))
+
+    def _check(self, text: str | bytes) -> dict[str, Any]:
         frame = _parse(self.where, self.checker, text)
         self.frames.append(frame)
         kind = frame["type"]
@@ -342,6 +368,10 @@ class SseConnection(Connection):
         return [self.feed_event(event.event, event.data, event.id) for event in self.decoder.feed(data)]
 
     def feed_event(self, event: str, data: str, id: str | None) -> dict[str, Any]:
+        """Check one SSE event; return its frame parsed."""
+        return self._checked(lambda: self._check_event(event, data, id), lambda: _lenient(data))
+
+    def _check_event(self, event: str, data: str, id: str | None) -> dict[str, Any]:
         frame = _parse(self.where, self.checker, data)
         self.frames.append(frame)
         kind = frame["type"]

@@ -243,3 +243,23 @@ def test_sse_allows_the_jump_over_frames_past_retention_too() -> None:
     stream.feed_bytes(encode_event(chunk(5, 2), event="chunk", id=5))
     checker.assert_clean()
     assert stream.skipped == [(1, 4)]
+
+
+def test_one_fault_is_reported_once_per_connection() -> None:
+    """After a violation the connection's state is unknown: later frames on it are not checked
+    (a wrong resumed seq would otherwise flag every later chunk), other connections still are."""
+    checker = WireChecker()
+    connection = checker.ws("s", 0)
+    connection.feed(ready(last_seq=9))
+    connection.feed(chunk(1))
+    connection.feed(frame("paused", seq=1))
+    with pytest.raises(WireViolation):
+        connection.feed(frame("resumed", seq=2))
+    for seq in range(2, 6):
+        connection.feed(chunk(seq))
+    assert len(checker.violations) == 1
+    other = checker.ws("s", 0)
+    other.feed(ready(last_seq=9))
+    with pytest.raises(WireViolation, match="a gap"):
+        other.feed(chunk(2))
+    assert len(checker.violations) == 2
