@@ -9,7 +9,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.stack import Clients, Stack, new_session, session_paths
+from tests.stack import Clients, Stack, history, new_session, session_paths
 
 BAD_SESSION_IDS = ["a.b", "a*", "a>", "has space", "x" * 65, "", "a/b", "é"]
 
@@ -63,7 +63,7 @@ async def test_frame_over_limit_closes_1009(clients: Clients) -> None:
 
 
 @pytest.mark.parametrize(("prompt", "code"), [("", "invalid"), ("   \n", "invalid"), ("y" * 16_001, "too_big")])
-async def test_bad_prompts(clients: Clients, prompt: str, code: str) -> None:
+async def test_bad_prompts(stack: Stack, clients: Clients, prompt: str, code: str) -> None:
     """Empty and oversized prompts are refused and start no turn."""
     session = new_session()
     client, _ = await clients.open(session)
@@ -72,6 +72,7 @@ async def test_bad_prompts(clients: Clients, prompt: str, code: str) -> None:
     assert error["code"] == code
     turn, _, _ = await client.turn("a fine prompt")
     assert turn == 1  # the refused prompt used no turn number
+    clients.wire.assert_history(session, await history(stack, session))
 
 
 async def test_chat_while_generating_is_busy(paced: Clients) -> None:
@@ -84,6 +85,7 @@ async def test_chat_while_generating_is_busy(paced: Clients) -> None:
     assert error["code"] == "busy"
     done = await client.until("done")
     assert done["turn"] == 1
+    paced.wire.assert_ended(client.wire.session or "")
 
 
 async def test_resume_when_not_paused_is_invalid(clients: Clients) -> None:
@@ -164,7 +166,7 @@ async def test_http_bad_bodies(stack: Stack) -> None:
             assert response.json()["code"] == code
 
 
-async def test_resent_chat_starts_one_turn(paced: Clients) -> None:
+async def test_resent_chat_starts_one_turn(paced_stack: Stack, paced: Clients) -> None:
     """A chat resent with the same id while its turn generates (a retry after a reconnect) gets that turn
     back; once the turn has ended, the same chat starts a new turn with its own done."""
     session = new_session()
@@ -178,6 +180,9 @@ async def test_resent_chat_starts_one_turn(paced: Clients) -> None:
     await client.send({"type": "chat", "prompt": "once", "id": "retry-1"})
     assert (await client.until("accepted"))["turn"] == 2
     assert (await client.until("done"))["turn"] == 2
+    record = await history(paced_stack, session)
+    paced.wire.assert_history(session, record)  # two turns, each with its one done and its text
+    assert [t["prompt"] for t in record["turns"]] == ["once", "once"]
 
 
 async def test_ready_names_the_last_accepted_chat(clients: Clients) -> None:
@@ -201,7 +206,7 @@ async def test_ready_names_the_last_accepted_chat(clients: Clients) -> None:
     assert ready["last_chat"] == {"id": "x-1", "turn": turn}
 
 
-async def test_chat_ids_restarting_on_every_page_load(paced: Clients) -> None:
+async def test_chat_ids_restarting_on_every_page_load(paced_stack: Stack, paced: Clients) -> None:
     """A client whose ids restart at "c1" on each load sends the same chat on two connections:
     each load gets a new turn and its done, never an accepted that produces nothing."""
     session = new_session()
@@ -214,6 +219,7 @@ async def test_chat_ids_restarting_on_every_page_load(paced: Clients) -> None:
             pass
         assert frame["reason"] == "length"
         await client.ws.close()
+    paced.wire.assert_history(session, await history(paced_stack, session))
 
 
 async def test_reused_chat_id_with_new_prompt_is_a_new_turn(paced: Clients) -> None:

@@ -62,7 +62,7 @@ async def test_stream_shape(name: str, split: str, corpus_stack: Stack, mclients
     if "message" in expect:
         assert expect["message"] in done["message"], done["message"]
     assert "sk-test" not in done.get("message", "")
-    assert (await history(corpus_stack, session))["turns"][0]["answer"] == text
+    mclients.wire.assert_history(session, await history(corpus_stack, session))
 
 
 async def test_the_request_is_what_openai_compatible_servers_expect(replay: tuple[ReplayServer, str], mclients: Clients) -> None:

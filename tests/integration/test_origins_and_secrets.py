@@ -15,7 +15,10 @@ from websockets.exceptions import InvalidStatus
 
 from devstack.servers import Server
 from shared.auth import AuthSettings, TokenService
+from tests.sse_stream import SseStream
 from tests.stack import WAIT_S, Stack, isolated_stack, new_session
+from tests.stack import history as stored_history
+from tests.wire import WireChecker
 
 API_KEY = "api-key-that-must-never-be-logged"
 VITE = "http://localhost:5173"  # a front end on its own port, the usual set-up
@@ -43,8 +46,16 @@ async def ws_status(url: str, **kwargs: object) -> tuple[int, dict[str, object]]
     return response.status_code, json.loads(response.body or b"null")
 
 
+async def read_to_the_end(stream: SseStream, wire: WireChecker, session: str) -> None:
+    """Read the events stream until every turn the session accepted has delivered its done."""
+    record = wire.record(session)
+    while not record.accepted <= set(record.done_seq):
+        await stream.recv()
+
+
 async def test_dev_mode_refuses_foreign_pages_and_serves_local_ones(two_modes: tuple[Stack, int]) -> None:
     stack, dev_port = two_modes
+    wire = WireChecker()
     base = f"http://127.0.0.1:{dev_port}"
     async with httpx.AsyncClient(base_url=base, timeout=WAIT_S) as http:
         session = new_session()
@@ -75,6 +86,7 @@ async def test_dev_mode_refuses_foreign_pages_and_serves_local_ones(two_modes: t
         assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
         started = await http.post("/api/chat", json={"prompt": "hi", "session": session}, headers={"Origin": VITE})
         assert started.status_code == 202 and started.headers["access-control-allow-origin"] == VITE
+        wire.accepted(session, started.json()["turn"])
         paused = await http.post(f"/api/sessions/{session}/pause", headers={"Origin": VITE})
         assert paused.status_code == 200 and paused.headers["access-control-allow-origin"] == VITE
         resumed = await http.post(f"/api/sessions/{session}/resume", headers={"Origin": VITE})
@@ -84,7 +96,12 @@ async def test_dev_mode_refuses_foreign_pages_and_serves_local_ones(two_modes: t
 
     assert (await ws_status(f"ws://127.0.0.1:{dev_port}/ws?session={session}", origin=FOREIGN))[0] == 403
     async with connect(f"ws://127.0.0.1:{dev_port}/ws?session={session}", subprotocols=["chat.v1"], origin=VITE) as ws:  # type: ignore[arg-type, list-item]
-        assert json.loads(await ws.recv())["type"] == "ready"
+        socket = wire.ws(session)
+        assert socket.feed(await ws.recv())["type"] == "ready"
+        while socket.feed(await asyncio.wait_for(ws.recv(), WAIT_S))["type"] != "done":
+            pass
+    dev_gateway = next(i for i, g in enumerate(stack.gateways) if g.env["CHAT_PORT"] == str(dev_port))
+    wire.assert_history(session, await stored_history(stack, session, gateway=dev_gateway))
 
 
 async def test_with_tokens_required_any_origin_may_call_with_a_token(two_modes: tuple[Stack, int]) -> None:
@@ -99,6 +116,13 @@ async def test_with_tokens_required_any_origin_may_call_with_a_token(two_modes: 
         )
         assert started.status_code == 202 and started.headers["access-control-allow-origin"] == "*"
         assert "x-chat-turn" in started.headers.get("access-control-expose-headers", "").lower()
+        session = started.json()["session"]
+        wire = WireChecker()
+        wire.accepted(session, started.json()["turn"])
+        bearer = {"Authorization": f"Bearer {token}"}
+        async with http.stream("GET", f"/api/sessions/{session}/events", headers=bearer) as response:
+            await read_to_the_end(SseStream(response, wire.sse(session, 0)), wire, session)
+    wire.assert_history(session, await stored_history(stack, session, token=token))
 
 
 async def test_every_refusal_is_json(two_modes: tuple[Stack, int]) -> None:
@@ -119,7 +143,7 @@ async def test_every_refusal_is_json(two_modes: tuple[Stack, int]) -> None:
         assert odd_preflight.status_code == 400 and odd_preflight.json()["code"] == "invalid"
     for path in ("/no/such/socket", "/static/chat-page.js"):
         status, body = await ws_status(stack.ws_url(path))
-        assert status == 404 and body["code"] == "not_found" and "/ws" in body["message"]  # type: ignore[index, operator]
+        assert status == 404 and body["code"] == "not_found" and "/ws" in body["message"]  # type: ignore[operator]
 
 
 async def test_no_secret_in_any_log_line(two_modes: tuple[Stack, int]) -> None:
@@ -130,28 +154,31 @@ async def test_no_secret_in_any_log_line(two_modes: tuple[Stack, int]) -> None:
     garbage = "garbage-token-value-0123456789"
     secrets = [token, garbage, API_KEY]
     session = new_session()
+    wire = WireChecker()
     for port in (stack.port, dev_port):
         base = f"http://127.0.0.1:{port}"
         async with connect(f"ws://127.0.0.1:{port}/ws?session={session}&token={token}", subprotocols=["chat.v1"]) as ws:  # type: ignore[list-item]
-            await ws.recv()
+            wire.ws(session).feed(await ws.recv())
         async with connect(f"ws://127.0.0.1:{port}/", additional_headers={"Authorization": f"Bearer {token}"}) as ws:
             pass
         await ws_status(f"ws://127.0.0.1:{port}/ws?session={session}&token={garbage}")
         # A percent-encoded name is the same parameter to the gateway, so to the log as well.
         async with connect(f"ws://127.0.0.1:{port}/ws?session={session}&%74oken={token}", subprotocols=["chat.v1"]) as ws:  # type: ignore[list-item]
-            assert json.loads(await ws.recv())["type"] == "ready"
+            assert wire.ws(session).feed(await ws.recv())["type"] == "ready"
         await ws_status(f"ws://127.0.0.1:{port}/ws?session={session}&t%6Fken={garbage}")
         await ws_status(f"ws://127.0.0.1:{port}/elsewhere?token={token}")
         async with httpx.AsyncClient(base_url=base, timeout=WAIT_S) as http:
             bearer = {"Authorization": f"Bearer {token}"}
-            await http.post("/api/chat", json={"prompt": "hi", "session": session}, headers=bearer)
+            started = await http.post("/api/chat", json={"prompt": "hi", "session": session}, headers=bearer)
+            if started.status_code == 202:  # or busy: the turn stopped on the other gateway may not have ended yet
+                wire.accepted(session, started.json()["turn"])
             await http.post("/api/chat", json={"prompt": "hi"}, headers={"Authorization": f"Bearer {garbage}"})
             await http.get(f"/api/sessions/{session}/history?token={token}")
             await http.post(f"/api/sessions/{session}/pause?token={token}")
             await http.post(f"/api/sessions/{session}/resume?token={garbage}")
             await http.post(f"/api/sessions/{session}/stop", headers=bearer)
             async with http.stream("GET", f"/api/sessions/{session}/events?token={token}&last_seq=0") as events:
-                await anext(events.aiter_bytes())
+                wire.sse(session, 0).feed_bytes(await anext(events.aiter_raw()))
             await http.post("/api/token", json={"user": "dave"}, headers={"X-API-Key": API_KEY})
             await http.post("/api/token", json={"user": "dave"}, headers={"X-API-Key": garbage})
             await http.post("/api/token/refresh", headers=bearer)
@@ -160,7 +187,7 @@ async def test_no_secret_in_any_log_line(two_modes: tuple[Stack, int]) -> None:
     marker = new_session()
     for port in (stack.port, dev_port):
         async with connect(f"ws://127.0.0.1:{port}/ws?session={marker}&token={token}", subprotocols=["chat.v1"]) as ws:  # type: ignore[list-item]
-            await ws.recv()
+            wire.ws(marker).feed(await ws.recv())
     gateways = [p for p in stack.processes if p.name == "gateway"]
     for gateway in gateways:
         await wait_for_line(gateway.output, f"WebSocket /ws?session={marker}&token=***")
@@ -173,6 +200,13 @@ async def test_no_secret_in_any_log_line(two_modes: tuple[Stack, int]) -> None:
         assert not leaks, f"a secret in the logs: {leaks}"
     refusals = [line for line in logs.splitlines() if '"level": "error"' in line]
     assert not refusals, f"a refused handshake is not an error of the server: {refusals[:3]}"
+    # The session was left paused (its resume had a garbage token): resume it, and every turn
+    # started above ends with its done on the wire, its text the stored one.
+    async with httpx.AsyncClient(base_url=stack.http_url, timeout=WAIT_S, headers={"Authorization": f"Bearer {token}"}) as http:
+        assert (await http.post(f"/api/sessions/{session}/resume")).status_code in (200, 409)
+        async with http.stream("GET", f"/api/sessions/{session}/events") as response:
+            await read_to_the_end(SseStream(response, wire.sse(session, 0)), wire, session)
+    wire.assert_history(session, await stored_history(stack, session, token=token))
 
 
 async def wait_for_line(output: Callable[[], str], text: str) -> None:

@@ -14,10 +14,11 @@ import pytest
 from devstack.servers import Server
 from tests.fake_openai import FakeOpenAI, serve_in_thread
 from tests.faultproxy import FaultProxy
-from tests.stack import WAIT_S, Client, Clients, Stack, history, isolated_stack, new_session, openai_env
+from tests.stack import TIMEOUT_FACTOR, WAIT_S, Client, Clients, Stack, history, isolated_stack, new_session, openai_env
 
 ANSWER_CAP = 1_200_000  # above the 1.05 MB runaway answer, so the model's own "length" is what ends it
 EMOJI = "\U0001f600"
+UPSTREAM_READ_TIMEOUT_S = 3  # the stall timeout: a turn that ends sooner did not wait for it
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def ends_stack(fake: FakeOpenAI, redis_server: Server) -> Iterator[Stack]:
     """Two of each service: frames of a session are stored by either buffer, out of order."""
     env = openai_env(
         fake.url,  # type: ignore[attr-defined]
-        CHAT_UPSTREAM_READ_TIMEOUT_S="3", CHAT_MAX_ANSWER_BYTES=str(ANSWER_CAP), CHAT_MAX_TURNS_PER_USER="1",
+        CHAT_UPSTREAM_READ_TIMEOUT_S=str(UPSTREAM_READ_TIMEOUT_S), CHAT_MAX_ANSWER_BYTES=str(ANSWER_CAP), CHAT_MAX_TURNS_PER_USER="1",
     )
     with isolated_stack(redis_server.url, env) as stack:
         stack.start_buffer()
@@ -65,6 +66,7 @@ async def test_an_answer_over_one_mebibyte_ends_and_frees_everything(ends_stack:
     assert (len(text), done["reason"]) == (1_050_000, "length")
     assert all(len(f["text"].encode()) <= 16 * 1024 for f in client.frames if f["type"] == "chunk")
     record = await history(ends_stack, session, gateway=1, token=token)
+    eclients.wire.assert_history(session, record)
     assert [(t["turn"], t["reason"], t["answer"] == text) for t in record["turns"]] == [(turn, "length", True)]
     assert record["active"] is None and record["resume_from"] == done["seq"]
     # The user's only turn slot (CHAT_MAX_TURNS_PER_USER=1) was released with the done.
@@ -81,7 +83,7 @@ async def test_a_one_megabyte_answer_ends_normally(ends_stack: Stack, eclients: 
     client, _ = await eclients.open(session)
     _, text, done = await client.turn("[text:1000000:stop] write a lot", wait_s=3 * WAIT_S)
     assert (len(text), done["reason"]) == (1_000_000, "stop")
-    assert (await history(ends_stack, session, gateway=1))["turns"][0]["answer"] == text
+    eclients.wire.assert_history(session, await history(ends_stack, session, gateway=1))
 
 
 async def test_an_endless_answer_stops_at_the_cap(ends_stack: Stack, eclients: Clients, fake: FakeOpenAI) -> None:
@@ -100,18 +102,22 @@ async def test_surrogate_halves_split_across_events(ends_stack: Stack, eclients:
     _, text, done = await client.turn("[surrogates]")
     assert done["reason"] == "stop"
     assert text == f"a{EMOJI}b\ufffdc\ufffdd\ufffd"
-    assert (await history(ends_stack, session, gateway=1))["turns"][0]["answer"] == text
+    eclients.wire.assert_history(session, await history(ends_stack, session, gateway=1))
 
 
 async def test_a_malformed_event_ends_the_turn_at_once(ends_stack: Stack, eclients: Clients) -> None:
     """An event the worker cannot read ends the turn at once with an error that names the failure,
     not after the lease runs out as "stopped responding"."""
     client, _ = await eclients.open(new_session())
-    started = time.monotonic()
-    _, text, done = await client.turn("[bad-delta]")
-    assert text == "before" and done["reason"] == "error"
-    assert done["message"] and "stopped responding" not in done["message"]
-    assert time.monotonic() - started < 5  # the lease is 10 s: this was not the reaper
+    await client.send({"type": "chat", "prompt": "[bad-delta]"})
+    await client.until("chunk")
+    read_at = time.monotonic()
+    done = await client.until("done")
+    assert client.texts() == "before" and done["reason"] == "error"
+    # Neither the reaper's message (a lease run out) nor the stall's (no text for the read timeout)...
+    assert done["message"] and "stopped responding" not in done["message"] and "no text" not in done["message"]
+    # ...and sooner than either could have come: a bound of the product (the 3 s read timeout), not of this machine.
+    assert time.monotonic() - read_at < UPSTREAM_READ_TIMEOUT_S
     _, _, again = await client.turn("[text:5:stop]")
     assert again["reason"] == "stop"
 
@@ -129,10 +135,13 @@ async def test_a_model_that_sends_no_text_is_stalled(ends_stack: Stack, eclients
 async def test_a_finish_ends_the_turn_without_waiting_for_the_stream_to_close(ends_stack: Stack, eclients: Clients) -> None:
     """A server that sends the finish, then keep-alives, and never [DONE] nor EOF: the turn ends at the finish."""
     client, _ = await eclients.open(new_session())
-    started = time.monotonic()
-    _, text, done = await client.turn("[finish-then-idle]")
-    assert (text, done["reason"]) == ("all done", "stop")
-    assert time.monotonic() - started < 3  # not the stall timeout
+    await client.send({"type": "chat", "prompt": "[finish-then-idle]"})
+    await client.until("chunk")
+    read_at = time.monotonic()
+    done = await client.until("done")
+    assert (client.texts(), done["reason"]) == ("all done", "stop")
+    # Not the stall timeout: a bound of the product (the 3 s read timeout after the text), not of this machine.
+    assert time.monotonic() - read_at < UPSTREAM_READ_TIMEOUT_S
 
 
 async def test_a_stop_beats_what_the_model_already_sent(ends_stack: Stack, eclients: Clients) -> None:
@@ -222,6 +231,7 @@ async def test_a_client_that_acks_every_frame_is_never_cut_off(stack: Stack, cli
             await reader.send({"type": "ack", "seq": frame["seq"]})
     await reader.send({"type": "ping", "t": "still here"})
     assert await reader.until("pong") == {"type": "pong", "t": "still here"}
+    clients.wire.assert_history(session, await history(stack, session))
 
 
 async def test_history_says_where_to_resume(paced_stack: Stack, paced: Clients) -> None:
@@ -241,6 +251,7 @@ async def test_history_says_where_to_resume(paced_stack: Stack, paced: Clients) 
     first = await resumed.until("chunk")
     assert (first["seq"], first["turn"]) == (finished_at + 1, 2)
     await resumed.until("done")
+    paced.wire.assert_history(session, await history(paced_stack, session))
 
 
 async def test_tokens_from_a_clock_slightly_ahead_are_accepted(stack: Stack, clients: Clients) -> None:
@@ -255,9 +266,15 @@ async def test_tokens_from_a_clock_slightly_ahead_are_accepted(stack: Stack, cli
 
 
 async def test_no_lease_is_lost_after_its_turn(redis_server: Server) -> None:
-    """Many short turns with a lease renewed every 0.1 s: no worker ever reports a lease lost, and no
-    turn is reaped (the lease keeper never outlives its turn)."""
-    env = {"CHAT_LEASE_S": "0.3", "CHAT_REAP_INTERVAL_S": "0.05", "CHAT_DEMO_TOKENS_PER_S": "200", "CHAT_DEMO_ANSWER_TOKENS": "40"}
+    """Many short turns with a lease renewed every third of it: no worker ever reports a lease lost, and
+    no turn is reaped (the lease keeper never outlives its turn)."""
+    # A 0.3 s lease (and 0.2 s turns) at factor 1; all scaled alike, so a worker that a loaded machine
+    # starves for a moment is not taken for one that lost its lease.
+    lease_s = 0.3 * TIMEOUT_FACTOR
+    env = {
+        "CHAT_LEASE_S": str(lease_s), "CHAT_REAP_INTERVAL_S": "0.05",
+        "CHAT_DEMO_TOKENS_PER_S": str(200 / TIMEOUT_FACTOR), "CHAT_DEMO_ANSWER_TOKENS": "40",
+    }
     with isolated_stack(redis_server.url, env) as stack:
         async with Clients(stack) as clients:
             opened: list[Client] = [(await clients.open(new_session()))[0] for _ in range(20)]
@@ -266,7 +283,7 @@ async def test_no_lease_is_lost_after_its_turn(redis_server: Server) -> None:
                 assert {done["reason"] for _, _, done in dones} == {"length"}
             # Not a wait for an event but for its absence: several lease periods after
             # the last turn, a keeper that outlived its turn would have renewed and spoken.
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(3 * lease_s)
         logs = "".join(process.output() for process in stack.processes)
     assert "lease lost" not in logs and "turn_reaped" not in logs
 
