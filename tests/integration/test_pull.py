@@ -11,11 +11,24 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from devstack.servers import Server
 from services.llm_worker.pull import RequestPuller
-from tests.stack import WAIT_S
+from tests.stack import TIMEOUT_FACTOR, WAIT_S
+
+# Far above every wait of these tests, so a request back within WAIT_S was handed back, not redelivered.
+ACK_WAIT_S = 6 * WAIT_S
+
+
+async def pulls_waiting(nc: NATS, stream: str) -> None:
+    """Until the server holds a pull request of the consumer's (the JetStream API reports it)."""
+    async with asyncio.timeout(WAIT_S):
+        while True:
+            if (await nc.jetstream().consumer_info(stream, "workers")).num_waiting:
+                return
+            await asyncio.sleep(0.01)  # the server has no notice for it: ask again
 
 
 @pytest.fixture
@@ -25,7 +38,7 @@ async def jetstream(nats_server: Server) -> AsyncIterator[tuple[NATS, str, Consu
     name = "T" + uuid.uuid4().hex[:10]
     await nc.jetstream().add_stream(StreamConfig(name=name, subjects=[f"{name}.requests"]))
     config = ConsumerConfig(
-        durable_name="workers", filter_subject=f"{name}.requests", ack_policy=AckPolicy.EXPLICIT, ack_wait=30
+        durable_name="workers", filter_subject=f"{name}.requests", ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S
     )
     try:
         yield nc, name, config
@@ -48,7 +61,7 @@ async def test_a_pull_takes_no_more_than_its_room(jetstream: tuple[NATS, str, Co
         await nc.jetstream().publish(f"{stream}.requests", str(n).encode())
     seen: list[bytes] = []
     for expected in (2, 2, 1, 0):
-        msgs = await requests.pull(2, wait_s=0.2)
+        msgs = await requests.pull(2, wait_s=0.2 * TIMEOUT_FACTOR)
         assert len(msgs) == expected
         for msg in msgs:
             seen.append(msg.data)
@@ -61,8 +74,8 @@ async def test_an_idle_pull_returns_the_first_request_at_once(jetstream: tuple[N
     """With nothing waiting, a pull returns as soon as one request arrives, not at the end of its wait."""
     nc, stream, config = jetstream
     requests = await puller(nc, stream, config)
-    pulling = asyncio.create_task(requests.pull(16, wait_s=30))
-    await asyncio.sleep(0.1)  # the pull is waiting on the server
+    pulling = asyncio.create_task(requests.pull(16, wait_s=3 * WAIT_S))  # far past the wait below
+    await pulls_waiting(nc, stream)
     await nc.jetstream().publish(f"{stream}.requests", b"late")
     msgs = await asyncio.wait_for(pulling, WAIT_S)
     assert [m.data for m in msgs] == [b"late"]
@@ -71,7 +84,7 @@ async def test_an_idle_pull_returns_the_first_request_at_once(jetstream: tuple[N
 
 async def test_a_delivery_for_a_pull_that_is_over_is_handed_back(jetstream: tuple[NATS, str, ConsumerConfig]) -> None:
     """A request delivered to a worker that did not ask for it (a pull it had given up on) goes back at once,
-    and another worker gets it within moments, not after the 30 s ack wait."""
+    and another worker gets it within moments, not after the ack wait."""
     nc, stream, config = jetstream
     busy = await puller(nc, stream, config)
     idle = await puller(nc, stream, config)
@@ -80,10 +93,10 @@ async def test_a_delivery_for_a_pull_that_is_over_is_handed_back(jetstream: tupl
     await nc.publish(busy.api_subject, json.dumps(stale).encode(), reply=f"{busy._inbox}.stale")
     await nc.flush()
     await nc.jetstream().publish(f"{stream}.requests", b"orphan")
-    msgs: list[object] = []
-    async with asyncio.timeout(5):
+    msgs: list[Msg] = []
+    async with asyncio.timeout(WAIT_S):  # a sixth of the ack wait
         while not msgs:
             msgs = await idle.pull(1, wait_s=0.5)
-    assert [m.data for m in msgs] == [b"orphan"]  # type: ignore[attr-defined]
+    assert [m.data for m in msgs] == [b"orphan"]
     await busy.close()
     await idle.close()
