@@ -18,11 +18,12 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from devstack.servers import Server
-from tests.stack import WAIT_S, Stack, history, isolated_stack
+from tests.stack import WAIT_S, Clients, Stack, history, isolated_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ["README.md", "docs/client.md"]
@@ -142,3 +143,15 @@ async def test_example_runs_twice_each_with_its_own_answer(example: Example, doc
         # Its own answer, whole, at the end of its output (not a replayed earlier turn, not frames).
         ending = turn["answer"] + "\n"
         assert out.endswith(ending) or out.endswith(f"{ending}[{turn['reason']}]\n"), context
+        await replayed_matches_history(docs_stack, session, record)
+
+
+async def replayed_matches_history(stack: Stack, session: str, record: dict[str, Any]) -> None:
+    """The example's frames are out of the test's sight: replay the session from seq 1 through the
+    strict wire checker; every seq once, each turn's done, the text the stored one."""
+    async with Clients(stack) as clients:
+        client, ready = await clients.open(session, last_seq=0)
+        assert ready["last_seq"] == record["last_seq"]
+        while client.last_seq < record["last_seq"]:
+            await client.recv()
+        clients.wire.assert_history(session, record)
