@@ -15,9 +15,7 @@ from tests.sse_stream import SseStream
 from tests.stack import TIMEOUT_FACTOR, WAIT_S, Bus, Clients, Stack, history, isolated_stack, new_session
 from tests.wire import WireChecker
 
-
-def _sse_headers() -> dict[str, str]:
-    return {"Accept": "text/event-stream"}
+SSE = {"Accept": "text/event-stream"}  # POST /api/chat: stream the turn back
 
 
 async def stored_frames(bus: Bus, count: int) -> None:
@@ -44,7 +42,7 @@ async def test_post_chat_sse_streams_the_turn(stack: Stack) -> None:
     """With Accept: text/event-stream the turn streams back as SSE with id = seq, and ends after its done."""
     wire = WireChecker()
     async with httpx.AsyncClient(base_url=stack.http_url, timeout=WAIT_S) as http:
-        async with http.stream("POST", "/api/chat", json={"prompt": "sse please"}, headers=_sse_headers()) as response:
+        async with http.stream("POST", "/api/chat", json={"prompt": "sse please"}, headers=SSE) as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
             session = response.headers["x-chat-session"]
@@ -111,7 +109,7 @@ async def test_http_pause_holds_every_connection(paced_stack: Stack, paced: Clie
     client, _ = await paced.open(session)
     async with Bus(stack, session) as bus, httpx.AsyncClient(base_url=stack.http_url, timeout=WAIT_S) as http:
         async with http.stream("GET", f"/api/sessions/{session}/events") as events_response, http.stream(
-            "POST", "/api/chat", json={"session": session, "prompt": "hold it"}, headers=_sse_headers()
+            "POST", "/api/chat", json={"session": session, "prompt": "hold it"}, headers=SSE
         ) as turn_response:
             assert turn_response.status_code == 200
             turn = int(turn_response.headers["x-chat-turn"])
