@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test unit lint bench system-deps browser-deps clean
+.PHONY: run test unit lint mutation bench system-deps browser-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(VENV)/.run-deps: pyproject.toml | $(BIN)/python
 $(VENV)/.test-deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@ $(VENV)/.run-deps
+
+$(VENV)/.mutation-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,mutation]'
+	touch $@ $(VENV)/.test-deps $(VENV)/.run-deps
 
 $(VENV)/.bench-deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[bench]'
@@ -60,9 +64,26 @@ bench: system-deps $(VENV)/.bench-deps
 unit: $(VENV)/.test-deps
 	$(BIN)/python -m pytest tests/unit
 
+# Mutation testing of the pure core ([tool.mutmut] in pyproject.toml says which
+# modules and which unit tests); not part of `make test`. A fresh run each time
+# (mutmut reuses results in mutants/ otherwise), then the per-module counts and
+# the survivors (`.venv/bin/mutmut show NAME` prints one's diff).
+# MUTATION_JOBS=1 on a busy machine; mutmut's default is one per core.
+mutation: $(VENV)/.mutation-deps
+	rm -rf mutants
+	$(BIN)/mutmut run $(if $(MUTATION_JOBS),--max-children $(MUTATION_JOBS))
+	@echo
+	@$(BIN)/mutmut results --all true | awk -F': ' '{ \
+		split($$1, name, "."); module = name[1] "." name[2]; if (name[2] == "client") module = module "." name[3]; \
+		sub(/^ +/, "", module); total[module]++; count[module, $$2]++ } \
+		END { for (m in total) printf "%-24s %4d mutants  %4d killed  %3d timeout  %3d survived  %2d no tests\n", \
+			m, total[m], count[m, "killed"], count[m, "timeout"], count[m, "survived"], count[m, "no tests"] }' | sort
+	@echo
+	@$(BIN)/mutmut results
+
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache test-output
+	rm -rf $(VENV) .run .pytest_cache test-output mutants

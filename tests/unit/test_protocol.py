@@ -69,6 +69,7 @@ def test_rejects_bad_frames_with_code(data: str, code: str) -> None:
     with pytest.raises(ProtocolError) as error:
         decode(data)
     assert error.value.code == code
+    assert isinstance(error.value.message, str) and error.value.message  # the error frame's message is a string
 
 
 @pytest.mark.parametrize(("prompt", "code"), [("", "invalid"), (" \n", "invalid"), ("x" * 101, "too_big")])
@@ -77,6 +78,29 @@ def test_prompt_validation(prompt: str, code: str) -> None:
     with pytest.raises(ProtocolError) as error:
         validate_prompt(prompt, max_prompt_chars=100)
     assert error.value.code == code
+    assert isinstance(error.value.message, str) and error.value.message
+
+
+def test_chat_id_at_the_limit_is_accepted() -> None:
+    """A chat id of exactly 128 characters passes (129 is refused, above)."""
+    assert decode('{"type":"chat","prompt":"x","id":"' + "i" * 128 + '"}') == Chat(prompt="x", id="i" * 128)
+
+
+def test_ping_t_nesting_counts_objects_too() -> None:
+    """Objects nest like arrays: a ping's t of 33 nested objects is refused, 32 pass."""
+    def nested(depth: int) -> str:
+        return '{"a":' * depth + "1" + "}" * depth
+
+    with pytest.raises(ProtocolError):
+        decode('{"type":"ping","t":' + nested(33) + "}")
+    assert isinstance(decode('{"type":"ping","t":' + nested(32) + "}"), Ping)
+
+
+def test_bad_server_frame_raises_protocol_error() -> None:
+    """A client reading something that is not a server frame gets a ProtocolError with a message."""
+    with pytest.raises(ProtocolError) as error:
+        decode_server_frame('{"type":"chunk"}')
+    assert isinstance(error.value.message, str) and error.value.message
 
 
 def test_prompt_at_the_limit_is_accepted() -> None:
@@ -105,7 +129,8 @@ def test_server_frames_round_trip_and_seq() -> None:
 
 @pytest.mark.parametrize(
     ("data", "action"),
-    [('{"action":"pause"}', "pause"), ('{"action":"resume"}', "resume"), ('{"type":"ping"}', "ping"), ("junk", None), ('{"action":"fly"}', None)],
+    [('{"action":"pause"}', "pause"), ('{"action":"resume"}', "resume"), ('{"type":"ping"}', "ping"), ("junk", None), ('{"action":"fly"}', None),
+     ("{}", None), ('{"type":"chat","prompt":"x"}', None)],
 )
 def test_compat_frames(data: str, action: str | None) -> None:
     """The original client's frames map to pause/resume and its heartbeat to ping; the rest is ignored."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from shared.protocol import Chunk, encode
 from shared.session import (
     Delivery,
@@ -25,7 +27,10 @@ def frame(seq: int) -> bytes:
 
 
 def sent_seqs(actions: list) -> list[int | None]:  # type: ignore[type-arg]
-    return [a.seq for a in actions if isinstance(a, Send)]
+    """The seqs sent (None for a frame without one), checking each chunk carries its own frame."""
+    sends = [a for a in actions if isinstance(a, Send)]
+    assert all(a.data == frame(a.seq) for a in sends if a.seq is not None)
+    return [a.seq for a in sends]
 
 
 def sent_types(actions: list) -> list[str]:  # type: ignore[type-arg]
@@ -83,7 +88,8 @@ def test_gap_not_yet_stored_waits_then_retries() -> None:
     assert actions == [WaitForGap()]
     assert state.handle(GapTimeout()) == [RequestReplay(1)]
     actions = state.handle(ReplayBatch(frames=[(2, frame(2)), (3, frame(3))], first=1, more=False))
-    assert sent_seqs(actions) == [2, 3]
+    assert actions == [Send(frame(2), 2), Send(frame(3), 3)]  # no WaitForGap: frame 3 left pending
+    assert state.pending == {}
 
 
 def test_live_frame_fills_gap_without_replay() -> None:
@@ -109,8 +115,19 @@ def test_frames_past_retention_are_reported_once() -> None:
     state.start()
     actions = state.handle(ReplayBatch(frames=[(10, frame(10)), (11, frame(11))], first=10, more=False))
     assert sent_types(actions) == ["error", "chunk", "chunk"]
-    assert json.loads(actions[0].data)["code"] == "unavailable"  # type: ignore[union-attr]
+    assert json.loads(actions[0].data) == {  # type: ignore[union-attr]
+        "type": "error", "code": "unavailable", "message": "frames 3..9 are past retention",
+    }
     assert state.delivered == 11
+
+
+def test_a_single_frame_past_retention_is_reported() -> None:
+    """One trimmed frame is a gap like any other: reported, then delivery goes on from the oldest held."""
+    state = Delivery(delivered=2, paused=False)
+    state.start()
+    actions = state.handle(ReplayBatch(frames=[(4, frame(4))], first=4, more=False))
+    assert json.loads(actions[0].data)["message"] == "frames 3..3 are past retention"  # type: ignore[union-attr]
+    assert sent_seqs(actions) == [None, 4] and state.delivered == 4
 
 
 def test_pause_stops_delivery_at_cursor() -> None:
@@ -154,7 +171,16 @@ def test_repeated_local_pause_answers_again() -> None:
     """A second pause from the client is answered with the same paused seq."""
     state = caught_up(4)
     state.handle(LocalPause(version=1))
-    assert sent_types(state.handle(LocalPause(version=1))) == ["paused"]
+    actions = state.handle(LocalPause(version=1))
+    assert [json.loads(a.data) for a in actions] == [{"type": "paused", "seq": 4}]  # type: ignore[union-attr]
+
+
+def test_remote_pause_while_paused_sends_nothing() -> None:
+    """Only the client's own pause is answered again; another connection's pause changes nothing here."""
+    state = caught_up(4)
+    state.handle(LocalPause(version=1))
+    assert state.handle(RemotePause(version=2)) == []
+    assert state.paused and state.version == 2
 
 
 def test_remote_events_are_ordered_by_version() -> None:
@@ -167,6 +193,29 @@ def test_remote_events_are_ordered_by_version() -> None:
     assert sent_types(state.handle(RemoteResume(version=6))) == ["resumed"]
     assert state.handle(RemotePause(version=5)) == []  # late arrival of an older pause
     assert not state.paused
+
+
+def test_remote_event_at_the_applied_version_is_ignored() -> None:
+    """A remote event carrying the version already applied names that same change: it is an echo."""
+    state = caught_up(0)
+    state.handle(RemotePause(version=5))
+    assert state.handle(RemoteResume(version=5)) == [] and state.paused
+    assert sent_types(state.handle(RemoteResume(version=6))) == ["resumed"]
+    assert state.handle(RemotePause(version=6)) == [] and not state.paused
+
+
+def test_local_events_apply_whatever_their_version() -> None:
+    """The client's own resume is answered even when its version is not newer than the last seen."""
+    state = caught_up(0)
+    state.handle(RemotePause(version=5))
+    actions = state.handle(LocalResume(version=5))
+    assert sent_types(actions) == ["resumed"] and not state.paused
+
+
+def test_unknown_event_is_an_error() -> None:
+    """An event the machine does not know is a programming error, not silently nothing."""
+    with pytest.raises(TypeError):
+        caught_up(0).handle(object())  # type: ignore[arg-type]
 
 
 def test_local_pause_version_blocks_older_remote_resume() -> None:
@@ -208,3 +257,16 @@ def test_replay_outstanding_across_pause_and_resume_is_asked_again() -> None:
     assert state.handle(ReplayBatch(frames=[], first=1, more=False)) == [WaitForGap()]
     assert state.handle(GapTimeout()) == [RequestReplay(1)]
     assert sent_seqs(state.handle(ReplayBatch(frames=[(2, frame(2)), (3, frame(3))], first=1, more=False))) == [2, 3]
+
+
+def test_stale_replay_overlapping_sent_frames_sends_the_rest_and_asks_again() -> None:
+    """A replay requested before a pause returns after resume sent some of it: those are skipped, the
+    rest go out, and the replay is asked again (it may predate frames dropped while paused)."""
+    state = Delivery(delivered=0, paused=False, max_pending=1)
+    state.start()
+    state.handle(LocalPause(version=1))
+    state.handle(LiveFrame(1, frame(1)))  # held
+    state.handle(LiveFrame(2, frame(2)))  # dropped: past max_pending
+    assert sent_seqs(state.handle(LocalResume(version=2))) == [None, 1]
+    actions = state.handle(ReplayBatch(frames=[(1, frame(1)), (2, frame(2))], first=1, more=False))
+    assert sent_seqs(actions) == [2] and actions[-1] == RequestReplay(2)

@@ -147,7 +147,7 @@ def test_close_dispatches_a_complete_last_event_and_flags_a_cut_line() -> None:
     """At the end of the body, an event missing only its blank line is dispatched; a body that ends
     inside a line is truncated and its event is not."""
     decoder = SSEDecoder()
-    assert decoder.feed(b"data: [DONE]\n") == []
+    assert decoder.feed(b"data: [DONE]\n") == [] and not decoder.truncated
     assert decoder.close() == [SSEEvent(data="[DONE]")] and not decoder.truncated
     cut = SSEDecoder()
     assert cut.feed(b'data: {"choices":[{"delta":{"content":"hal') == []
@@ -167,3 +167,60 @@ def test_a_line_past_the_limit_in_small_reads_raises() -> None:
     with pytest.raises(ValueError, match="exceeds"):
         for _ in range(30):
             decoder.feed(b"data: xxxx")
+
+
+def test_the_line_limit_is_inclusive_on_every_line() -> None:
+    """A line of exactly max_line_bytes is accepted, on the first line and after others; one more byte raises."""
+    decoder = SSEDecoder(max_line_bytes=10)
+    assert decoder.feed(b"data: abcd") == []  # 10 bytes, still incomplete
+    assert decoder.feed(b"\n\n") == [SSEEvent(data="abcd")]
+    assert decoder.feed(b"data: efgh") == []
+    with pytest.raises(ValueError, match="exceeds"):
+        decoder.feed(b"i")
+
+
+def test_the_event_data_limit_is_inclusive_on_every_event() -> None:
+    """An event's data (each line and its newline counted) may reach max_line_bytes, in every event; past it raises."""
+    assert SSEDecoder(max_line_bytes=10).feed(b"data: abcd\ndata: efgh\n\n") == [SSEEvent(data="abcd\nefgh")]
+    decoder = SSEDecoder(max_line_bytes=10)
+    assert decoder.feed(b"data: x\n\n") == [SSEEvent(data="x")]
+    assert decoder.feed(b"data: abcd\ndata: efgh\n\n") == [SSEEvent(data="abcd\nefgh")]
+    with pytest.raises(ValueError, match="over 10"):
+        decoder.feed(b"data: abcd\ndata: efghi\n")
+
+
+def test_invalid_utf8_is_replaced_and_trailing_spaces_are_kept() -> None:
+    """Bytes that are not UTF-8 become U+FFFD instead of failing; only the line end is stripped."""
+    assert decode_all(b"data: \xff\n\ndata: a X\r\ndata: b \r\n\n") == [SSEEvent(data="\ufffd"), SSEEvent(data="a X\nb ")]
+
+
+def test_close_inside_a_line_drops_the_whole_event() -> None:
+    """A body cut inside a line discards that event's complete lines too: a partial event is never dispatched."""
+    decoder = SSEDecoder()
+    assert decoder.feed(b'data: a\ndata: {"cut') == []
+    assert decoder.close() == [] and decoder.truncated
+
+
+def test_an_error_event_carries_id_and_retry_and_ends_cleanly() -> None:
+    """An empty error field still makes an error event, with the id and retry in force; the blank
+    lines after it dispatch nothing more."""
+    assert decode_all(b"id: 5\nretry: 10\nerror\n\n\n\ndata: y\n\n") == [
+        SSEEvent(data="", event="error", id="5", retry=10),
+        SSEEvent(data="y", id="5"),
+    ]
+
+
+def test_encode_splits_lines_only_at_newlines() -> None:
+    """Bytes are accepted; each line of the data is one data field, spaces kept."""
+    assert encode_event(b"a b\nc") == b"data: a b\ndata: c\n\n"
+
+
+def test_a_body_of_only_a_bom_or_blanks_is_not_cut() -> None:
+    """close() flags a cut line only for real content: a lone BOM, or spaces left in several reads, are nothing."""
+    bom_only = SSEDecoder()
+    assert bom_only.feed(b"\xef\xbb\xbf") == []
+    assert bom_only.close() == [] and not bom_only.truncated
+    blanks = SSEDecoder()
+    assert blanks.feed(b"data: x\n\n") == [SSEEvent(data="x")]
+    assert blanks.feed(b" ") == [] and blanks.feed(b" ") == []
+    assert blanks.close() == [] and not blanks.truncated

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from shared.client.session import (
+    ChatRejected,
     CloseAction,
     GapDetected,
     OfflineQueueFull,
@@ -14,7 +15,21 @@ from shared.client.session import (
     close_action,
     handshake_action,
 )
-from shared.protocol import Accepted, Chat, Chunk, Done, LastChat, Pause, Ping, Ready, Resume, Stop, encode
+from shared.protocol import (
+    Accepted,
+    Chat,
+    Chunk,
+    Done,
+    LastChat,
+    Pause,
+    Paused,
+    Ping,
+    Ready,
+    Resume,
+    Resumed,
+    Stop,
+    encode,
+)
 
 
 def ready(session: str = "s1", paused: bool = False) -> str:
@@ -36,6 +51,13 @@ def test_url_carries_session_and_cursor() -> None:
     state.receive(ready("abc"))
     state.receive(chunk(1))
     assert state.url("ws://h/ws?x=1") == "ws://h/ws?x=1&session=abc&last_seq=1"
+
+
+def test_url_of_a_joined_session_carries_token_and_keeps_parameters() -> None:
+    """A session given up front is joined from the first connection; the token goes in the query;
+    every parameter of the base URL is kept, a value holding "=" included."""
+    state = SessionState(session="s9", last_seq=4)
+    assert state.url("ws://h/ws?sig=a=b&x=1", token="t1") == "ws://h/ws?sig=a%3Db&x=1&session=s9&last_seq=4&token=t1"
 
 
 def test_duplicates_dropped_and_cursor_advances() -> None:
@@ -129,6 +151,58 @@ def test_refused_chat_is_not_resent() -> None:
     assert frame.id not in state.unacknowledged  # type: ignore[union-attr]
 
 
+def test_accepted_for_an_unknown_chat_is_ignored() -> None:
+    """An accepted or error naming a chat this client does not hold (another client's, a repeat) is harmless."""
+    state = SessionState()
+    state.receive(ready())
+    assert state.receive(json.dumps({"type": "accepted", "turn": 1, "id": "other"})) == [Accepted(turn=1, id="other")]
+    state.receive(json.dumps({"type": "error", "code": "busy", "message": "x", "id": "other"}))
+
+
+def test_an_accepted_chat_named_again_by_ready_is_not_reported_twice() -> None:
+    """A chat whose accepted arrived is settled: ready.last_chat naming it later reports nothing and resends nothing."""
+    state = SessionState()
+    state.receive(ready())
+    state.send(Chat(prompt="hi", id="a"))
+    state.data_to_send()
+    state.receive(json.dumps({"type": "accepted", "turn": 1, "id": "a"}))
+    state.connection_lost()
+    frames = state.receive(encode(Ready(session="s1", last_seq=0, paused=False, last_chat=LastChat(id="a", turn=1))).decode())
+    assert frames[1:] == [] and sent(state) == []
+
+
+def test_a_chat_resent_on_reconnect_is_recognised_by_the_next_ready() -> None:
+    """A chat written on a reconnect (sent offline) counts as sent: if the next ready says it was
+    accepted, it is reported accepted, not sent a third time."""
+    state = SessionState()
+    state.send(Chat(prompt="offline", id="c1"))
+    state.receive(ready())
+    assert sent(state) == [{"type": "chat", "prompt": "offline", "id": "c1"}]
+    state.connection_lost()
+    frames = state.receive(encode(Ready(session="s1", last_seq=0, paused=False, last_chat=LastChat(id="c1", turn=1))).decode())
+    assert frames[1:] == [Accepted(id="c1", turn=1)] and sent(state) == []
+
+
+def test_frames_sent_after_the_connection_is_lost_wait_for_the_next_ready() -> None:
+    """After connection_lost nothing is written until the next ready; frames go to the offline queue."""
+    state = SessionState(max_queue=1)
+    state.receive(ready())
+    state.connection_lost()
+    state.send(Ping(t=1))
+    assert state.data_to_send() == []
+    with pytest.raises(OfflineQueueFull):
+        state.send(Ping(t=2))
+    state.receive(ready())
+    assert sent(state) == [{"type": "ping", "t": 1}]
+
+
+def test_chat_rejected_carries_the_servers_code_and_message() -> None:
+    """The exception for a refused chat exposes the error frame's code and message."""
+    error = ChatRejected("busy", "a turn is running")
+    assert (error.code, error.message) == ("busy", "a turn is running")
+    assert str(error) == "the chat was refused: busy: a turn is running"
+
+
 def test_chat_sent_offline_goes_once() -> None:
     """A chat sent while offline is sent once on reconnect, not twice."""
     state = SessionState()
@@ -161,6 +235,47 @@ def test_answered_pause_is_not_resent() -> None:
     assert sent(state) == [] and state.paused
 
 
+def test_answered_pause_does_not_override_a_later_resume() -> None:
+    """A pause the server answered is settled: if another connection resumed meanwhile, a reconnect
+    does not pause again."""
+    state = SessionState()
+    state.receive(ready())
+    state.send(Pause())
+    state.data_to_send()
+    assert not state.paused
+    state.receive(encode(Paused(seq=0)).decode())
+    assert state.paused and state.want_paused is None
+    state.connection_lost()
+    state.receive(ready(paused=False))
+    assert sent(state) == [] and not state.paused
+
+
+def test_answered_resume_does_not_override_a_later_pause() -> None:
+    """Likewise a resume the server answered: a pause from elsewhere meanwhile stands after a reconnect."""
+    state = SessionState()
+    state.receive(ready(paused=True))
+    state.send(Resume())
+    state.data_to_send()
+    state.receive(encode(Resumed(seq=0)).decode())
+    assert not state.paused and state.want_paused is None
+    state.connection_lost()
+    state.receive(ready(paused=True))
+    assert sent(state) == [] and state.paused
+
+
+def test_a_pause_still_wanted_survives_an_unrelated_resumed() -> None:
+    """A resumed frame (another connection's, in flight) does not settle the pause this client asked
+    for and has not seen answered: a reconnect to an unpaused session sends the pause again."""
+    state = SessionState()
+    state.receive(ready())
+    state.send(Pause())
+    state.data_to_send()
+    state.receive(encode(Resumed(seq=0)).decode())
+    state.connection_lost()
+    state.receive(ready(paused=False))
+    assert sent(state) == [{"type": "pause"}]
+
+
 def test_done_advances_cursor() -> None:
     """done counts in the seq like chunk."""
     state = SessionState()
@@ -175,10 +290,12 @@ def test_done_advances_cursor() -> None:
     [
         (None, CloseAction.RECONNECT),
         (1001, CloseAction.RECONNECT),
+        (1005, CloseAction.RECONNECT),
         (1006, CloseAction.RECONNECT),
         (1011, CloseAction.RECONNECT),
         (1012, CloseAction.RECONNECT),
         (1013, CloseAction.RECONNECT),
+        (1014, CloseAction.RECONNECT),
         (4001, CloseAction.REFRESH_TOKEN),
         (1000, CloseAction.STOP),
         (1008, CloseAction.STOP),
@@ -194,8 +311,17 @@ def test_close_codes(code: int | None, action: CloseAction) -> None:
 
 @pytest.mark.parametrize(
     ("status", "action"),
-    [(400, CloseAction.STOP), (401, CloseAction.REFRESH_TOKEN), (403, CloseAction.STOP), (429, CloseAction.RECONNECT), (503, CloseAction.RECONNECT)],
+    [
+        (400, CloseAction.STOP),
+        (401, CloseAction.REFRESH_TOKEN),
+        (403, CloseAction.STOP),
+        (408, CloseAction.RECONNECT),
+        (429, CloseAction.RECONNECT),
+        (499, CloseAction.STOP),
+        (500, CloseAction.RECONNECT),
+        (503, CloseAction.RECONNECT),
+    ],
 )
 def test_handshake_refusals(status: int, action: CloseAction) -> None:
-    """A refused upgrade: 401 refreshes the token, 429/5xx retry, 400/403 stop."""
+    """A refused upgrade: 401 refreshes the token, 408/429/5xx retry, 400/403 and other 4xx stop."""
     assert handshake_action(status) is action
