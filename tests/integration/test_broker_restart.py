@@ -1,22 +1,27 @@
-"""A NATS restart mid-stream: services reconnect by themselves and nothing is lost."""
+"""A NATS restart mid-stream: services reconnect by themselves and nothing is lost.
+
+These run on a local nats-server of their own (a free port, kept across the
+restart), whatever servers the rest of the session uses, so they run on every
+host; every frame goes through the strict wire checker (``Clients``).
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
-from devstack.servers import LocalNats, Server, docker_available
+from devstack.servers import LocalNats, Server
 from tests.stack import WAIT_S, Bus, Clients, Stack, history, isolated_stack, new_session
 
 
 @pytest.fixture
 async def restartable(redis_server: Server) -> AsyncIterator[tuple[LocalNats, Stack, Clients]]:
-    if docker_available():
-        pytest.skip("restarts a local nats-server on a fixed port")
-    nats = LocalNats()
+    # LocalNats keeps its port and store across stop() and start(): the services reconnect to the same URL.
+    nats = LocalNats(binary=os.environ.get("NATS_SERVER_BIN", LocalNats.binary))
     nats.start()
     env = {"CHAT_DEMO_TOKENS_PER_S": "100", "CHAT_DEMO_ANSWER_TOKENS": "150"}
     try:
@@ -40,7 +45,7 @@ async def test_nats_restart_mid_stream(restartable: tuple[LocalNats, Stack, Clie
     nats.start()
     done = await client.until("done", wait_s=3 * WAIT_S)  # Client.recv checks every seq
     assert done["reason"] == "length"
-    assert client.texts() == (await history(stack, session))["turns"][0]["answer"]
+    clients.wire.assert_history(session, await history(stack, session))
 
 
 async def test_gateway_catches_up_after_missing_a_whole_turn_end(
@@ -66,7 +71,7 @@ async def test_gateway_catches_up_after_missing_a_whole_turn_end(
     # the gateway's reconnect can deliver the rest.
     done = await client.until("done", wait_s=3 * WAIT_S)
     assert done["reason"] == "length"
-    assert client.texts() == (await history(stack, session))["turns"][0]["answer"]
+    clients.wire.assert_history(session, await history(stack, session))
 
 
 async def test_resume_missed_during_reconnect_is_recovered(restartable: tuple[LocalNats, Stack, Clients]) -> None:
@@ -92,4 +97,4 @@ async def test_resume_missed_during_reconnect_is_recovered(restartable: tuple[Lo
     resumed = await client.until("resumed", wait_s=3 * WAIT_S)
     assert resumed["seq"] == paused["seq"]
     await client.until("done", wait_s=3 * WAIT_S)
-    assert client.texts() == (await history(stack, session))["turns"][0]["answer"]
+    clients.wire.assert_history(session, await history(stack, session))

@@ -7,7 +7,7 @@ import signal
 
 from devstack.servers import LocalRedis, Server
 from tests.faultproxy import FaultProxy
-from tests.stack import WAIT_S, Client, Clients, history, isolated_stack, new_session
+from tests.stack import TIMEOUT_FACTOR, WAIT_S, Clients, history, isolated_stack, new_session
 
 FAST_LEASES = {"CHAT_LEASE_S": "1", "CHAT_REAP_INTERVAL_S": "0.2"}
 
@@ -26,8 +26,9 @@ async def test_worker_killed_mid_turn_ends_it_with_error(redis_server: Server) -
             worker.signal(signal.SIGKILL)
             done = await client.until("done", wait_s=WAIT_S)  # lease 1 s + reaper 0.2 s, well inside
             assert done["reason"] == "error" and "stopped responding" in done["message"]
-            turn = (await history(stack, session))["turns"][0]
-            assert turn["reason"] == "error" and turn["answer"] == client.texts()
+            record = await history(stack, session)
+            assert record["turns"][0]["reason"] == "error"
+            clients.wire.assert_history(session, record)  # the text delivered is the text stored
             stack.start_worker()
             await client.send({"type": "chat", "prompt": "next", "id": "b"})
             assert (await client.until("accepted"))["turn"] == 2
@@ -91,11 +92,11 @@ async def test_buffer_killed_and_restarted_loses_nothing(redis_server: Server) -
                 await client.until("chunk")
             buffer = next(p for p in stack.processes if p.module == "services.buffer")
             buffer.signal(signal.SIGKILL)
-            assert buffer.process is not None and buffer.process.wait(10) == -signal.SIGKILL
+            assert buffer.process is not None and buffer.process.wait(WAIT_S) == -signal.SIGKILL
             buffer.start()  # a new buffer process, same settings
-            done = await client.until("done", wait_s=3 * WAIT_S)  # Client checks every seq
+            done = await client.until("done", wait_s=3 * WAIT_S)  # the wire checker sees every seq
             assert done["reason"] == "length"
-            assert client.texts() == (await history(stack, session))["turns"][0]["answer"]
+            clients.wire.assert_history(session, await history(stack, session))
 
 
 async def test_redis_restart_mid_stream(redis_server: Server) -> None:
@@ -115,7 +116,7 @@ async def test_redis_restart_mid_stream(redis_server: Server) -> None:
                 redis.start()
                 done = await client.until("done", wait_s=3 * WAIT_S)
                 assert done["reason"] == "length"
-                assert client.texts() == (await history(stack, session))["turns"][0]["answer"]
+                clients.wire.assert_history(session, await history(stack, session))
     finally:
         redis.stop()
 
@@ -127,26 +128,28 @@ async def test_adding_a_worker_adds_capacity(redis_server: Server) -> None:
         async with Clients(stack) as clients:
             a, _ = await clients.open(new_session())
             b, _ = await clients.open(new_session())
-            loop = asyncio.get_running_loop()
 
-            async def a_done_and_b_first_chunk() -> tuple[float, float]:
+            async def a_seq_at_b_first_chunk() -> tuple[int, int, int]:
+                """Run a turn on a, then one on b; return where a's turn was when b's
+                first chunk arrived (a's cursor), and a's first and last seq."""
                 await a.send({"type": "chat", "prompt": "first"})
-                await a.until("chunk")
+                first = (await a.until("chunk"))["seq"]
                 await b.send({"type": "chat", "prompt": "second"})
 
-                async def stamp(client: Client, kind: str) -> float:
-                    await client.until(kind, wait_s=3 * WAIT_S)
-                    return loop.time()
+                async def b_first_chunk() -> int:
+                    await b.until("chunk", wait_s=3 * WAIT_S)
+                    return a.last_seq  # read by the task below as frames arrive: where a's answer stands
 
-                a_done, b_chunk = await asyncio.gather(stamp(a, "done"), stamp(b, "chunk"))
+                a_done, a_at_b = await asyncio.gather(a.until("done", wait_s=3 * WAIT_S), b_first_chunk())
                 await b.until("done", wait_s=3 * WAIT_S)
-                return a_done, b_chunk
+                return a_at_b, first, a_done["seq"]
 
-            a_done, b_chunk = await a_done_and_b_first_chunk()
-            assert b_chunk > a_done  # one worker: b's turn waited for a's slot
+            a_at_b, _, a_last = await a_seq_at_b_first_chunk()
+            assert a_at_b == a_last  # one worker: b's turn waited for a's slot, a's done came first
             stack.start_worker()
-            a_done, b_chunk = await a_done_and_b_first_chunk()
-            assert b_chunk < a_done - 0.5  # two workers: b streamed while a still had most of its answer to go
+            a_at_b, a_first, a_last = await a_seq_at_b_first_chunk()
+            # Two workers: b streamed while a still had most of its answer to go (counted in a's frames, not seconds).
+            assert a_at_b - a_first < (a_last - a_first) // 2, (a_first, a_at_b, a_last)
 
 
 async def test_a_full_worker_never_holds_a_request_another_could_start(redis_server: Server) -> None:
@@ -158,9 +161,9 @@ async def test_a_full_worker_never_holds_a_request_another_could_start(redis_ser
         async with Clients(stack) as clients:
             for _ in range(3):  # each round, the requests reach idle workers' outstanding pulls anew
                 opened = [(await clients.open(new_session()))[0] for _ in range(4)]
-                for client in opened:
+                for client in opened:  # the spacing is the variable: requests arrive one by one
                     await client.send({"type": "chat", "prompt": "a long one"})
-                    await asyncio.sleep(0.02)  # the spacing is the variable: requests arrive one by one
+                    await client.until("accepted")  # the request is queued before the next is sent
                 firsts = await asyncio.gather(*(client.until("chunk", wait_s=WAIT_S) for client in opened))
                 assert len(firsts) == 4
                 for client in opened:
@@ -194,7 +197,8 @@ async def test_a_worker_cut_off_from_redis_publishes_nothing_after_the_reaper(re
                 await client.send({"type": "stop"})
                 assert (await client.until("done"))["turn"] == 2
                 record = await history(stack, session)
-                assert [(t["turn"], t["answer"]) for t in record["turns"]] == [(1, client.texts(1)), (2, client.texts(2))]
+                assert [t["turn"] for t in record["turns"]] == [1, 2]
+                clients.wire.assert_history(session, record)
 
 
 async def test_a_worker_cut_off_from_redis_still_shuts_down(redis_server: Server) -> None:
@@ -211,12 +215,13 @@ async def test_a_worker_cut_off_from_redis_still_shuts_down(redis_server: Server
                 await client.until("chunk")
                 proxy.refuse = True
                 proxy.cut_all()
-                await asyncio.sleep(1.0)  # a lease's length without Redis: the worker no longer trusts it
+                # The reaper's done: the lease ran out, so the worker (still mid-turn, and unable to
+                # learn that without Redis) no longer trusts it when told to stop.
+                done = await client.until("done", wait_s=3 * WAIT_S)
+                assert (done["turn"], done["reason"]) == (1, "error")
                 worker.signal(signal.SIGTERM)
                 assert worker.process is not None
-                assert await asyncio.to_thread(worker.process.wait, 15) in (0, -signal.SIGTERM)
-                done = await client.until("done")
-                assert (done["turn"], done["reason"]) == (1, "error")
+                assert await asyncio.to_thread(worker.process.wait, 15 * TIMEOUT_FACTOR) in (0, -signal.SIGTERM)
 
 
 async def test_a_frozen_idle_worker_does_not_keep_a_request(redis_server: Server) -> None:
