@@ -1,27 +1,69 @@
 """The session record in Redis: the only module that talks to Redis.
 
-Every session has three keys sharing one hash tag (so a Redis Cluster keeps
-them in one slot and the scripts below stay atomic):
+Every script and every MULTI/EXEC here touches keys of ONE Redis Cluster
+hash slot (a cluster refuses others with CROSSSLOT);
+``tests/integration/test_store_slots.py`` checks it. A session has four keys
+sharing its hash tag ``{<session>}``:
 
 - ``meta`` (hash): ``hwm`` highest stored seq, ``seq`` last seq of the last
   finished turn, ``turns`` turn counter, ``active``/``prompt`` the generating
-  turn, ``worker`` the worker that claimed it (``-`` once a reaper took its
-  lease; ``lapsed`` then names the worker that held it, empty if none),
-  ``fail`` why that worker gave it up, ``cid``/``cdigest``/``cturn``
-  the last client chat's id, prompt digest and turn, ``owner`` the user who
-  owns it, ``stop`` a turn asked to stop, ``paused`` and ``pv`` (pause
-  version), ``ended`` last turn written to history, ``floor`` highest seq
-  trimmed by the cap;
+  turn, ``lid`` its lease id and ``lease`` its lease deadline (the
+  authoritative one), ``tuser`` who started it, ``worker`` the worker that
+  claimed it (``-`` once a reaper took its lease; ``lapsed`` then names the
+  worker that held it, empty if none), ``fail`` why that worker gave it up,
+  ``cid``/``cdigest``/``cturn`` the last client chat's id, prompt digest and
+  turn, ``owner`` the user who owns it, ``stop`` a turn asked to stop,
+  ``paused`` and ``pv`` (pause version), ``ended`` last turn written to
+  history, ``floor`` highest seq trimmed by the cap;
 - ``log`` (sorted set): encoded ``chunk``/``done`` frames scored by seq;
-- ``history`` (list): finished turns as JSON, oldest first.
+- ``history`` (list): finished turns as JSON, oldest first;
+- ``retired`` (set): lease ids that can never start a turn (below).
 
-Each operation is one round trip (a Lua script or a pipeline); storing
-frames takes one script per session per batch, never one per frame.
+Two things are cross-session, each its own keys, touched only by separate
+single-slot calls, ordered so that a crash between two calls never loses a
+turn's end nor a user's turn slot for good. Both name a turn by
+``<session>:<lease id>``, a random id the gateway draws for each start (not
+the session alone: the release after a turn's end must not remove the entry
+the session's next turn may already have written):
+
+- the lease index, :data:`~shared.subjects.LEASE_SHARDS` sorted sets
+  ``chat:leases:{<n>}`` (``n`` a CRC32 of the session), is a hint for the
+  reapers: an entry scored at or before the turn's deadline in ``meta``
+  (early is allowed, never late). It is written before the turn starts and
+  removed only after the turn's end is stored (or its start refused). A
+  reaper scans every shard in one pipelined round trip and asks the
+  session's ``meta`` (one script) whether the lease is really due: it takes
+  it if so, moves the entry to the deadline in ``meta`` if not, and drops it
+  if ``meta`` names no generating turn with that lease id. Renewals write
+  ``meta`` only; a claim, an abandon and a stop before any claim move the
+  entry right after their script (an entry left late by a crash there
+  delays the reaper by at most one lease, or the claim deadline).
+- a user's turns set ``chat:user:{<u>}:turns`` counts the turns generating
+  for ``CHAT_MAX_TURNS_PER_USER``: a slot is reserved (atomically checking
+  the limit) before the turn starts, given back if the start is refused,
+  and released after the turn's end is stored. A user at the limit first
+  drops the slots whose turn is not generating (checked in each session's
+  ``meta``): slots a crash left behind cost nothing but a check.
+
+Dropping an entry whose start is still on its way (a gateway stalled
+between its calls) would leave a generating turn unindexed or uncounted, so
+whoever drops one first retires its lease id in the session's ``retired``
+set, in the same script that checked ``meta``; the start script refuses a
+retired id and the gateway starts again with a new one. Hence every
+generating turn has an index entry and a user slot, and no turn's end is
+stored twice nor lost: the guarantees of the one global set, without a
+script spanning slots.
+
+Each operation is one round trip (a Lua script or a pipeline) plus, where a
+turn starts or ends, the single-slot calls above; storing frames takes one
+script per session per batch, never one per frame.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +75,15 @@ from redis.exceptions import NoScriptError, RedisError
 
 from .errors import BrokerUnavailable
 from .settings import BrokerSettings, RetentionSettings
-from .subjects import LEASES_KEY, history_key, log_key, session_key, user_turns_key
+from .subjects import (
+    history_key,
+    lease_index_key,
+    lease_index_keys,
+    log_key,
+    retired_key,
+    session_key,
+    user_turns_key,
+)
 
 __all__ = [
     "SessionMeta",
@@ -43,19 +93,24 @@ __all__ = [
     "SegmentEnd",
     "StartResult",
     "HistoryTurn",
+    "Lease",
     "SessionStore",
     "connect_redis",
 ]
 
-# KEYS: meta, the user's turns set (meta again when anonymous), the leases.
-# ARGV: prompt, ttl, the client's chat id ('' if none), the prompt's digest,
-#       user ('' if anonymous), turns allowed per user, now, session,
-#       the time by which a worker must have claimed the turn.
+log = logging.getLogger(__name__)
+
+# KEYS: meta, retired. ARGV: prompt, ttl, the client's chat id ('' if none),
+#       the prompt's digest, user ('' if anonymous), the lease id, the time by
+#       which a worker must have claimed the turn, '1' to start a turn ('0':
+#       the user is at the limit, only answer a resend or busy).
 # A chat with the id and prompt of the turn still generating is a resend
 # after a reconnect: it gets that turn back (and its frames, which the
 # connection delivers from its cursor). Once the turn has ended, the same id
 # and prompt is a new chat: a client whose ids restart at "c1" on every page
 # load must not get an `accepted` that produces nothing.
+# Status 4: a reaper or a prune dropped this lease id's entries as stale
+# while the start was on its way; the caller starts again with a new id.
 _START_TURN = """
 local cturn = redis.call('HGET', KEYS[1], 'cturn')
 if ARGV[3] ~= '' and cturn and redis.call('HGET', KEYS[1], 'active') == cturn
@@ -64,24 +119,38 @@ if ARGV[3] ~= '' and cturn and redis.call('HGET', KEYS[1], 'active') == cturn
 end
 local active = redis.call('HGET', KEYS[1], 'active')
 if active then return {0, tonumber(active), 0} end
-if ARGV[5] ~= '' then
-  -- Entries older than an hour are from turns whose end was lost: let them go.
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[7]) - 3600)
-  local running = redis.call('ZCARD', KEYS[2])
-  if running >= tonumber(ARGV[6]) then return {3, running, 0} end
-  redis.call('ZADD', KEYS[2], ARGV[7], ARGV[8])
-  redis.call('EXPIRE', KEYS[2], 3600)
-end
+if ARGV[8] ~= '1' then return {3, 0, 0} end
+if redis.call('SISMEMBER', KEYS[2], ARGV[6]) == 1 then return {4, 0, 0} end
 local turn = redis.call('HINCRBY', KEYS[1], 'turns', 1)
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1], 'tuser', ARGV[5])
+redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1], 'tuser', ARGV[5], 'lid', ARGV[6], 'lease', ARGV[7])
 if ARGV[3] ~= '' then  -- the last chat that had an id: a chat without one cannot be resent
   redis.call('HSET', KEYS[1], 'cid', ARGV[3], 'cdigest', ARGV[4], 'cturn', turn)
 end
 redis.call('HDEL', KEYS[1], 'stop', 'worker', 'fail', 'lapsed')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[9], ARGV[8])
 return {1, turn, seq}
+"""
+
+# A user's turn slot, taken before the turn starts.
+# KEYS: the user's turns set. ARGV: member, turns allowed, now, ttl.
+_RESERVE_USER_TURN = """
+local running = redis.call('ZCARD', KEYS[1])
+if running >= tonumber(ARGV[2]) then return {0, running} end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return {1, running + 1}
+"""
+
+# Whether a lease id names the session's generating turn (0); if not, it is
+# retired (1): no start still on its way can use it, so its index and user
+# entries may be dropped without losing a live turn.
+# KEYS: meta, retired. ARGV: lease id, ttl.
+_RETIRE_LEASE = """
+if redis.call('HGET', KEYS[1], 'active') and redis.call('HGET', KEYS[1], 'lid') == ARGV[1] then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
 """
 
 # The first user to use a session owns it; anonymous callers (dev mode)
@@ -101,26 +170,25 @@ return 0
 
 # A request may be delivered twice (JetStream is at-least-once); only the
 # first worker to claim the active turn generates it.
-# KEYS: meta, leases. ARGV: turn, worker, lease deadline, session.
+# KEYS: meta. ARGV: turn, worker, lease deadline. Returns status, stop, lease id.
 _CLAIM_TURN = """
-if redis.call('HGET', KEYS[1], 'active') ~= ARGV[1] then return {-1, 0} end
-if redis.call('HGET', KEYS[1], 'worker') then return {0, 0} end
-redis.call('HSET', KEYS[1], 'worker', ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+if redis.call('HGET', KEYS[1], 'active') ~= ARGV[1] then return {-1, 0, ''} end
+if redis.call('HGET', KEYS[1], 'worker') then return {0, 0, ''} end
+redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'lease', ARGV[3])
 local stop = redis.call('HGET', KEYS[1], 'stop') == ARGV[1]
-return {1, stop and 1 or 0}
+return {1, stop and 1 or 0, redis.call('HGET', KEYS[1], 'lid') or ''}
 """
 
 # The claiming worker extends its lease; 0 means the turn is no longer its
 # (it ended, or a reaper ended it after the lease ran out): stop generating.
 # 2 means a stop was asked for: the worker obeys it even if it missed the
 # broadcast (core NATS drops messages while a connection is away).
+# KEYS: meta. ARGV: turn, worker, lease deadline.
 _RENEW_LEASE = """
 if redis.call('HGET', KEYS[1], 'active') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
   return 0
 end
-if not redis.call('ZSCORE', KEYS[2], ARGV[4]) then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+redis.call('HSET', KEYS[1], 'lease', ARGV[3])
 if redis.call('HGET', KEYS[1], 'stop') == ARGV[1] then return 2 end
 return 1
 """
@@ -130,53 +198,73 @@ return 1
 # expires again and another reaper retries. Only storing the done removes it.
 # The turn's worker becomes '-': no late claim starts the turn and no late
 # renewal revives it ('lapsed' keeps who held it, for the done's message).
-# KEYS: meta, leases. ARGV: session, now, retry deadline.
+# Returns {1, new deadline} (taken), {0, deadline} (not due: the index entry
+# was early) or {-1, ''}: the lease id is not the generating turn's (it
+# ended, the record is gone, or the start never ran), and is retired.
+# KEYS: meta, retired. ARGV: lease id, now, retry deadline, ttl.
 _TAKE_EXPIRED_LEASE = """
-local deadline = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not deadline or tonumber(deadline) > tonumber(ARGV[2]) then return 0 end
-if not redis.call('HGET', KEYS[1], 'active') then
-  redis.call('ZREM', KEYS[2], ARGV[1])  -- the record is gone (expired or lost): nothing to end
-  return 0
+if not redis.call('HGET', KEYS[1], 'active') or redis.call('HGET', KEYS[1], 'lid') ~= ARGV[1] then
+  redis.call('SADD', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  return {-1, ''}
 end
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+local deadline = redis.call('HGET', KEYS[1], 'lease') or '0'
+if tonumber(deadline) > tonumber(ARGV[2]) then return {0, deadline} end
+redis.call('HSET', KEYS[1], 'lease', ARGV[3])
 local worker = redis.call('HGET', KEYS[1], 'worker')
 if worker ~= '-' then redis.call('HSET', KEYS[1], 'worker', '-', 'lapsed', worker or '') end
+return {1, ARGV[3]}
+"""
+
+# Move an index entry to the deadline read from the record (drop it for
+# ''), unless someone moved it since it was read (an abandon or a stop made
+# it due now).
+# KEYS: an index shard. ARGV: member, score as read, new score or ''.
+_RESCORE_LEASE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+if ARGV[3] == '' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+end
 return 1
 """
 
 # A worker that cannot finish its turn (it could not publish for minutes)
 # records why and lets its lease expire at once, so a reaper ends the turn
 # now, numbering its done after what the stream really holds.
-# KEYS: meta, leases. ARGV: turn, worker, session, message.
+# KEYS: meta. ARGV: turn, worker, message. Returns the lease id ('' if not its turn).
 _ABANDON_TURN = """
 if redis.call('HGET', KEYS[1], 'active') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
-  return 0
+  return ''
 end
-redis.call('HSET', KEYS[1], 'fail', ARGV[4])
-redis.call('ZADD', KEYS[2], 'XX', 0, ARGV[3])
-return 1
+redis.call('HSET', KEYS[1], 'fail', ARGV[3], 'lease', 0)
+return redis.call('HGET', KEYS[1], 'lid') or ''
 """
 
 # A turn that never reached a worker: free the session, and forget its chat
 # id so the client's resend starts a turn instead of waiting for this one.
+# KEYS: meta. ARGV: turn. Returns the lease id and user to release ('' none).
 _ABORT_TURN = """
 if redis.call('HGET', KEYS[1], 'active') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], 'active', 'prompt', 'stop', 'worker')
-  if KEYS[2] ~= KEYS[1] then redis.call('ZREM', KEYS[2], ARGV[2]) end
-  redis.call('ZREM', KEYS[3], ARGV[2])
+  local lid, user = redis.call('HGET', KEYS[1], 'lid') or '', redis.call('HGET', KEYS[1], 'tuser') or ''
+  redis.call('HDEL', KEYS[1], 'active', 'prompt', 'stop', 'worker', 'lid', 'lease')
   if redis.call('HGET', KEYS[1], 'cturn') == ARGV[1] then redis.call('HDEL', KEYS[1], 'cid', 'cdigest', 'cturn') end
-  return 1
+  return {lid, user}
 end
-return 0
+return {'', ''}
 """
 
-# KEYS: meta, log, history, the turn's user's turns set (meta when none), leases.
+# KEYS: meta, log, history.
 # ARGV: ttl, cap, max_turns, n, seq1, frame1, ..., seqn, framen,
-#       [turn, done_seq, done_frame, reason, session, force] when the batch ends a turn.
-# Returns 1, or 0 when the turn's end must wait: some of its chunks are not
-# stored yet (another buffer holds them), and the history entry is built from
-# the stored chunks, so the done is stored, and the session freed, only once
-# they all are; ``force`` stores it anyway with what is there.
+#       [turn, done_seq, done_frame, reason, force] when the batch ends a turn.
+# Returns {stored, lease id, user}: stored is 0 when the turn's end must
+# wait: some of its chunks are not stored yet (another buffer holds them),
+# and the history entry is built from the stored chunks, so the done is
+# stored, and the session freed, only once they all are; ``force`` stores it
+# anyway with what is there. The lease id and user ('' if none) are those of
+# the turn this call freed, for the caller to drop their index and user entries.
 _STORE_FRAMES = """
 local meta, log, hist = KEYS[1], KEYS[2], KEYS[3]
 local ttl, cap, max_turns, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -188,13 +276,14 @@ for i = 0, n - 1 do
 end
 local rest = 5 + 2 * n
 local stored = 1
+local freed, user = '', ''
 if ARGV[rest] then
   local turn, done_seq = tonumber(ARGV[rest]), tonumber(ARGV[rest + 1])
   if tonumber(redis.call('HGET', meta, 'ended') or '0') < turn then
     local base = tonumber(redis.call('HGET', meta, 'seq') or '0')
     local low = math.max(base, tonumber(redis.call('HGET', meta, 'floor') or '0'))
     local frames = redis.call('ZRANGEBYSCORE', log, '(' .. low, '(' .. done_seq)
-    if #frames < done_seq - 1 - low and ARGV[rest + 5] ~= '1' then
+    if #frames < done_seq - 1 - low and ARGV[rest + 4] ~= '1' then
       stored = 0
     else
       local parts = {}
@@ -221,10 +310,9 @@ if ARGV[rest] then
       redis.call('HSET', meta, 'seq', done_seq)
     end
     if tonumber(redis.call('HGET', meta, 'active') or '0') == turn then
-      redis.call('HDEL', meta, 'active', 'prompt', 'stop', 'worker', 'fail', 'lapsed')
+      freed, user = redis.call('HGET', meta, 'lid') or '', redis.call('HGET', meta, 'tuser') or ''
+      redis.call('HDEL', meta, 'active', 'prompt', 'stop', 'worker', 'fail', 'lapsed', 'lid', 'lease')
     end
-    if KEYS[4] ~= meta then redis.call('ZREM', KEYS[4], ARGV[rest + 4]) end
-    redis.call('ZREM', KEYS[5], ARGV[rest + 4])
     redis.call('EXPIRE', hist, ttl)
   end
 end
@@ -242,7 +330,7 @@ if size > cap then
 end
 redis.call('EXPIRE', meta, ttl)
 redis.call('EXPIRE', log, ttl)
-return stored
+return {stored, freed, user}
 """
 
 _SET_PAUSED = """
@@ -260,13 +348,15 @@ return {1, version}
 # A turn no worker has claimed yet is ended by a reaper at once (its lease
 # expires now); a claimed one by its worker, which reads the flag when it
 # claims, hears the broadcast, and reads it again at every lease renewal.
-# KEYS: meta, leases. ARGV: session.
+# KEYS: meta. Returns the turn (0 if idle) and, when its lease was made due,
+# its lease id ('' otherwise).
 _REQUEST_STOP = """
 local active = redis.call('HGET', KEYS[1], 'active')
-if not active then return 0 end
+if not active then return {0, ''} end
 redis.call('HSET', KEYS[1], 'stop', active)
-if not redis.call('HGET', KEYS[1], 'worker') then redis.call('ZADD', KEYS[2], 'XX', 0, ARGV[1]) end
-return tonumber(active)
+if redis.call('HGET', KEYS[1], 'worker') then return {tonumber(active), ''} end
+redis.call('HSET', KEYS[1], 'lease', 0)
+return {tonumber(active), redis.call('HGET', KEYS[1], 'lid') or ''}
 """
 
 
@@ -301,7 +391,7 @@ class SegmentEnd:
     seq: int
     frame: bytes  # the encoded ``done`` frame
     reason: str
-    user: str | None = None  # whose turn count is released
+    user: str | None = None  # who started it (the store releases the user recorded with the turn)
     force: bool = False  # store it even if some of the turn's chunks are missing
 
 
@@ -316,6 +406,20 @@ class Segment:
 
 
 _CLAIM_STATUS = {1: "claimed", 0: "taken", -1: "inactive"}
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An entry of the lease index: a turn of ``session`` whose lease may be due at ``due``."""
+
+    session: str
+    lease_id: str
+    due: float
+
+
+def _member(session: str, lease_id: str) -> str:
+    """The lease index's and the user's turns set's member for one turn."""
+    return f"{session}:{lease_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,10 +527,13 @@ class SessionStore:
         self.redis = redis
         self.retention = retention
         self._start = redis.register_script(_START_TURN)
+        self._reserve = redis.register_script(_RESERVE_USER_TURN)
+        self._retire = redis.register_script(_RETIRE_LEASE)
         self._claim = redis.register_script(_CLAIM_TURN)
         self._owner = redis.register_script(_CHECK_OWNER)
         self._renew = redis.register_script(_RENEW_LEASE)
         self._take = redis.register_script(_TAKE_EXPIRED_LEASE)
+        self._rescore = redis.register_script(_RESCORE_LEASE)
         self._abandon = redis.register_script(_ABANDON_TURN)
         self._abort = redis.register_script(_ABORT_TURN)
         self._store = redis.register_script(_STORE_FRAMES)
@@ -436,11 +543,6 @@ class SessionStore:
     @staticmethod
     def _keys(session: str) -> list[str]:
         return [session_key(session), log_key(session), history_key(session)]
-
-    @staticmethod
-    def _user_key(session: str, user: str | None) -> str:
-        # Scripts take the meta key again for "no user" (a key must be named, not built in Lua).
-        return user_turns_key(user) if user else session_key(session)
 
     async def meta(self, session: str) -> SessionMeta:
         with _redis_errors():
@@ -476,18 +578,97 @@ class SessionStore:
         """Claim the session for a new turn unless one is generating, or
         return the turn of the same chat (same client id and prompt: a
         resend after a reconnect) while that turn still generates. A user
-        with ``max_turns_per_user`` turns generating gets ``too_many``."""
+        with ``max_turns_per_user`` turns generating gets ``too_many``.
+
+        Three single-slot calls, in this order: the user's turn slot is
+        reserved, the lease index entry written, then the turn started; a
+        refused start gives both back. A crash between them leaves entries
+        that name no turn, which the reaper and the user's prune drop."""
         digest = hashlib.blake2b(prompt.encode(), digest_size=16).hexdigest()
-        keys = [session_key(session), self._user_key(session, user), LEASES_KEY]
+        deadline = now + claim_within_s
+        limited = user if user and max_turns_per_user > 0 else None  # the user whose turns are counted
+        for _ in range(3):
+            lid = secrets.token_hex(8)
+            member = _member(session, lid)
+            if limited:
+                reserved, running = await self._reserve_user_turn(limited, member, max_turns_per_user, now)
+                if not reserved:
+                    # A resend of the chat generating gets its turn back, a busy session says busy.
+                    status, turn, base = await self._start_script(session, prompt, client_id, digest, user, "", 0, False)
+                    if status == 3:
+                        return StartResult(started=False, turn=running, base_seq=0, too_many=True)
+                    return StartResult(started=False, turn=int(turn), base_seq=int(base), duplicate=status == 2)
+            with _redis_errors():
+                await self.redis.zadd(lease_index_key(session), {member: deadline})
+            status, turn, base = await self._start_script(session, prompt, client_id, digest, user, lid, deadline, True)
+            if status != 1:
+                await self._release(session, lid, limited)
+            if status != 4:  # 4: this lease id was retired while the start was on its way
+                return StartResult(started=status == 1, turn=int(turn), base_seq=int(base), duplicate=status == 2)
+        raise BrokerUnavailable("the session store kept retiring the turn's lease")
+
+    async def _start_script(
+        self, session: str, prompt: str, client_id: str | None, digest: str, user: str | None,
+        lid: str, deadline: float, may_start: bool,
+    ) -> tuple[int, int, int]:
         args: list[Any] = [
-            prompt, self.retention.retention_s, client_id or "", digest, user or "", max_turns_per_user, now, session,
-            now + claim_within_s,
+            prompt, self.retention.retention_s, client_id or "", digest, user or "", lid, deadline,
+            "1" if may_start else "0",
         ]
         with _redis_errors():
-            status, turn, base = await self._start(keys=keys, args=args)
-        return StartResult(
-            started=status == 1, turn=int(turn), base_seq=int(base), duplicate=status == 2, too_many=status == 3
+            status, turn, base = await self._start(keys=[session_key(session), retired_key(session)], args=args)
+        return int(status), int(turn), int(base)
+
+    async def _reserve_user_turn(self, user: str, member: str, limit: int, now: float) -> tuple[bool, int]:
+        """Take one of the user's turn slots; at the limit, drop the slots of
+        turns no longer generating (their end's release was lost) and try once more."""
+        args: list[Any] = [member, limit, now, self.retention.retention_s]
+        with _redis_errors():
+            reserved, running = await self._reserve(keys=[user_turns_key(user)], args=args)
+            if not reserved and await self._prune_user_turns(user):
+                reserved, running = await self._reserve(keys=[user_turns_key(user)], args=args)
+        return bool(reserved), int(running)
+
+    async def _prune_user_turns(self, user: str) -> int:
+        """Drop the user's slots whose turn is not generating (checked, and
+        retired, in each session's record); return how many were dropped."""
+        key = user_turns_key(user)
+        members = [_str(row) or "" for row in await self.redis.zrange(key, 0, -1)]
+        named = [(member, *member.rsplit(":", 1)) for member in members if ":" in member]
+        results = await self._eval_each(
+            self._retire,
+            [(2, session_key(s), retired_key(s), lid, self.retention.retention_s) for _, s, lid in named],
         )
+        stale = [member for (member, _, _), retired in zip(named, results, strict=True) if retired]
+        stale += [member for member in members if ":" not in member]  # the old layout's entries
+        if stale:
+            await self.redis.zrem(key, *stale)
+        return len(stale)
+
+    async def _release(self, session: str, lid: str, user: str | None) -> None:
+        """Drop a lease id's index entry and user slot, once its turn is over
+        or never started. Best effort: a leftover names no generating turn,
+        and the reaper or the user's prune drops it."""
+        member = _member(session, lid)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(lease_index_key(session), member)
+                if user:
+                    pipe.zrem(user_turns_key(user), member)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("could not release a turn's lease entries: %s", exc, extra={"session": session})
+
+    async def _hint_due(self, session: str, lid: str, due: float, *, earlier_only: bool = True) -> None:
+        """Move the lease's index entry to ``due`` (never recreating it), by
+        default only earlier. Best effort: the record holds the deadline, and
+        an entry left later than it only delays the reaper by up to one lease
+        (or, after a claim, up to the claim deadline)."""
+        try:
+            member = {_member(session, lid): due}
+            await self.redis.zadd(lease_index_key(session), member, xx=True, lt=earlier_only)
+        except (RedisError, OSError) as exc:
+            log.warning("could not move a lease's index entry: %s", exc, extra={"session": session})
 
     async def check_owner(self, session: str, user: str | None) -> bool:
         """Whether ``user`` may use the session; the first user to use it owns it."""
@@ -497,42 +678,77 @@ class SessionStore:
         """Claim the active turn for one worker, leased until ``lease_until``;
         any later claim of it is refused."""
         with _redis_errors():
-            status, stop = await self._claim(
-                keys=[session_key(session), LEASES_KEY], args=[turn, worker, lease_until, session]
-            )
+            status, stop, lid = await self._claim(keys=[session_key(session)], args=[turn, worker, lease_until])
+        if int(status) == 1 and lid:
+            # The index entry still says the claim deadline: move it to the lease's end.
+            await self._hint_due(session, _str(lid) or "", lease_until, earlier_only=False)
         return Claim(status=_CLAIM_STATUS[int(status)], stop_requested=bool(stop))
 
     async def renew_lease(self, session: str, turn: int, worker: str, *, lease_until: float) -> Renewal:
-        """Extend the worker's lease on its turn, and report a stop asked for meanwhile."""
+        """Extend the worker's lease on its turn, and report a stop asked for meanwhile.
+        Only the record changes: the index entry, now early, is moved by the reaper."""
         with _redis_errors():
-            renewed = await self._renew(keys=[session_key(session), LEASES_KEY], args=[turn, worker, lease_until, session])
+            renewed = await self._renew(keys=[session_key(session)], args=[turn, worker, lease_until])
         return Renewal(ours=bool(renewed), stop_requested=int(renewed) == 2)
 
     async def abandon_turn(self, session: str, turn: int, worker: str, *, reason: str) -> None:
         """Give up a claimed turn: its lease expires now and a reaper ends it with ``reason``."""
         with _redis_errors():
-            await self._abandon(keys=[session_key(session), LEASES_KEY], args=[turn, worker, session, reason])
+            lid = _str(await self._abandon(keys=[session_key(session)], args=[turn, worker, reason]))
+        if lid:
+            await self._hint_due(session, lid, 0)
 
-    async def expired_leases(self, now: float, *, limit: int = 100) -> list[str]:
-        """Sessions whose turn lease ended before ``now``."""
+    async def expired_leases(self, now: float, *, limit: int = 100) -> list[Lease]:
+        """Lease index entries due before ``now``, from every shard in one
+        round trip (up to ``limit`` per shard). An entry may be early: only
+        :meth:`take_expired_lease` decides, from the session's record."""
         with _redis_errors():
-            rows = await self.redis.zrangebyscore(LEASES_KEY, "-inf", now, start=0, num=limit)
-        return [row.decode() if isinstance(row, bytes) else str(row) for row in rows]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in lease_index_keys():
+                    pipe.zrangebyscore(key, "-inf", now, start=0, num=limit, withscores=True)
+                shards = await pipe.execute()
+        leases = []
+        for rows in shards:
+            for member, due in rows:
+                session, _, lid = (_str(member) or "").rpartition(":")
+                if session and lid:
+                    leases.append(Lease(session=session, lease_id=lid, due=float(due)))
+        return leases
 
-    async def take_expired_lease(self, session: str, *, now: float, retry_at: float) -> bool:
-        """Take a lease that expired before ``now``; True for the one caller that
-        took it, which ends the turn. The lease stays, due again at ``retry_at``,
-        until the turn's ``done`` is stored: a reaper that fails is retried."""
+    async def take_expired_leases(self, leases: Sequence[Lease], *, now: float, retry_at: float) -> list[Lease]:
+        """Take the leases that expired before ``now``; return those this caller
+        took (one caller takes a given lease), whose turns it must end. A taken
+        lease stays, due again at ``retry_at``, until the turn's ``done`` is
+        stored: a reaper that fails is retried.
+
+        Each session's record decides (one script per lease, all in one
+        round trip); then, in a second, each index entry is moved to the
+        record's deadline, or dropped if it names no generating turn."""
+        calls = [
+            (2, session_key(lease.session), retired_key(lease.session), lease.lease_id, now, retry_at,
+             self.retention.retention_s)
+            for lease in leases
+        ]
         with _redis_errors():
-            taken = await self._take(keys=[session_key(session), LEASES_KEY], args=[session, now, retry_at])
-        return bool(taken)
+            results = await self._eval_each(self._take, calls)
+            moves = [
+                (1, lease_index_key(lease.session), _member(lease.session, lease.lease_id), lease.due,
+                 "" if int(status) == -1 else deadline)
+                for lease, (status, deadline) in zip(leases, results, strict=True)
+            ]
+            await self._eval_each(self._rescore, moves)
+        return [lease for lease, (status, _) in zip(leases, results, strict=True) if int(status) == 1]
 
-    async def abort_turn(self, session: str, turn: int, *, user: str | None = None) -> None:
+    async def take_expired_lease(self, lease: Lease, *, now: float, retry_at: float) -> bool:
+        """:meth:`take_expired_leases` for one lease: True if this caller took it."""
+        return bool(await self.take_expired_leases([lease], now=now, retry_at=retry_at))
+
+    async def abort_turn(self, session: str, turn: int) -> None:
         """Release a turn that was never handed to a worker."""
         with _redis_errors():
-            await self._abort(
-                keys=[session_key(session), self._user_key(session, user), LEASES_KEY], args=[turn, session]
-            )
+            lid, user = await self._abort(keys=[session_key(session)], args=[turn])
+        if lid:
+            await self._release(session, _str(lid) or "", _str(user))
 
     async def set_paused(self, session: str, paused: bool) -> tuple[bool, int]:
         """Set the pause flag; return (whether it changed, the flag's version)."""
@@ -548,7 +764,9 @@ class SessionStore:
         reaper ends it with ``stopped`` without waiting for a worker.
         """
         with _redis_errors():
-            turn = await self._stop(keys=[session_key(session), LEASES_KEY], args=[session])
+            turn, lid = await self._stop(keys=[session_key(session)])
+        if lid:
+            await self._hint_due(session, _str(lid) or "", 0)
         return int(turn) or None
 
     async def store_segments(self, segments: Sequence[Segment]) -> list[bool]:
@@ -558,11 +776,11 @@ class SessionStore:
         Frames are stored idempotently by seq, so a redelivered batch changes
         nothing. A segment's ``end`` (the turn's ``done``) is stored only once
         every chunk of its turn is: then, atomically, the history entry is
-        built from those chunks, the turn's last seq recorded, the session
-        freed for the next turn and the user's turn slot and the lease
-        released. If some are still on their way (another buffer holds them)
-        the segment's frames are stored but not its end, and False says to
-        offer the end again shortly.
+        built from those chunks, the turn's last seq recorded and the session
+        freed for the next turn; the lease's index entry and the user's turn
+        slot are released after, in a second round trip. If some chunks are
+        still on their way (another buffer holds them) the segment's frames
+        are stored but not its end, and False says to offer the end again shortly.
         """
         calls = []
         for segment in segments:
@@ -576,21 +794,30 @@ class SessionStore:
                 args += (seq, data)
             end = segment.end
             if end is not None:
-                args += (end.turn, end.seq, end.frame, end.reason, segment.session, "1" if end.force else "0")
-            user = end.user if end is not None else None
-            keys = [*self._keys(segment.session), self._user_key(segment.session, user), LEASES_KEY]
+                args += (end.turn, end.seq, end.frame, end.reason, "1" if end.force else "0")
+            keys = self._keys(segment.session)
             calls.append((len(keys), *keys, *args))
         with _redis_errors():
-            try:
-                results = await self._evalsha_all(self._store.sha, calls)
-            except NoScriptError:  # Redis restarted or flushed its scripts: load, then redo (idempotent)
-                await self.redis.script_load(_STORE_FRAMES)
-                results = await self._evalsha_all(self._store.sha, calls)
-        return [bool(result) for result in results]
+            results = await self._eval_each(self._store, calls)
+        for segment, (_, lid, user) in zip(segments, results, strict=True):
+            if lid:
+                await self._release(segment.session, _str(lid) or "", _str(user))
+        return [bool(stored) for stored, _, _ in results]
+
+    async def _eval_each(self, script: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
+        """EVALSHA each call (numkeys, keys..., args...) in one pipeline. Not
+        through the Script object: in a pipeline it first asks SCRIPT EXISTS,
+        a second round trip per batch. Redis restarted or flushed its scripts:
+        load, then redo (every script here is safe to run twice)."""
+        if not calls:
+            return []
+        try:
+            return await self._evalsha_all(script.sha, calls)
+        except NoScriptError:
+            await self.redis.script_load(script.script)
+            return await self._evalsha_all(script.sha, calls)
 
     async def _evalsha_all(self, sha: str, calls: list[tuple[Any, ...]]) -> list[Any]:
-        """EVALSHA each call in one pipeline. Not through the Script object:
-        in a pipeline it first asks SCRIPT EXISTS, a second round trip per batch."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for call in calls:
                 pipe.evalsha(sha, *call)

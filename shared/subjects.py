@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import zlib
 
 from .errors import ProtocolError
 
@@ -31,7 +32,10 @@ __all__ = [
     "log_key",
     "history_key",
     "user_turns_key",
-    "LEASES_KEY",
+    "retired_key",
+    "LEASE_SHARDS",
+    "lease_index_key",
+    "lease_index_keys",
 ]
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -48,9 +52,10 @@ CONSUMER_BUFFERS = "buffers"
 SUBJECT_REPLAY = f"{PREFIX}.replay"
 
 KEY_PREFIX = "chat"
-# Redis sorted set: sessions with a turn queued or generating, scored by the
-# time its lease ends (queue deadline, then the worker's renewed lease).
-LEASES_KEY = f"{KEY_PREFIX}:leases"
+# The lease index is split into this many sorted sets, each in a hash slot of
+# its own, so no script touches it together with a session's keys. Changing
+# the number moves sessions between shards: entries in the old ones are lost.
+LEASE_SHARDS = 16
 
 
 def validate_session_id(value: object) -> str:
@@ -110,5 +115,23 @@ def history_key(session: str) -> str:
 
 
 def user_turns_key(user: str) -> str:
-    """Redis sorted set of the sessions where a user has a turn generating."""
+    """Redis sorted set of the user's turns generating (``<session>:<lease id>``), scored by start time."""
     return f"{KEY_PREFIX}:user:{{{validate_session_id(user)}}}:turns"
+
+
+def retired_key(session: str) -> str:
+    """Redis set of the session's lease ids that can no longer start a turn
+    (their index or user entry was dropped as stale)."""
+    return f"{KEY_PREFIX}:{{{validate_session_id(session)}}}:retired"
+
+
+def lease_index_key(session: str) -> str:
+    """Redis sorted set (one of :data:`LEASE_SHARDS`) indexing the session's
+    turn lease: ``<session>:<lease id>`` scored by a time at or before its deadline."""
+    shard = zlib.crc32(validate_session_id(session).encode()) % LEASE_SHARDS
+    return f"{KEY_PREFIX}:leases:{{{shard}}}"
+
+
+def lease_index_keys() -> list[str]:
+    """Every shard of the lease index, for the reaper's scan."""
+    return [f"{KEY_PREFIX}:leases:{{{shard}}}" for shard in range(LEASE_SHARDS)]

@@ -184,15 +184,16 @@ class Buffer:
             try:
                 now = time.time()
                 expired = await self.store.expired_leases(now)
+                taken = await self.store.take_expired_leases(expired, now=now, retry_at=now + REAP_RETRY_S)
             except BrokerUnavailable:
                 log.warning("reaper: redis unavailable", extra={"event": "reap_failed"})
                 continue
-            for session in expired:
+            for lease in taken:
                 try:
-                    if await self.store.take_expired_lease(session, now=now, retry_at=now + REAP_RETRY_S):
-                        await self.end_abandoned_turn(session)
+                    await self.end_abandoned_turn(lease.session)
                 except Exception as exc:  # Redis or NATS away: the lease comes due again
-                    log.warning("reaper: could not end the turn: %s", exc, extra={"session": session, "event": "reap_failed"})
+                    extra = {"session": lease.session, "event": "reap_failed"}
+                    log.warning("reaper: could not end the turn: %s", exc, extra=extra)
 
     async def end_abandoned_turn(self, session: str) -> None:
         """Publish the turn's ``done`` right after the last frame its worker published."""

@@ -180,7 +180,7 @@ class Gateway:
             await self.js.publish(SUBJECT_REQUESTS, encode(request), headers=headers, timeout=5)
         except Exception as exc:
             log.warning("could not queue turn: %s", exc, extra={"session": session, "turn": result.turn})
-            await self.store.abort_turn(session, result.turn, user=user)
+            await self.store.abort_turn(session, result.turn)
             raise BrokerUnavailable("the message broker is unavailable") from exc
         self.metrics.turns_started.inc()
         log.info("turn queued", extra={"session": session, "turn": result.turn, "trace": trace, "event": "turn_queued"})

@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 from devstack.servers import Server
 from shared.protocol import Chunk, Done, encode
 from shared.settings import RetentionSettings
-from shared.store import Segment, SegmentEnd, SessionStore
-from shared.subjects import LEASES_KEY, log_key, session_key
+from shared.store import Lease, Segment, SegmentEnd, SessionStore
+from shared.subjects import lease_index_key, log_key, retired_key, session_key, user_turns_key
 from tests.stack import new_session
 
 
@@ -31,6 +31,21 @@ def chunk(seq: int, turn: int = 1, text: str | None = None) -> tuple[int, bytes]
 
 def end(seq: int, turn: int = 1, *, force: bool = False) -> SegmentEnd:
     return SegmentEnd(turn=turn, seq=seq, frame=encode(Done(seq=seq, turn=turn, reason="stop")), reason="stop", force=force)
+
+
+async def due(store: SessionStore, now: float) -> set[str]:
+    """The sessions with a lease index entry due at ``now``."""
+    return {lease.session for lease in await store.expired_leases(now)}
+
+
+async def lease_of(store: SessionStore, session: str, now: float) -> Lease:
+    """The session's lease index entry, due at ``now``."""
+    [lease] = [lease for lease in await store.expired_leases(now) if lease.session == session]
+    return lease
+
+
+async def index_score(store: SessionStore, lease: Lease) -> float | None:
+    return await store.redis.zscore(lease_index_key(lease.session), f"{lease.session}:{lease.lease_id}")
 
 
 async def test_one_turn_at_a_time_and_contiguous_seq(store: SessionStore) -> None:
@@ -199,13 +214,13 @@ async def test_leases_follow_the_turn(store: SessionStore) -> None:
     session = new_session()
     now = time.time()
     await store.start_turn(session, "p", now=now, claim_within_s=5)
-    assert session in await store.expired_leases(now + 6)
+    assert session in await due(store, now + 6)
     await store.claim_turn(session, 1, "w1", lease_until=now + 60)
-    assert session not in await store.expired_leases(now + 6)
+    assert session not in await due(store, now + 6)
     assert (await store.renew_lease(session, 1, "w1", lease_until=now + 120)).ours
     assert not (await store.renew_lease(session, 1, "w2", lease_until=now + 120)).ours  # not its turn
     await store.store_segments([Segment(session, [], end=end(1))])
-    assert session not in await store.expired_leases(now + 10_000)
+    assert session not in await due(store, now + 10_000)
     assert not (await store.renew_lease(session, 1, "w1", lease_until=now + 120)).ours  # ended: stop
 
 
@@ -226,23 +241,80 @@ async def test_an_expired_lease_is_taken_once_and_kept_until_the_done(store: Ses
     session = new_session()
     now = time.time()
     await store.start_turn(session, "p", now=now - 100, claim_within_s=1)
-    taken = [await store.take_expired_lease(session, now=now, retry_at=now + 5) for _ in range(3)]
+    lease = await lease_of(store, session, now)
+    taken = [await store.take_expired_lease(lease, now=now, retry_at=now + 5) for _ in range(3)]
     assert taken == [True, False, False]
-    assert await store.redis.zscore(LEASES_KEY, session) == pytest.approx(now + 5)
+    assert await index_score(store, lease) == pytest.approx(now + 5)
     meta = await store.meta(session)
     assert (meta.worker, meta.lapsed_worker) == ("-", "")  # taken unclaimed: ...
     assert (await store.claim_turn(session, 1, "late", lease_until=now + 60)).status == "taken"  # ... no late claim
-    assert await store.take_expired_lease(session, now=now + 6, retry_at=now + 11)  # the retry
+    assert session not in await due(store, now + 4)
+    retry = await lease_of(store, session, now + 6)
+    assert await store.take_expired_lease(retry, now=now + 6, retry_at=now + 11)  # the retry
     await store.store_segments([Segment(session, [], end=end(1))])
-    assert await store.redis.zscore(LEASES_KEY, session) is None
+    assert await index_score(store, lease) is None
 
 
 async def test_a_lease_without_a_turn_is_dropped(store: SessionStore) -> None:
-    """A lease whose session record is gone (expired, or Redis lost it) is removed, not retried forever."""
+    """An index entry naming no generating turn (the record is gone, the turn ended, or its start never
+    ran) is removed, not retried forever, and its lease id can no longer start a turn."""
     session = new_session()
-    await store.redis.zadd(LEASES_KEY, {session: 1})
-    assert not await store.take_expired_lease(session, now=time.time(), retry_at=time.time() + 5)
-    assert await store.redis.zscore(LEASES_KEY, session) is None
+    await store.redis.zadd(lease_index_key(session), {f"{session}:gone": 1})
+    lease = await lease_of(store, session, time.time())
+    assert not await store.take_expired_lease(lease, now=time.time(), retry_at=time.time() + 5)
+    assert await index_score(store, lease) is None
+    assert await store.redis.sismember(retired_key(session), "gone")
+
+
+async def test_an_early_index_entry_follows_the_record(store: SessionStore) -> None:
+    """Renewals move only the record's deadline; a reaper that finds the index entry early takes
+    nothing and moves the entry to the record's deadline."""
+    session = new_session()
+    now = time.time()
+    await store.start_turn(session, "p", now=now)
+    await store.claim_turn(session, 1, "w", lease_until=now + 60)
+    assert (await store.renew_lease(session, 1, "w", lease_until=now + 120)).ours
+    lease = await lease_of(store, session, now + 61)
+    assert not await store.take_expired_lease(lease, now=now + 61, retry_at=now + 66)
+    assert await index_score(store, lease) == pytest.approx(now + 120)
+    assert (await store.renew_lease(session, 1, "w", lease_until=now + 180)).ours  # still its turn
+
+
+async def test_a_start_whose_lease_id_was_retired_takes_another(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reaper or prune that dropped a lease id while its start was on its way has retired it: the
+    start does not use it (its turn would have no index entry) but starts with a new id."""
+    session = new_session()
+    ids = iter(["retired", "fresh"])
+    monkeypatch.setattr("shared.store.secrets.token_hex", lambda _: next(ids))
+    await store.redis.sadd(retired_key(session), "retired")
+    started = await store.start_turn(session, "p", user="u1", max_turns_per_user=2, now=time.time())
+    assert started.started
+    members = await store.redis.zrange(lease_index_key(session), 0, -1)
+    assert f"{session}:retired".encode() not in members and f"{session}:fresh".encode() in members
+    assert await store.redis.zrange(user_turns_key("u1"), 0, -1) == [f"{session}:fresh".encode()]
+
+
+async def test_the_per_user_limit_holds_and_stale_slots_are_dropped(store: SessionStore) -> None:
+    """A user at the limit is refused (a resend of a generating chat still gets its turn back); a turn's
+    done frees its slot; slots left by a lost release name no generating turn and are dropped."""
+    user, now = "u" + new_session(), time.time()
+    first, second = new_session(), new_session()
+    assert (await store.start_turn(first, "p", client_id="c1", user=user, max_turns_per_user=1, now=now)).started
+    refused = await store.start_turn(second, "p", user=user, max_turns_per_user=1, now=now)
+    assert refused.too_many and refused.turn == 1 and not (await store.meta(second)).active_turn
+    resent = await store.start_turn(first, "p", client_id="c1", user=user, max_turns_per_user=1, now=now)
+    assert resent.duplicate and resent.turn == 1
+    assert (await store.start_turn(first, "q", user=user, max_turns_per_user=1, now=now)).turn == 1  # busy
+    assert await store.redis.zcard(user_turns_key(user)) == 1
+    await store.store_segments([Segment(first, [], end=end(1))])
+    assert await store.redis.zcard(user_turns_key(user)) == 0
+    # a gateway died between reserving a slot and starting; an old-layout entry
+    await store.redis.zadd(user_turns_key(user), {f"{second}:lost": now, second: now})
+    assert (await store.start_turn(second, "p", user=user, max_turns_per_user=2, now=now)).started
+    assert await store.redis.zcard(user_turns_key(user)) == 1
+    assert await store.redis.sismember(retired_key(second), "lost")
 
 
 async def test_stop_before_any_claim_expires_the_lease(store: SessionStore) -> None:
@@ -251,14 +323,14 @@ async def test_stop_before_any_claim_expires_the_lease(store: SessionStore) -> N
     session = new_session()
     now = time.time()
     await store.start_turn(session, "p", now=now, claim_within_s=600)
-    assert session not in await store.expired_leases(now)
+    assert session not in await due(store, now)
     assert await store.request_stop(session) == 1
-    assert session in await store.expired_leases(now)
+    assert session in await due(store, now)
     claimed = new_session()
     await store.start_turn(claimed, "p", now=now, claim_within_s=600)
     await store.claim_turn(claimed, 1, "w", lease_until=now + 60)
     await store.request_stop(claimed)
-    assert claimed not in await store.expired_leases(now)
+    assert claimed not in await due(store, now)
 
 
 async def test_abandoned_turn_is_due_now_with_its_reason(store: SessionStore) -> None:
@@ -268,9 +340,9 @@ async def test_abandoned_turn_is_due_now_with_its_reason(store: SessionStore) ->
     await store.start_turn(session, "p", now=now)
     await store.claim_turn(session, 1, "w", lease_until=now + 60)
     await store.abandon_turn(session, 1, "other", reason="not yours")
-    assert session not in await store.expired_leases(now)
+    assert session not in await due(store, now)
     await store.abandon_turn(session, 1, "w", reason="broker down")
-    assert session in await store.expired_leases(now)
+    assert session in await due(store, now)
     assert (await store.meta(session)).failure == "broker down"
 
 
@@ -292,6 +364,6 @@ async def test_a_taken_lease_is_not_revived_by_its_worker(store: SessionStore) -
     now = time.time()
     await store.start_turn(session, "p", now=now)
     await store.claim_turn(session, 1, "w", lease_until=now - 1)  # the lease ran out while Redis was away
-    assert await store.take_expired_lease(session, now=now, retry_at=now + 5)
+    assert await store.take_expired_lease(await lease_of(store, session, now), now=now, retry_at=now + 5)
     assert (await store.meta(session)).lapsed_worker == "w"
     assert not (await store.renew_lease(session, 1, "w", lease_until=now + 60)).ours
