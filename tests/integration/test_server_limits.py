@@ -98,5 +98,5 @@ async def test_sessions_expire_after_retention(short_stack: Stack, redis_server:
         assert refused.value.response.status_code == 400
         clients.wire.assert_clean()
     finally:
-        await pubsub.aclose()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
         await redis.aclose()
