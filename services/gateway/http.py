@@ -15,7 +15,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 
 from shared.auth import Principal
 from shared.errors import BrokerUnavailable, ProtocolError, SessionStateError
-from shared.protocol import Chunk, Done, decode_server_frame
+from shared.protocol import Chunk, Done, Paused, decode_server_frame, encode
 from shared.runner import Startup
 from shared.session import Send
 from shared.sse import encode_event
@@ -121,6 +121,8 @@ def _stream(
         try:
             if not plain:
                 yield b"retry: 1000\n\n"
+                if meta.paused:  # SSE has no ready: say the stream starts paused, as ready.paused does
+                    yield encode_event(encode(Paused(seq=last_seq)), event="paused")
             while True:
                 try:
                     send = await asyncio.wait_for(outbox.get(), settings.timeouts.sse_keepalive_s)
