@@ -16,7 +16,7 @@ import json
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import ChatError
 from ..protocol import (
@@ -230,7 +230,8 @@ class SessionState:
     def url(self, base: str, *, token: str | None = None) -> str:
         """The WebSocket URL to (re)connect to, carrying session and cursor."""
         parts = urlsplit(base)
-        query = dict(item.split("=", 1) for item in parts.query.split("&") if "=" in item)
+        # Parsed and encoded once: a percent-encoded value in the base URL keeps its meaning.
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
         if self.session is not None:
             query["session"] = self.session
         query["last_seq"] = str(self.last_seq)

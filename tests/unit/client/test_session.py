@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -325,3 +326,11 @@ def test_close_codes(code: int | None, action: CloseAction) -> None:
 def test_handshake_refusals(status: int, action: CloseAction) -> None:
     """A refused upgrade: 401 refreshes the token, 408/429/5xx retry, 400/403 and other 4xx stop."""
     assert handshake_action(status) is action
+
+
+def test_url_keeps_the_base_query_values_as_given() -> None:
+    """A percent-encoded value, a '+' for a space and a blank value in the base URL keep their meaning."""
+    state = SessionState(session="a b", last_seq=4)
+    url = state.url("ws://h/ws?name=a%20b&plus=x+y&blank=&x=1", token="t==")
+    query = parse_qs(urlsplit(url).query, keep_blank_values=True)
+    assert query == {"name": ["a b"], "plus": ["x y"], "blank": [""], "x": ["1"], "session": ["a b"], "last_seq": ["4"], "token": ["t=="]}
