@@ -500,6 +500,8 @@ class ProtocolMachine(RuleBasedStateMachine):
                     f"{conn}: accepted turn {frame['turn']} after {session.turns}"
                 )
                 session.turns += 1
+                early = [f for f in conn.wire.frames if f["type"] in ("chunk", "done") and f["turn"] == session.turns]
+                assert not early, f"{conn}: accepted came after {len(early)} frames of its turn"
                 self.count("chats accepted")
                 return True
             if is_error("busy", chat_id)(frame):
