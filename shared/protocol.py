@@ -98,7 +98,7 @@ class Stop(_ClientFrame, tag="stop", frozen=True):
 
 
 class Ping(_ClientFrame, tag="ping", frozen=True):
-    t: Any = None
+    t: Any = msgspec.UNSET  # absent stays absent; a null is echoed as null
 
 
 class Auth(_ClientFrame, tag="auth", frozen=True):
@@ -168,7 +168,7 @@ class Resumed(_ServerFrame, tag="resumed", frozen=True):
 
 
 class Pong(_ServerFrame, tag="pong", frozen=True):
-    t: Any = None
+    t: Any = msgspec.UNSET
 
 
 class AuthOk(_ServerFrame, tag="auth_ok", frozen=True):

@@ -168,3 +168,16 @@ def test_a_ping_t_within_the_nesting_limit_round_trips() -> None:
     assert isinstance(frame, Ping) and json.loads(encode(protocol.Pong(t=frame.t))) == {"type": "pong", "t": t}
     deepest = json.loads("[" * 32 + "]" * 32)
     assert decode_client_frame(json.dumps({"type": "ping", "t": deepest})) == Ping(t=deepest)
+
+
+@pytest.mark.parametrize(("ping", "pong"), [
+    ('{"type":"ping"}', {"type": "pong"}),
+    ('{"type":"ping","t":null}', {"type": "pong", "t": None}),
+    ('{"type":"ping","t":0}', {"type": "pong", "t": 0}),
+    ('{"type":"ping","t":false}', {"type": "pong", "t": False}),
+])
+def test_pong_echoes_t_exactly_a_null_included(ping: str, pong: dict[str, object]) -> None:
+    """t may be any JSON and is echoed as sent; a ping without t gets a pong without one."""
+    frame = decode_client_frame(ping)
+    assert isinstance(frame, Ping)
+    assert json.loads(encode(protocol.Pong(t=frame.t))) == pong
