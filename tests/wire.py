@@ -174,6 +174,8 @@ class WireChecker:
             self.fail(where, f"chunk without text: {frame!r}")
         if frame["type"] == "done" and frame.get("reason") not in ("stop", "length", "stopped", "error"):
             self.fail(where, f"done with reason {frame.get('reason')!r}")
+        if frame["type"] == "done" and frame["reason"] == "error" and not (isinstance(frame.get("message"), str) and frame["message"]):
+            self.fail(where, f"an error done without a message for the user: {frame!r}")
 
     def seq_frame(self, where: str, session: str, frame: dict[str, Any]) -> None:
         """Check a valid chunk or done against everything known of its session's seq space."""
@@ -325,7 +327,10 @@ class WsConnection(Connection):
             self.checker.accepted(self.session, frame["turn"])
         elif kind == "error":
             self._error(frame)
-        elif kind not in ("pong", "auth_ok"):
+        elif kind == "auth_ok":
+            if not isinstance(frame.get("exp"), int) or isinstance(frame.get("exp"), bool):
+                self.fail(f"auth_ok without an integer exp: {frame!r}")
+        elif kind != "pong":
             self.fail(f"an unknown frame type {kind!r}")
         return frame
 

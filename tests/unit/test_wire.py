@@ -93,6 +93,8 @@ def test_reconnect_from_the_cursor_and_replay_of_the_same_frames_pass() -> None:
         ([json.dumps({"type": "chunk", "seq": 1, "turn": 1})], "chunk without text"),
         ([json.dumps({"type": "chunk", "seq": "1", "turn": 1, "text": "x"})], "without a valid seq"),
         ([done(1, reason="finished")], "done with reason 'finished'"),
+        ([done(1, reason="error")], "an error done without a message"),
+        ([frame("auth_ok", exp="soon")], "auth_ok without an integer exp"),
         ([frame("error", code="invalid")], "error without code and message"),
         ([frame("surprise")], "unknown frame type"),
         (["not json"], "not JSON"),
