@@ -24,6 +24,21 @@ What it asserts, as frames arrive (``../shared/PROTOCOL.md``, docs/protocol.md):
 - on demand: every accepted turn ended (:meth:`WireChecker.assert_ended`),
   and the text delivered equals the stored history (:meth:`WireChecker.assert_history`).
 
+Also checked: frames are strict JSON (no duplicate keys, no NaN), a chunk's
+text is valid Unicode of at most 16 KiB, error codes are documented ones, an
+error ``done`` has a message, an ``accepted`` never names a turn its
+connection already saw end (unless that chat was accepted as it before: a
+resend), ``ready.last_seq`` is never below a seq already delivered, SSE
+bodies are UTF-8 and only ``chunk``/``done`` events carry an ``id``, and a
+plain-text connection never receives a protocol frame.
+
+What it cannot see: a connection that keeps delivering after another one
+got ``paused`` (frames carry no pause version, and a connection may deliver
+until the broadcast pause reaches it); a plain-text connection's lost or
+repeated chunk when the text repeats (only the joined text can be compared);
+anything on a connection that already broke the contract (after its first
+violation it is checked no further, so one fault is reported once).
+
 A violation raises :class:`WireViolation` (an ``AssertionError``) where the
 frame is fed, and is also kept in :attr:`WireChecker.violations`, because a
 frame fed from inside a client library's task (:class:`WireTap`) cannot fail
@@ -32,16 +47,22 @@ the test by raising: :meth:`WireChecker.assert_clean` does.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeGuard, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from shared.sse import SSEDecoder
 
 T = TypeVar("T")
+MAX_CHUNK_BYTES = 16 * 1024  # one chunk's text at most (docs/protocol.md)
+ERROR_CODES = {"invalid", "busy", "unauthorized", "forbidden", "rate_limited", "too_big", "unavailable"}
+# Each server frame type and a field it always has: how a protocol frame is told from a model's JSON answer.
+FRAME_FIELDS = {"ready": "session", "chunk": "seq", "done": "seq", "paused": "seq", "resumed": "seq", "accepted": "turn",
+                "error": "code", "auth_ok": "exp", "pong": "type"}
 _PAST_RETENTION = re.compile(r"frames (\d+)\.\.(\d+) are past retention")
 
 
@@ -55,8 +76,10 @@ class SessionRecord:
 
     session: str
     frames: dict[int, dict[str, Any]] = field(default_factory=dict)  # seq -> chunk or done
+    last_seq: int = 0  # the highest seq seen
     done_seq: dict[int, int] = field(default_factory=dict)  # turn -> seq of its done
     accepted: set[int] = field(default_factory=set)
+    accepted_ids: dict[str, int] = field(default_factory=dict)  # chat id -> its turn
 
     def text(self, turn: int) -> str:
         return "".join(f["text"] for _, f in sorted(self.frames.items()) if f["type"] == "chunk" and f["turn"] == turn)
@@ -136,12 +159,22 @@ class WireChecker:
 
     def assert_history(self, session: str, history: Mapping[str, Any], *, complete: bool = True) -> None:
         """The text delivered equals the stored history (``GET …/history``):
-        each finished turn's chunks joined equal its answer, its done has the
-        stored seq and reason. ``complete``: every stored turn was delivered
-        and no turn is still generating."""
+        the stored turns are numbered one after another and agree with
+        ``last_seq`` and ``resume_from``; each stored turn that was delivered
+        has its done at the stored seq with the stored reason, and its chunks
+        joined equal its answer. ``complete``: every stored turn was delivered
+        whole, every turn delivered is stored, and no turn is still generating."""
         self.assert_clean()
         record = self.record(session)
-        for stored in history["turns"]:
+        turns = history["turns"]
+        numbers = [stored["turn"] for stored in turns]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))) if numbers else True, f"{session}: stored turns {numbers}"
+        if turns:
+            assert history["last_seq"] == history["resume_from"] == turns[-1]["last_seq"], (
+                f"{session}: last_seq {history['last_seq']}, resume_from {history['resume_from']}, last turn's done at {turns[-1]['last_seq']}"
+            )
+        previous_done = {stored["turn"]: stored["last_seq"] for stored in turns}
+        for stored in turns:
             turn = stored["turn"]
             if turn not in record.done_seq:
                 assert not complete, f"{session}: turn {turn} is stored but its done was never delivered"
@@ -149,8 +182,9 @@ class WireChecker:
             done = record.frames[record.done_seq[turn]]
             assert done["seq"] == stored["last_seq"], f"{session} turn {turn}: done at seq {done['seq']}, stored at {stored['last_seq']}"
             assert done["reason"] == stored["reason"], f"{session} turn {turn}: done {done['reason']!r}, stored {stored['reason']!r}"
-            first = record.done_seq.get(turn - 1, 0) + 1
-            unseen = [seq for seq in range(first, done["seq"]) if seq not in record.frames]
+            # The turn's first seq follows the previous turn's done, wherever that is known from.
+            before = 0 if turn == 1 else previous_done.get(turn - 1, record.done_seq.get(turn - 1))
+            unseen = ["the start"] if before is None else [seq for seq in range(before + 1, done["seq"]) if seq not in record.frames]
             if unseen:
                 assert not complete, f"{session} turn {turn}: seqs {unseen[:5]}… were never delivered"
                 continue
@@ -158,7 +192,9 @@ class WireChecker:
             assert text == stored["answer"], f"{session} turn {turn}: delivered {len(text)} chars differ from the stored answer ({len(stored['answer'])})"
         if complete:
             assert history["active"] is None, f"{session}: turn {history['active']} still generating"
-            assert max(record.frames, default=0) == history["last_seq"], f"{session}: delivered up to {max(record.frames, default=0)}, stored {history['last_seq']}"
+            assert record.last_seq == history["last_seq"], f"{session}: delivered up to {record.last_seq}, stored {history['last_seq']}"
+            unstored = sorted(set(record.done_seq) - set(numbers))
+            assert not unstored, f"{session}: turns {unstored} delivered but not stored"
             self.assert_ended(session)
 
     # Shared by the connection kinds ---------------------------------------
@@ -170,17 +206,27 @@ class WireChecker:
             self.fail(where, f"{frame['type']} without a valid seq: {frame!r}")
         if not isinstance(turn, int) or isinstance(turn, bool) or turn < 1:
             self.fail(where, f"{frame['type']} without a valid turn: {frame!r}")
-        if frame["type"] == "chunk" and not isinstance(frame.get("text"), str):
-            self.fail(where, f"chunk without text: {frame!r}")
+        if frame["type"] == "chunk":
+            text = frame.get("text")
+            if not isinstance(text, str):
+                self.fail(where, f"chunk without text: {frame!r}")
+            try:
+                size = len(text.encode())
+            except UnicodeEncodeError:
+                self.fail(where, f"chunk seq {seq} text is not valid Unicode (a lone surrogate)")
+            if size > MAX_CHUNK_BYTES:
+                self.fail(where, f"chunk seq {seq} text of {size} bytes, over {MAX_CHUNK_BYTES}")
         if frame["type"] == "done" and frame.get("reason") not in ("stop", "length", "stopped", "error"):
             self.fail(where, f"done with reason {frame.get('reason')!r}")
         if frame["type"] == "done" and frame["reason"] == "error" and not (isinstance(frame.get("message"), str) and frame["message"]):
             self.fail(where, f"an error done without a message for the user: {frame!r}")
 
     def seq_frame(self, where: str, session: str, frame: dict[str, Any]) -> None:
-        """Check a valid chunk or done against everything known of its session's seq space."""
+        """Check a valid chunk or done against everything known of its session's
+        seq space, from any connection: turns never go back, a turn's frames are
+        contiguous and end with its one done, the next seq is the next turn's."""
         record = self.record(session)
-        seq, turn = frame["seq"], frame["turn"]
+        seq, turn, is_done = frame["seq"], frame["turn"], frame["type"] == "done"
         known = record.frames.get(seq)
         if known is not None:
             if known != frame:
@@ -188,30 +234,49 @@ class WireChecker:
             return
         if seq == 1 and turn != 1:
             self.fail(where, f"seq 1 belongs to turn {turn}")
-        before = record.frames.get(seq - 1)
-        if before is not None:
-            expected = before["turn"] + 1 if before["type"] == "done" else before["turn"]
-            if turn != expected:
-                self.fail(where, f"seq {seq} is turn {turn} after seq {seq - 1} ({before['type']} of turn {before['turn']})")
-        after = record.frames.get(seq + 1)
-        if after is not None and frame["type"] == "chunk" and after["turn"] != turn:
-            self.fail(where, f"seq {seq} is a chunk of turn {turn} before turn {after['turn']} began with no done")
-        if frame["type"] == "done":
-            if turn in record.done_seq:
-                self.fail(where, f"a second done for turn {turn}: seq {record.done_seq[turn]} and {seq}")
+        if is_done and turn in record.done_seq:
+            self.fail(where, f"a second done for turn {turn}: seq {record.done_seq[turn]} and {seq}")
+        lower = seq - 1 if seq - 1 in record.frames else max((s for s in record.frames if s < seq), default=None)
+        if lower is not None:
+            before = record.frames[lower]
+            least = before["turn"] + (1 if before["type"] == "done" else 0)
+            if turn < least or (lower == seq - 1 and turn != least):
+                self.fail(where, f"seq {seq} is turn {turn} after seq {lower} ({before['type']} of turn {before['turn']})")
+        higher = None if seq >= record.last_seq else min(s for s in record.frames if s > seq)
+        if higher is not None:
+            after = record.frames[higher]
+            least = turn + (1 if is_done else 0)
+            if after["turn"] < least or (higher == seq + 1 and after["turn"] != least):
+                self.fail(where, f"seq {seq} ({frame['type']} of turn {turn}) before seq {higher} ({after['type']} of turn {after['turn']})")
+        if is_done:
             record.done_seq[turn] = seq
-        elif turn in record.done_seq and record.done_seq[turn] < seq:
-            self.fail(where, f"chunk seq {seq} of turn {turn} after its done (seq {record.done_seq[turn]})")
         record.frames[seq] = frame
+        record.last_seq = max(record.last_seq, seq)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate keys in {keys}")
+    return dict(pairs)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _is_seq(value: Any) -> TypeGuard[int]:
+    """A seq or cursor: a non-negative integer (a bool or float is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _parse(where: str, checker: WireChecker, text: str | bytes) -> dict[str, Any]:
     if isinstance(text, bytes):
         checker.fail(where, "a binary frame")
     try:
-        frame = json.loads(text)
-    except ValueError:
-        checker.fail(where, f"not JSON: {text[:80]!r}")
+        frame = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+    except ValueError as exc:
+        checker.fail(where, f"not JSON ({exc}): {text[:80]!r}")
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
         checker.fail(where, f"not a typed JSON object: {text[:80]!r}")
     return frame
@@ -261,10 +326,14 @@ class Connection:
         """An ``error`` frame; one that names frames past retention allows the jump over them."""
         if not isinstance(frame.get("code"), str) or not isinstance(frame.get("message"), str):
             self.fail(f"error without code and message: {frame!r}")
+        if frame["code"] not in ERROR_CODES:
+            self.fail(f"error with an undocumented code {frame['code']!r}")
         missing = _PAST_RETENTION.search(frame["message"]) if frame["code"] == "unavailable" else None
         if missing:
             first, last = int(missing[1]), int(missing[2])
-            if self.cursor is None or first != self.cursor + 1 or last < first:
+            if self.cursor is None:  # a turn's stream before its first frame: it starts after the range
+                self.cursor = first - 1
+            if first != self.cursor + 1 or last < first:
                 self.fail(f"frames {first}..{last} past retention, but this connection is at {self.cursor}")
             self.cursor = last  # the one allowed jump: delivery goes on after the named range
             self.skipped.append((first, last))
@@ -312,19 +381,17 @@ class WsConnection(Connection):
                 self.fail(f"{kind} seq {frame.get('seq')} while paused at {self.paused_at}")
             self._advance(frame)
         elif kind == "paused":
-            if frame.get("seq") != self.cursor:
-                self.fail(f"paused at seq {frame.get('seq')}, but this connection delivered up to {self.cursor}")
+            if not _is_seq(frame.get("seq")) or frame["seq"] != self.cursor:
+                self.fail(f"paused at seq {frame.get('seq')!r}, but this connection delivered up to {self.cursor}")
             self.paused_at = self.cursor
         elif kind == "resumed":
             if self.paused_at is None:
                 self.fail("resumed when not paused")
-            if frame.get("seq") != self.paused_at:
-                self.fail(f"resumed at seq {frame.get('seq')} after paused at {self.paused_at}")
+            if not _is_seq(frame.get("seq")) or frame["seq"] != self.paused_at:
+                self.fail(f"resumed at seq {frame.get('seq')!r} after paused at {self.paused_at}")
             self.paused_at = None
         elif kind == "accepted":
-            if not isinstance(frame.get("turn"), int):
-                self.fail(f"accepted without a turn: {frame!r}")
-            self.checker.accepted(self.session, frame["turn"])
+            self._accepted(frame)
         elif kind == "error":
             self._error(frame)
         elif kind == "auth_ok":
@@ -334,14 +401,32 @@ class WsConnection(Connection):
             self.fail(f"an unknown frame type {kind!r}")
         return frame
 
+    def _accepted(self, frame: dict[str, Any]) -> None:
+        """A turn accepted: a valid number, and never one this connection saw end
+        unless the same chat was accepted as that turn before (a resend)."""
+        assert self.session is not None
+        turn, chat_id = frame.get("turn"), frame.get("id")
+        if not _is_seq(turn) or turn < 1:
+            self.fail(f"accepted without a valid turn: {frame!r}")
+        record = self.checker.record(self.session)
+        ended_here = any(f.get("type") == "done" and f.get("turn") == turn for f in self.frames[:-1])
+        if ended_here and (chat_id is None or record.accepted_ids.get(chat_id) != turn):
+            self.fail(f"a chat accepted as turn {turn}, which had already ended: it can produce nothing")
+        if isinstance(chat_id, str):
+            record.accepted_ids[chat_id] = turn
+        self.checker.accepted(self.session, turn)
+
     def _on_ready(self, frame: dict[str, Any]) -> None:
         session = frame.get("session")
         if not isinstance(session, str) or (self.session is not None and session != self.session):
             self.fail(f"ready for session {session!r}")
         self.session = session
         last_seq = frame.get("last_seq")
-        if not isinstance(last_seq, int) or (self.cursor is not None and last_seq < self.cursor):
+        if not _is_seq(last_seq) or (self.cursor is not None and last_seq < self.cursor):
             self.fail(f"ready.last_seq {last_seq!r} below the connection's last_seq {self.cursor}")
+        stored = self.checker.record(session).last_seq
+        if last_seq < stored:  # every frame delivered was stored first
+            self.fail(f"ready.last_seq {last_seq} below seq {stored}, already delivered")
         if frame.get("paused") is True:
             self.paused_at = self.cursor
         elif frame.get("paused") is not False:
@@ -360,9 +445,11 @@ class SseConnection(Connection):
     kind = "sse"
 
     def __init__(self, checker: WireChecker, session: str, last_seq: int | None, turn: int | None) -> None:
-        super().__init__(checker, session, last_seq)
+        super().__init__(checker, session, 0 if last_seq is None and turn == 1 else last_seq)
         self.turn = turn
         self.decoder = SSEDecoder()
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.last_id: str | None = None
         self.paused_at: int | None = None
         self.ended = False
         if turn is not None:
@@ -370,6 +457,12 @@ class SseConnection(Connection):
 
     def feed_bytes(self, data: bytes) -> list[dict[str, Any]]:
         """Check the events these bytes complete; return their frames."""
+        if not self.broken:
+            try:
+                self.utf8.decode(data)  # the decoder below would replace bad bytes and hide them
+            except UnicodeDecodeError as exc:
+                self.broken = True
+                self.fail(f"the body is not UTF-8: {exc}")
         return [self.feed_event(event.event, event.data, event.id) for event in self.decoder.feed(data)]
 
     def feed_event(self, event: str, data: str, id: str | None) -> dict[str, Any]:
@@ -384,6 +477,9 @@ class SseConnection(Connection):
             self.fail(f"event {event!r} carries a {kind!r} frame")
         if self.ended:
             self.fail(f"{kind} after the turn's done")
+        if kind not in ("chunk", "done") and id != self.last_id:
+            # Only chunk and done carry an id; the decoder, like EventSource, keeps the last one.
+            self.fail(f"a {kind} event with id {id!r}, after id {self.last_id!r}")
         if kind in ("chunk", "done"):
             if id != str(frame.get("seq")):
                 self.fail(f"id {id!r} for seq {frame.get('seq')}")
@@ -397,20 +493,32 @@ class SseConnection(Connection):
                     before = self.checker.record(self.session or "").done_seq.get(self.turn - 1)
                     self.cursor = frame["seq"] - 1 if before is None else before
             self._advance(frame)
+            self.last_id = id
             self.ended = kind == "done" and self.turn is not None
         elif kind == "paused":
-            if self.cursor is not None and frame.get("seq") != self.cursor:
-                self.fail(f"paused at seq {frame.get('seq')}, but this stream delivered up to {self.cursor}")
-            self.paused_at = frame.get("seq")
+            seq = frame.get("seq")
+            if not _is_seq(seq) or (self.cursor is not None and seq != self.cursor):
+                self.fail(f"paused at seq {seq!r}, but this stream delivered up to {self.cursor}")
+            self.cursor = self.paused_at = seq  # a turn's stream that starts paused starts after it
         elif kind == "resumed":
-            if self.paused_at is None or frame.get("seq") != self.paused_at:
-                self.fail(f"resumed at seq {frame.get('seq')} after paused at {self.paused_at}")
+            if self.paused_at is None or not _is_seq(frame.get("seq")) or frame["seq"] != self.paused_at:
+                self.fail(f"resumed at seq {frame.get('seq')!r} after paused at {self.paused_at}")
             self.paused_at = None
         elif kind == "error":
             self._error(frame)
         else:
             self.fail(f"an unexpected frame type {kind!r} on SSE")
         return frame
+
+
+def _looks_like_a_frame(text: str) -> bool:
+    """A protocol frame, not a model's answer that happens to be JSON: an
+    object typed as a server frame, with that frame's defining field."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and value.get("type") in FRAME_FIELDS and FRAME_FIELDS[value["type"]] in value
 
 
 class CompatConnection(Connection):
@@ -425,7 +533,7 @@ class CompatConnection(Connection):
     def feed(self, text: str | bytes) -> str:
         if not isinstance(text, str):
             self.fail("a binary frame")
-        if text.startswith("{") and '"type"' in text:
+        if _looks_like_a_frame(text):
             self.fail(f"a JSON frame on a plain-text connection: {text[:80]!r}")
         self.texts.append(text)
         return text

@@ -42,7 +42,7 @@ def feed_all(checker: WireChecker, frames: list[str], *, session: str = "s", las
 
 
 HISTORY = {
-    "session": "s", "last_seq": 5, "active": None, "turns": [
+    "session": "s", "last_seq": 5, "resume_from": 5, "active": None, "turns": [
         {"turn": 1, "prompt": "a", "answer": "t1t2", "reason": "stop", "last_seq": 3},
         {"turn": 2, "prompt": "b", "answer": "t4", "reason": "stop", "last_seq": 5},
     ],
@@ -79,8 +79,8 @@ def test_reconnect_from_the_cursor_and_replay_of_the_same_frames_pass() -> None:
         ([chunk(1), chunk(1)], "duplicate or reordered seq 1 after 1"),
         ([chunk(2)], "a gap: seq 2 after 0"),
         ([chunk(1), chunk(2), chunk(2)], "duplicate"),
-        ([chunk(1), done(2), done(3)], "turn 1 after seq 2"),
-        ([chunk(1), done(2), done(3, 2), done(4, 2)], "turn 2 after seq 3"),
+        ([chunk(1), done(2), done(3)], "a second done for turn 1: seq 2 and 3"),
+        ([chunk(1), done(2), done(3, 2), done(4, 2)], "a second done for turn 2: seq 3 and 4"),
         ([chunk(1), done(2), chunk(3, 1)], "turn 1 after seq 2"),
         ([chunk(1), chunk(2, 2)], "turn 2 after seq 1"),
         ([chunk(1, 2)], "seq 1 belongs to turn 2"),
@@ -130,7 +130,7 @@ def test_a_second_done_for_a_turn_fails_even_at_another_seq_on_another_connectio
     feed_all(checker, [chunk(1), done(2)])
     other = checker.ws("s", 2)
     other.feed(ready(last_seq=3))
-    with pytest.raises(WireViolation, match="turn 1 after seq 2"):
+    with pytest.raises(WireViolation, match="a second done for turn 1"):
         other.feed(done(3))
 
 
