@@ -15,6 +15,7 @@ import pytest
 
 from devstack.servers import Server, start_nats, start_redis
 from tests.stack import Clients, Stack, isolated_stack
+from tests.wire import WireChecker
 
 
 @dataclass
@@ -89,19 +90,27 @@ async def paced(paced_stack: Stack) -> AsyncIterator[Clients]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Start recording the stacks this test uses (see the report hook below)."""
+    """Start recording the stacks and wire checkers this test makes (see the report hook below)."""
     Stack.begin_test()
+    WireChecker.made = []
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    """On a failure, attach the logs of every stack alive during the test:
-    those of fixtures and those a test made itself (``with isolated_stack(...)``)."""
+    """On a failure, attach the logs of every stack the test used (its
+    fixtures' and those it made itself, ``with isolated_stack(...)``), and the
+    contract violations its wire checkers recorded (a violation seen inside a
+    client's task cannot raise: the test may only time out)."""
     report = yield
     if report.failed:
         funcargs = getattr(item, "funcargs", {})
-        fixtures = {id(value): name for name, value in funcargs.items() if isinstance(value, Stack)}
-        for index, running in enumerate(Stack.used):
-            name = fixtures.get(id(running), f"stack {index + 1} of the test, Redis db {running.database}")
+        named = [(name, value) for name, value in funcargs.items() if isinstance(value, Stack)]
+        fixtures = {id(value) for _, value in named}
+        made = [(f"stack {index + 1} made by the test, Redis db {running.database}", running)
+                for index, running in enumerate(Stack.made) if id(running) not in fixtures]
+        for name, running in [*named, *made]:
             report.sections.append((f"service logs ({name})", running.logs()))
+        violations = [v for checker in WireChecker.made for v in checker.violations]
+        if violations:
+            report.sections.append(("wire contract violations", "\n".join(violations)))
     return report

@@ -59,10 +59,9 @@ class Stack:
     """
 
     databases_in_use: ClassVar[set[int]] = set()
-    # For the failure report (tests/conftest.py): the stacks not yet exited,
-    # and every stack alive at some point of the current test, whatever made it.
-    alive: ClassVar[list[Stack]] = []
-    used: ClassVar[list[Stack]] = []
+    # For the failure report (tests/conftest.py): the stacks made since the
+    # current test started (by it or its fixtures), whatever made them.
+    made: ClassVar[list[Stack]] = []
 
     def __init__(self, *, nats_url: str, redis_url: str, env: Mapping[str, str] | None = None) -> None:
         free = [db for db in range(1, 16) if db not in Stack.databases_in_use]
@@ -83,13 +82,12 @@ class Stack:
         self.processes: list[ServiceProcess] = []
         self.gateways: list[ServiceProcess] = []
         self.port = 0
-        Stack.alive.append(self)
-        Stack.used.append(self)
+        Stack.made.append(self)
 
     @classmethod
     def begin_test(cls) -> None:
-        """A test starts: from now on it uses the stacks still alive and any it makes."""
-        cls.used = list(cls.alive)
+        """A test starts: the stacks it makes from now on are its own."""
+        cls.made = []
 
     def __enter__(self) -> Stack:
         return self
@@ -98,8 +96,6 @@ class Stack:
         for process in reversed(self.processes):
             process.stop()
         Stack.databases_in_use.discard(self.database)
-        if self in Stack.alive:
-            Stack.alive.remove(self)
 
     def _start(self, module: str, env: Mapping[str, str] | None = None, name: str = "") -> ServiceProcess:
         process = ServiceProcess(module, {**self.env, **(env or {})}, name=name)

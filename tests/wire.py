@@ -52,7 +52,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeGuard, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeGuard, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from shared.sse import SSEDecoder
@@ -88,7 +88,10 @@ class SessionRecord:
 class WireChecker:
     """Checks every connection of a test against the contract; see the module doc."""
 
+    made: ClassVar[list[WireChecker]] = []  # since the current test started (tests/conftest.py reports them)
+
     def __init__(self) -> None:
+        WireChecker.made.append(self)
         self.sessions: dict[str, SessionRecord] = {}
         self.violations: list[str] = []
         self.connections: list[Connection] = []
