@@ -63,7 +63,7 @@ CASES = {
     "double_done": Case((Fault(FaultKind.DOUBLE_DONE),), r"a duplicate or reordered seq (\d+) after \1\b", after_done=True),
     "double_done_next_seq": Case(
         (Fault(FaultKind.DOUBLE_DONE, next_seq=True),),
-        r"seq \d+ is turn 1 after seq \d+ \(done of turn 1\)",
+        r"a second done for turn 1: seq \d+ and \d+",
         after_done=True,
     ),
     "after_paused": Case((Fault(FaultKind.AFTER_PAUSED),), r"chunk seq (\d+) while paused at \d+", pause=True),
