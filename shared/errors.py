@@ -3,7 +3,7 @@
 Hierarchy::
 
     ChatError
-    ├── ProtocolError       bad input; carries the PROTOCOL.md error ``code``
+    ├── ProtocolError       bad input; carries the protocol's error ``code`` (docs/protocol.md)
     ├── SessionStateError   right input in the wrong state (``resume`` when not paused)
     ├── ConfigError         a bad setting at start-up
     └── DependencyError     a failed dependency
@@ -31,7 +31,7 @@ class ChatError(Exception):
 class ProtocolError(ChatError):
     """The client sent something the protocol does not allow.
 
-    ``code`` is one of the PROTOCOL.md error codes; ``message`` is safe to
+    ``code`` is one of the protocol's error codes (docs/protocol.md); ``message`` is safe to
     show the client.
     """
 

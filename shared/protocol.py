@@ -1,4 +1,4 @@
-"""Client protocol version 1 (PROTOCOL.md): frames in both directions.
+"""Client protocol version 1 (docs/protocol.md): frames in both directions.
 
 Frames are ``msgspec.Struct`` types tagged by ``type``; ``ClientFrame`` and
 ``ServerFrame`` are the unions per direction. :func:`decode_client_frame` is
@@ -309,7 +309,7 @@ def decode_compat_frame(data: str | bytes) -> CompatAction | None:
 def rate_limited(frame: ClientFrame | CompatAction | None) -> bool:
     """Whether a client frame counts against the connection's frame rate limit.
 
-    Heartbeats and acks never do (PROTOCOL.md guarantee 6): a conforming
+    Heartbeats and acks never do (docs/protocol.md, guarantee 6): a conforming
     client may ack every frame of a long replay. They cost the server one
     decode each, and a client that sends pings without reading the pongs is
     closed as a slow reader (1013), not for abuse.

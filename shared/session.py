@@ -4,7 +4,7 @@ One :class:`Delivery` exists per client connection (WebSocket or SSE). The I/O
 layer feeds it events (a live frame from NATS, a replay batch from a buffer,
 the client's pause or resume, another connection's pause or resume) and
 executes the actions it returns, in order, from a single task. Because every
-frame to the client passes through here, the guarantees of PROTOCOL.md hold
+frame to the client passes through here, the guarantees of docs/protocol.md hold
 per connection whatever order NATS delivers in:
 
 - guarantee 1: a frame is sent only if its seq is ``delivered + 1``; frames

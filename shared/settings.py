@@ -222,7 +222,7 @@ class BrokerSettings:
 
 @dataclass(frozen=True)
 class RetentionSettings:
-    """How long and how much of a session Redis keeps (PROTOCOL.md guarantee 1)."""
+    """How long and how much of a session Redis keeps (docs/protocol.md, guarantee 1)."""
 
     retention_s: int = 86_400
     max_frames_per_session: int = 100_000

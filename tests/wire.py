@@ -5,7 +5,7 @@ One :class:`WireChecker` per test watches every connection the test opens
 came off the wire: never a client library's events, which drop duplicates
 and reconnect on gaps, and so hide the faults this exists to catch.
 
-What it asserts, as frames arrive (``../shared/PROTOCOL.md``, docs/protocol.md):
+What it asserts, as frames arrive (docs/protocol.md):
 
 - a WebSocket starts with ``ready`` for the session it asked for;
 - every ``chunk`` and ``done`` is the connection's cursor + 1 (the cursor

@@ -1,6 +1,6 @@
 """The WebSocket endpoint: protocol v1 on ``/ws`` (and ``/``), and the original
 design's plain-text client when it connects with ``sessionId=`` and no
-subprotocol (PROTOCOL.md, compatibility)."""
+subprotocol (docs/protocol.md, compatibility)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def token_from(headers: Mapping[str, str], query: Mapping[str, str]) -> str | No
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
     gateway: Gateway = websocket.app.state.gateway
-    # Decide before the upgrade, so a refusal is an HTTP status (PROTOCOL.md):
+    # Decide before the upgrade, so a refusal is an HTTP status (docs/protocol.md):
     # 400 parameters, 401 token, 403 origin or owner, 429/503 limits.
     try:
         handshake = parse_handshake(websocket)

@@ -7,7 +7,7 @@ until the turn's ``done`` is stored, so numbering from ``base_seq + 1`` is
 gap-free (docs/architecture.md). A seq is used up only once JetStream has
 acknowledged its frame.
 
-The order of effects per turn is what makes every turn end (PROTOCOL.md
+The order of effects per turn is what makes every turn end (docs/protocol.md
 guarantee 5):
 1. subscribe to the session's controls and flush, so the server holds the
    subscription before the stop flag is read: a ``stop`` is either in the

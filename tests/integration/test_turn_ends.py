@@ -1,5 +1,5 @@
 """Every turn ends with exactly one done, promptly, whatever the model or the client sends
-(PROTOCOL.md guarantees 5 and 6), on a stack of two gateways, two workers and two buffers."""
+(docs/protocol.md, guarantees 5 and 6), on a stack of two gateways, two workers and two buffers."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def decode(data: str) -> protocol.ClientFrame:
     ],
 )
 def test_decodes_every_client_frame(data: str, expected: object) -> None:
-    """Each client frame of PROTOCOL.md decodes to its type."""
+    """Each client frame of docs/protocol.md decodes to its type."""
     assert decode(data) == expected
 
 
