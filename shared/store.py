@@ -10,14 +10,16 @@ sharing its hash tag ``{<session>}``:
   turn, ``lid`` its lease id and ``lease`` its lease deadline (the
   authoritative one), ``tuser`` who started it, ``worker`` the worker that
   claimed it (``-`` once a reaper took its lease; ``lapsed`` then names the
-  worker that held it, empty if none), ``fail`` why that worker gave it up,
-  ``cid``/``cdigest``/``cturn`` the last client chat's id, prompt digest and
-  turn, ``owner`` the user who owns it, ``stop`` a turn asked to stop,
-  ``paused`` and ``pv`` (pause version), ``ended`` last turn written to
-  history, ``floor`` highest seq trimmed by the cap;
+  worker that held it, empty if none), ``claim`` the id of the claim call
+  that won it, ``fail`` why that worker gave it up, ``cid``/``cdigest``/
+  ``cturn`` the last client chat's id, prompt digest and turn, ``owner`` the
+  user who owns it, ``stop`` a turn asked to stop, ``paused``, ``pv`` (pause
+  version) and ``pcid`` (the call that last changed it), ``ended`` last turn
+  written to history, ``floor`` highest seq trimmed by the cap;
 - ``log`` (sorted set): encoded ``chunk``/``done`` frames scored by seq;
 - ``history`` (list): finished turns as JSON, oldest first;
-- ``retired`` (set): lease ids that can never start a turn (below).
+- ``retired`` (set): lease ids that can never start a turn (below), and
+  those of ended turns.
 
 Two things are cross-session, each its own keys, touched only by separate
 single-slot calls, ordered so that a crash between two calls never loses a
@@ -56,7 +58,24 @@ script spanning slots.
 
 Each operation is one round trip (a Lua script or a pipeline) plus, where a
 turn starts or ends, the single-slot calls above; storing frames takes one
-script per session per batch, never one per frame.
+script per session per batch, never one per frame. Every write refreshes the
+TTL of the session's keys, so a turn generating longer than the retention
+keeps its record. Only frames of the generating turn are stored: a late
+second ``done``, or a chunk after its turn ended, is refused and not published.
+
+Every script is idempotent under redis-py's retry (it sends a command again
+when the reply was lost, so a script may run twice for one call): a start
+re-run finds its own lease id generating and answers ``started``; a reserve
+finds its slot; a claim re-run matches its per-call claim id; renewals,
+abandons, stops, retirements and rescores set what they already set; a store
+re-run finds its frames and done stored as they are (published again); a take
+re-run finds the lease not due, so the turn is ended at the retry deadline,
+as after a reaper crash; a pause re-run matches its per-call id and answers
+"changed" again (its caller broadcasts it); an abort or a store re-run does
+not return the lease id it freed, so at worst a release is skipped (the
+leftover entry is dropped by the reaper or the user's prune). A refused start gives its entries back only through the
+retire-and-check script, never blindly, and an ended turn's lease id is
+retired, so a late re-run of its start cannot start it twice.
 """
 
 from __future__ import annotations
@@ -66,7 +85,7 @@ import logging
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgspec
@@ -91,6 +110,7 @@ __all__ = [
     "Renewal",
     "Segment",
     "SegmentEnd",
+    "Stored",
     "StartResult",
     "HistoryTurn",
     "Lease",
@@ -100,7 +120,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# KEYS: meta, retired. ARGV: prompt, ttl, the client's chat id ('' if none),
+# Every write refreshes the session's keys' TTL (docs/architecture.md): a
+# turn generating longer than the retention must not lose its record.
+# Scripts using it name meta, log and history as KEYS[1..3].
+_TOUCH = """
+local function touch(ttl)
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+end
+"""
+
+# KEYS: meta, log, history, retired. ARGV: prompt, ttl, the client's chat id ('' if none),
 #       the prompt's digest, user ('' if anonymous), the lease id, the time by
 #       which a worker must have claimed the turn, '1' to start a turn ('0':
 #       the user is at the limit, only answer a resend or busy).
@@ -110,8 +139,14 @@ log = logging.getLogger(__name__)
 # and prompt is a new chat: a client whose ids restart at "c1" on every page
 # load must not get an `accepted` that produces nothing.
 # Status 4: a reaper or a prune dropped this lease id's entries as stale
-# while the start was on its way; the caller starts again with a new id.
-_START_TURN = """
+# while the start was on its way (or its turn already ended); the caller
+# starts again with a new id. A re-run of a start that ran (redis-py resends
+# a command whose reply was lost) finds its own lease id generating and
+# answers as the first run did.
+_START_TURN = _TOUCH + """
+if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'lid') == ARGV[6] and redis.call('HGET', KEYS[1], 'active') then
+  return {1, tonumber(redis.call('HGET', KEYS[1], 'active')), tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')}
+end
 local cturn = redis.call('HGET', KEYS[1], 'cturn')
 if ARGV[3] ~= '' and cturn and redis.call('HGET', KEYS[1], 'active') == cturn
     and redis.call('HGET', KEYS[1], 'cid') == ARGV[3] and redis.call('HGET', KEYS[1], 'cdigest') == ARGV[4] then
@@ -120,15 +155,15 @@ end
 local active = redis.call('HGET', KEYS[1], 'active')
 if active then return {0, tonumber(active), 0} end
 if ARGV[8] ~= '1' then return {3, 0, 0} end
-if redis.call('SISMEMBER', KEYS[2], ARGV[6]) == 1 then return {4, 0, 0} end
+if redis.call('SISMEMBER', KEYS[4], ARGV[6]) == 1 then return {4, 0, 0} end
 local turn = redis.call('HINCRBY', KEYS[1], 'turns', 1)
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 redis.call('HSET', KEYS[1], 'active', turn, 'prompt', ARGV[1], 'tuser', ARGV[5], 'lid', ARGV[6], 'lease', ARGV[7])
 if ARGV[3] ~= '' then  -- the last chat that had an id: a chat without one cannot be resent
   redis.call('HSET', KEYS[1], 'cid', ARGV[3], 'cdigest', ARGV[4], 'cturn', turn)
 end
-redis.call('HDEL', KEYS[1], 'stop', 'worker', 'fail', 'lapsed')
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('HDEL', KEYS[1], 'stop', 'worker', 'claim', 'fail', 'lapsed')
+touch(ARGV[2])
 return {1, turn, seq}
 """
 
@@ -136,6 +171,7 @@ return {1, turn, seq}
 # KEYS: the user's turns set. ARGV: member, turns allowed, now, ttl.
 _RESERVE_USER_TURN = """
 local running = redis.call('ZCARD', KEYS[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {1, running} end  -- a re-run: reserved already
 if running >= tonumber(ARGV[2]) then return {0, running} end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -155,12 +191,12 @@ return 1
 
 # The first user to use a session owns it; anonymous callers (dev mode)
 # claim nothing and may use only sessions nobody owns.
-_CHECK_OWNER = """
+_CHECK_OWNER = _TOUCH + """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then
   if ARGV[1] ~= '' then
     redis.call('HSET', KEYS[1], 'owner', ARGV[1])
-    redis.call('EXPIRE', KEYS[1], ARGV[2])
+    touch(ARGV[2])
   end
   return 1
 end
@@ -169,12 +205,17 @@ return 0
 """
 
 # A request may be delivered twice (JetStream is at-least-once); only the
-# first worker to claim the active turn generates it.
-# KEYS: meta. ARGV: turn, worker, lease deadline. Returns status, stop, lease id.
-_CLAIM_TURN = """
+# first worker to claim the active turn generates it. ``claim`` is drawn per
+# call: a re-run of the same call (its reply was lost) is answered as the first
+# run, while a second delivery to the same worker is refused like any other.
+# KEYS: meta, log, history. ARGV: turn, worker, lease deadline, claim id, ttl.
+# Returns status, stop, lease id.
+_CLAIM_TURN = _TOUCH + """
 if redis.call('HGET', KEYS[1], 'active') ~= ARGV[1] then return {-1, 0, ''} end
-if redis.call('HGET', KEYS[1], 'worker') then return {0, 0, ''} end
-redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'lease', ARGV[3])
+local worker = redis.call('HGET', KEYS[1], 'worker')
+if worker and (worker ~= ARGV[2] or redis.call('HGET', KEYS[1], 'claim') ~= ARGV[4]) then return {0, 0, ''} end
+if not worker then redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'claim', ARGV[4], 'lease', ARGV[3]) end
+touch(ARGV[5])
 local stop = redis.call('HGET', KEYS[1], 'stop') == ARGV[1]
 return {1, stop and 1 or 0, redis.call('HGET', KEYS[1], 'lid') or ''}
 """
@@ -183,12 +224,13 @@ return {1, stop and 1 or 0, redis.call('HGET', KEYS[1], 'lid') or ''}
 # (it ended, or a reaper ended it after the lease ran out): stop generating.
 # 2 means a stop was asked for: the worker obeys it even if it missed the
 # broadcast (core NATS drops messages while a connection is away).
-# KEYS: meta. ARGV: turn, worker, lease deadline.
-_RENEW_LEASE = """
+# KEYS: meta, log, history. ARGV: turn, worker, lease deadline, ttl.
+_RENEW_LEASE = _TOUCH + """
 if redis.call('HGET', KEYS[1], 'active') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'lease', ARGV[3])
+touch(ARGV[4])
 if redis.call('HGET', KEYS[1], 'stop') == ARGV[1] then return 2 end
 return 1
 """
@@ -198,22 +240,26 @@ return 1
 # expires again and another reaper retries. Only storing the done removes it.
 # The turn's worker becomes '-': no late claim starts the turn and no late
 # renewal revives it ('lapsed' keeps who held it, for the done's message).
-# Returns {1, new deadline} (taken), {0, deadline} (not due: the index entry
-# was early) or {-1, ''}: the lease id is not the generating turn's (it
-# ended, the record is gone, or the start never ran), and is retired.
-# KEYS: meta, retired. ARGV: lease id, now, retry deadline, ttl.
-_TAKE_EXPIRED_LEASE = """
-if not redis.call('HGET', KEYS[1], 'active') or redis.call('HGET', KEYS[1], 'lid') ~= ARGV[1] then
-  redis.call('SADD', KEYS[2], ARGV[1])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-  return {-1, ''}
+# Returns {1, new deadline, turn} (taken), {0, deadline, 0} (not due: the
+# index entry was early) or {-1, '', 0}: the lease id is not the generating
+# turn's (it ended, the record is gone, or the start never ran), and is
+# retired. A re-run (its reply was lost) finds the lease not due: the turn is
+# ended when it comes due again at the retry deadline, as after a reaper crash.
+# KEYS: meta, log, history, retired. ARGV: lease id, now, retry deadline, ttl.
+_TAKE_EXPIRED_LEASE = _TOUCH + """
+local active = redis.call('HGET', KEYS[1], 'active')
+if not active or redis.call('HGET', KEYS[1], 'lid') ~= ARGV[1] then
+  redis.call('SADD', KEYS[4], ARGV[1])
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
+  return {-1, '', 0}
 end
 local deadline = redis.call('HGET', KEYS[1], 'lease') or '0'
-if tonumber(deadline) > tonumber(ARGV[2]) then return {0, deadline} end
-redis.call('HSET', KEYS[1], 'lease', ARGV[3])
 local worker = redis.call('HGET', KEYS[1], 'worker')
+if tonumber(deadline) > tonumber(ARGV[2]) then return {0, deadline, 0} end
+redis.call('HSET', KEYS[1], 'lease', ARGV[3])
 if worker ~= '-' then redis.call('HSET', KEYS[1], 'worker', '-', 'lapsed', worker or '') end
-return {1, ARGV[3]}
+touch(ARGV[4])
+return {1, ARGV[3], tonumber(active)}
 """
 
 # Move an index entry to the deadline read from the record (drop it for
@@ -234,58 +280,89 @@ return 1
 # A worker that cannot finish its turn (it could not publish for minutes)
 # records why and lets its lease expire at once, so a reaper ends the turn
 # now, numbering its done after what the stream really holds.
-# KEYS: meta. ARGV: turn, worker, message. Returns the lease id ('' if not its turn).
-_ABANDON_TURN = """
+# KEYS: meta, log, history. ARGV: turn, worker, message, ttl.
+# Returns the lease id ('' if not its turn).
+_ABANDON_TURN = _TOUCH + """
 if redis.call('HGET', KEYS[1], 'active') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
   return ''
 end
 redis.call('HSET', KEYS[1], 'fail', ARGV[3], 'lease', 0)
+touch(ARGV[4])
 return redis.call('HGET', KEYS[1], 'lid') or ''
 """
 
 # A turn that never reached a worker: free the session, and forget its chat
 # id so the client's resend starts a turn instead of waiting for this one.
-# KEYS: meta. ARGV: turn. Returns the lease id and user to release ('' none).
-_ABORT_TURN = """
+# Its lease id is retired: a late re-run of its start cannot start it again.
+# KEYS: meta, log, history, retired. ARGV: turn, ttl.
+# Returns the lease id and user to release ('' none).
+_ABORT_TURN = _TOUCH + """
 if redis.call('HGET', KEYS[1], 'active') == ARGV[1] then
   local lid, user = redis.call('HGET', KEYS[1], 'lid') or '', redis.call('HGET', KEYS[1], 'tuser') or ''
-  redis.call('HDEL', KEYS[1], 'active', 'prompt', 'stop', 'worker', 'lid', 'lease')
+  redis.call('HDEL', KEYS[1], 'active', 'prompt', 'stop', 'worker', 'claim', 'lid', 'lease')
+  if lid ~= '' then
+    redis.call('SADD', KEYS[4], lid)
+    redis.call('EXPIRE', KEYS[4], ARGV[2])
+  end
+  touch(ARGV[2])
   if redis.call('HGET', KEYS[1], 'cturn') == ARGV[1] then redis.call('HDEL', KEYS[1], 'cid', 'cdigest', 'cturn') end
   return {lid, user}
 end
 return {'', ''}
 """
 
-# KEYS: meta, log, history.
+# KEYS: meta, log, history, retired.
 # ARGV: ttl, cap, max_turns, n, seq1, frame1, ..., seqn, framen,
 #       [turn, done_seq, done_frame, reason, force] when the batch ends a turn.
-# Returns {stored, lease id, user}: stored is 0 when the turn's end must
-# wait: some of its chunks are not stored yet (another buffer holds them),
-# and the history entry is built from the stored chunks, so the done is
-# stored, and the session freed, only once they all are; ``force`` stores it
-# anyway with what is there. The lease id and user ('' if none) are those of
-# the turn this call freed, for the caller to drop their index and user entries.
-_STORE_FRAMES = """
+# Returns {end, lease id, user, refused seq...}. Only frames of the
+# generating turn are stored: a frame of another turn, or of one already
+# ended (a late second done, a chunk after a forced end), is refused (neither
+# stored nor to be published), unless that very frame is stored already (a
+# redelivered batch, a re-run of this call): that one is published again.
+# ``end``: 2 no end in this call, 1 the done is stored, -1 it is refused, 0 it
+# must wait: some of its chunks are not stored yet (another buffer holds
+# them), and the history entry is built from the stored chunks, so the done
+# is stored, and the session freed, only once they all are; ``force`` stores
+# it anyway with what is there. The lease id and user ('' if none) are those
+# of the turn this call freed, for the caller to drop their index and user
+# entries; that lease id is retired, so no late re-run of its start reuses it.
+_STORE_FRAMES = _TOUCH + """
 local meta, log, hist = KEYS[1], KEYS[2], KEYS[3]
 local ttl, cap, max_turns, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local hwm = tonumber(redis.call('HGET', meta, 'hwm') or '0')
+local active = tonumber(redis.call('HGET', meta, 'active') or '0')
+local ended = tonumber(redis.call('HGET', meta, 'ended') or '0')
+local live = active > ended  -- a turn is generating (and its end not stored)
+local refused = {}
+local function stored_as(seq, data) return tonumber(redis.call('ZSCORE', log, data)) == seq end
 for i = 0, n - 1 do
-  local seq = tonumber(ARGV[5 + 2 * i])
-  redis.call('ZADD', log, seq, ARGV[6 + 2 * i])
-  if seq > hwm then hwm = seq end
+  local seq, data = tonumber(ARGV[5 + 2 * i]), ARGV[6 + 2 * i]
+  local ok, frame = pcall(cjson.decode, data)
+  local turn = ok and type(frame) == 'table' and tonumber(frame.turn) or 0
+  if live and turn == active then
+    redis.call('ZADD', log, seq, data)
+    if seq > hwm then hwm = seq end
+  elseif not stored_as(seq, data) then
+    refused[#refused + 1] = seq
+  end
 end
 local rest = 5 + 2 * n
-local stored = 1
+local status = 2
 local freed, user = '', ''
 if ARGV[rest] then
-  local turn, done_seq = tonumber(ARGV[rest]), tonumber(ARGV[rest + 1])
-  if tonumber(redis.call('HGET', meta, 'ended') or '0') < turn then
+  local turn, done_seq, done = tonumber(ARGV[rest]), tonumber(ARGV[rest + 1]), ARGV[rest + 2]
+  if stored_as(done_seq, done) then
+    status = 1
+  elseif not live or turn ~= active then
+    status = -1
+  else
     local base = tonumber(redis.call('HGET', meta, 'seq') or '0')
     local low = math.max(base, tonumber(redis.call('HGET', meta, 'floor') or '0'))
     local frames = redis.call('ZRANGEBYSCORE', log, '(' .. low, '(' .. done_seq)
     if #frames < done_seq - 1 - low and ARGV[rest + 4] ~= '1' then
-      stored = 0
+      status = 0
     else
+      status = 1
       local parts = {}
       for _, data in ipairs(frames) do
         local ok, frame = pcall(cjson.decode, data)
@@ -293,30 +370,25 @@ if ARGV[rest] then
           parts[#parts + 1] = frame.text
         end
       end
-      local prompt = ''
-      if tonumber(redis.call('HGET', meta, 'active') or '0') == turn then
-        prompt = redis.call('HGET', meta, 'prompt') or ''
-      end
-      redis.call('RPUSH', hist, cjson.encode({turn = turn, prompt = prompt, answer = table.concat(parts),
-        reason = ARGV[rest + 3], last_seq = done_seq}))
+      redis.call('RPUSH', hist, cjson.encode({turn = turn, prompt = redis.call('HGET', meta, 'prompt') or '',
+        answer = table.concat(parts), reason = ARGV[rest + 3], last_seq = done_seq}))
       redis.call('LTRIM', hist, -max_turns, -1)
-      redis.call('HSET', meta, 'ended', turn)
-    end
-  end
-  if stored == 1 then
-    redis.call('ZADD', log, done_seq, ARGV[rest + 2])
-    if done_seq > hwm then hwm = done_seq end
-    if tonumber(redis.call('HGET', meta, 'seq') or '0') < done_seq then
-      redis.call('HSET', meta, 'seq', done_seq)
-    end
-    if tonumber(redis.call('HGET', meta, 'active') or '0') == turn then
+      redis.call('ZADD', log, done_seq, done)
+      if done_seq > hwm then hwm = done_seq end
+      if tonumber(redis.call('HGET', meta, 'seq') or '0') < done_seq then
+        redis.call('HSET', meta, 'seq', done_seq)
+      end
       freed, user = redis.call('HGET', meta, 'lid') or '', redis.call('HGET', meta, 'tuser') or ''
-      redis.call('HDEL', meta, 'active', 'prompt', 'stop', 'worker', 'fail', 'lapsed', 'lid', 'lease')
+      redis.call('HSET', meta, 'ended', turn)
+      redis.call('HDEL', meta, 'active', 'prompt', 'stop', 'worker', 'claim', 'fail', 'lapsed', 'lid', 'lease')
+      if freed ~= '' then
+        redis.call('SADD', KEYS[4], freed)
+        redis.call('EXPIRE', KEYS[4], ttl)
+      end
     end
-    redis.call('EXPIRE', hist, ttl)
   end
 end
-redis.call('HSET', meta, 'hwm', hwm)
+if hwm > tonumber(redis.call('HGET', meta, 'hwm') or '0') then redis.call('HSET', meta, 'hwm', hwm) end
 local size = redis.call('ZCARD', log)
 if size > cap then
   -- Remember the highest trimmed seq: replays below it report the loss,
@@ -328,32 +400,36 @@ if size > cap then
   end
   redis.call('ZREMRANGEBYRANK', log, 0, size - cap - 1)
 end
-redis.call('EXPIRE', meta, ttl)
-redis.call('EXPIRE', log, ttl)
-return {stored, freed, user}
+touch(ttl)
+return {status, freed, user, unpack(refused)}
 """
 
-_SET_PAUSED = """
+# ``pcid`` is drawn per call: a re-run of the call that changed the flag
+# answers "changed" again, so its caller still broadcasts the change.
+# KEYS: meta, log, history. ARGV: '1' to pause ('0' resume), ttl, call id.
+_SET_PAUSED = _TOUCH + """
 local was = redis.call('HGET', KEYS[1], 'paused') == '1'
 local want = ARGV[1] == '1'
 if was == want then
-  return {0, tonumber(redis.call('HGET', KEYS[1], 'pv') or '0')}
+  local changed = redis.call('HGET', KEYS[1], 'pcid') == ARGV[3] and 1 or 0
+  return {changed, tonumber(redis.call('HGET', KEYS[1], 'pv') or '0')}
 end
-redis.call('HSET', KEYS[1], 'paused', ARGV[1])
+redis.call('HSET', KEYS[1], 'paused', ARGV[1], 'pcid', ARGV[3])
 local version = redis.call('HINCRBY', KEYS[1], 'pv', 1)
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+touch(ARGV[2])
 return {1, version}
 """
 
 # A turn no worker has claimed yet is ended by a reaper at once (its lease
 # expires now); a claimed one by its worker, which reads the flag when it
 # claims, hears the broadcast, and reads it again at every lease renewal.
-# KEYS: meta. Returns the turn (0 if idle) and, when its lease was made due,
-# its lease id ('' otherwise).
-_REQUEST_STOP = """
+# KEYS: meta, log, history. ARGV: ttl. Returns the turn (0 if idle) and, when
+# its lease was made due, its lease id ('' otherwise).
+_REQUEST_STOP = _TOUCH + """
 local active = redis.call('HGET', KEYS[1], 'active')
 if not active then return {0, ''} end
 redis.call('HSET', KEYS[1], 'stop', active)
+touch(ARGV[1])
 if redis.call('HGET', KEYS[1], 'worker') then return {tonumber(active), ''} end
 redis.call('HSET', KEYS[1], 'lease', 0)
 return {tonumber(active), redis.call('HGET', KEYS[1], 'lid') or ''}
@@ -362,6 +438,7 @@ return {tonumber(active), redis.call('HGET', KEYS[1], 'lid') or ''}
 
 _META_FIELDS = [
     "hwm", "paused", "pv", "active", "prompt", "stop", "seq", "worker", "tuser", "fail", "lapsed", "cid", "cturn",
+    "lid",
 ]
 
 
@@ -380,6 +457,7 @@ class SessionMeta:
     lapsed_worker: str | None = None  # once a reaper took the lease: who held it ('' nobody)
     last_chat_id: str | None = None  # the last accepted chat that had an id ...
     last_chat_turn: int | None = None  # ... and its turn
+    lease_id: str | None = None  # the active turn's lease id
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +471,21 @@ class SegmentEnd:
     reason: str
     user: str | None = None  # who started it (the store releases the user recorded with the turn)
     force: bool = False  # store it even if some of the turn's chunks are missing
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What storing a segment did: ``end`` is ``stored`` (publish the done),
+    ``waiting`` (some of its turn's chunks are not stored yet: offer it
+    again), ``refused`` (its turn is not the generating one: drop it) or
+    ``none`` (the segment has no end); ``refused`` holds the seqs of frames
+    refused likewise, which must not be published."""
+
+    end: str
+    refused: frozenset[int] = frozenset()
+
+
+_END_STATUS = {2: "none", 1: "stored", 0: "waiting", -1: "refused"}
 
 
 @dataclass(slots=True)
@@ -410,11 +503,13 @@ _CLAIM_STATUS = {1: "claimed", 0: "taken", -1: "inactive"}
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """An entry of the lease index: a turn of ``session`` whose lease may be due at ``due``."""
+    """An entry of the lease index: a turn of ``session`` whose lease may be due at ``due``;
+    ``turn`` is known once a reaper took the lease (:meth:`SessionStore.take_expired_leases`)."""
 
     session: str
     lease_id: str
     due: float
+    turn: int | None = None
 
 
 def _member(session: str, lease_id: str) -> str:
@@ -483,7 +578,7 @@ def _str(value: Any) -> str | None:
 
 
 def _parse_meta(raw: Sequence[Any]) -> SessionMeta:
-    hwm, paused, version, active, prompt, stop, base, worker, turn_user, failure, lapsed, chat_id, chat_turn = raw
+    hwm, paused, version, active, prompt, stop, base, worker, turn_user, failure, lapsed, chat_id, chat_turn, lid = raw
     return SessionMeta(
         hwm=_int(hwm) or 0,
         paused=paused == b"1",
@@ -498,6 +593,7 @@ def _parse_meta(raw: Sequence[Any]) -> SessionMeta:
         lapsed_worker=_str(lapsed),
         last_chat_id=_str(chat_id) or None,
         last_chat_turn=_int(chat_turn),
+        lease_id=_str(lid),
     )
 
 
@@ -602,7 +698,7 @@ class SessionStore:
                 await self.redis.zadd(lease_index_key(session), {member: deadline})
             status, turn, base = await self._start_script(session, prompt, client_id, digest, user, lid, deadline, True)
             if status != 1:
-                await self._release(session, lid, limited)
+                await self._release_refused(session, lid, limited)
             if status != 4:  # 4: this lease id was retired while the start was on its way
                 return StartResult(started=status == 1, turn=int(turn), base_seq=int(base), duplicate=status == 2)
         raise BrokerUnavailable("the session store kept retiring the turn's lease")
@@ -616,7 +712,7 @@ class SessionStore:
             "1" if may_start else "0",
         ]
         with _redis_errors():
-            status, turn, base = await self._start(keys=[session_key(session), retired_key(session)], args=args)
+            status, turn, base = await self._start(keys=[*self._keys(session), retired_key(session)], args=args)
         return int(status), int(turn), int(base)
 
     async def _reserve_user_turn(self, user: str, member: str, limit: int, now: float) -> tuple[bool, int]:
@@ -644,6 +740,19 @@ class SessionStore:
         if stale:
             await self.redis.zrem(key, *stale)
         return len(stale)
+
+    async def _release_refused(self, session: str, lid: str, user: str | None) -> None:
+        """Give back the entries of a start that was refused, once its lease id
+        is retired: never those of a turn its start did begin (a lost reply's
+        re-run answers for it), nor of a start still on its way."""
+        try:
+            retired = await self._retire(keys=[session_key(session), retired_key(session)],
+                                         args=[lid, self.retention.retention_s])
+        except (RedisError, OSError) as exc:  # leftovers name no turn: the reaper or the user's prune drops them
+            log.warning("could not release a refused start's entries: %s", exc, extra={"session": session})
+            return
+        if retired:
+            await self._release(session, lid, user)
 
     async def _release(self, session: str, lid: str, user: str | None) -> None:
         """Drop a lease id's index entry and user slot, once its turn is over
@@ -677,8 +786,9 @@ class SessionStore:
     async def claim_turn(self, session: str, turn: int, worker: str, *, lease_until: float) -> Claim:
         """Claim the active turn for one worker, leased until ``lease_until``;
         any later claim of it is refused."""
+        args: list[Any] = [turn, worker, lease_until, secrets.token_hex(8), self.retention.retention_s]
         with _redis_errors():
-            status, stop, lid = await self._claim(keys=[session_key(session)], args=[turn, worker, lease_until])
+            status, stop, lid = await self._claim(keys=self._keys(session), args=args)
         if int(status) == 1 and lid:
             # The index entry still says the claim deadline: move it to the lease's end.
             await self._hint_due(session, _str(lid) or "", lease_until, earlier_only=False)
@@ -688,13 +798,17 @@ class SessionStore:
         """Extend the worker's lease on its turn, and report a stop asked for meanwhile.
         Only the record changes: the index entry, now early, is moved by the reaper."""
         with _redis_errors():
-            renewed = await self._renew(keys=[session_key(session)], args=[turn, worker, lease_until])
+            renewed = await self._renew(
+                keys=self._keys(session), args=[turn, worker, lease_until, self.retention.retention_s]
+            )
         return Renewal(ours=bool(renewed), stop_requested=int(renewed) == 2)
 
     async def abandon_turn(self, session: str, turn: int, worker: str, *, reason: str) -> None:
         """Give up a claimed turn: its lease expires now and a reaper ends it with ``reason``."""
         with _redis_errors():
-            lid = _str(await self._abandon(keys=[session_key(session)], args=[turn, worker, reason]))
+            lid = _str(await self._abandon(
+                keys=self._keys(session), args=[turn, worker, reason, self.retention.retention_s]
+            ))
         if lid:
             await self._hint_due(session, lid, 0)
 
@@ -717,7 +831,8 @@ class SessionStore:
 
     async def take_expired_leases(self, leases: Sequence[Lease], *, now: float, retry_at: float) -> list[Lease]:
         """Take the leases that expired before ``now``; return those this caller
-        took (one caller takes a given lease), whose turns it must end. A taken
+        took (one caller takes a given lease), each with the turn it names:
+        the caller ends that turn only (:meth:`lease_still_taken`). A taken
         lease stays, due again at ``retry_at``, until the turn's ``done`` is
         stored: a reaper that fails is retried.
 
@@ -725,7 +840,7 @@ class SessionStore:
         round trip); then, in a second, each index entry is moved to the
         record's deadline, or dropped if it names no generating turn."""
         calls = [
-            (2, session_key(lease.session), retired_key(lease.session), lease.lease_id, now, retry_at,
+            (4, *self._keys(lease.session), retired_key(lease.session), lease.lease_id, now, retry_at,
              self.retention.retention_s)
             for lease in leases
         ]
@@ -734,26 +849,41 @@ class SessionStore:
             moves = [
                 (1, lease_index_key(lease.session), _member(lease.session, lease.lease_id), lease.due,
                  "" if int(status) == -1 else deadline)
-                for lease, (status, deadline) in zip(leases, results, strict=True)
+                for lease, (status, deadline, _) in zip(leases, results, strict=True)
             ]
             await self._eval_each(self._rescore, moves)
-        return [lease for lease, (status, _) in zip(leases, results, strict=True) if int(status) == 1]
+        return [
+            replace(lease, turn=int(turn))
+            for lease, (status, _, turn) in zip(leases, results, strict=True) if int(status) == 1
+        ]
 
     async def take_expired_lease(self, lease: Lease, *, now: float, retry_at: float) -> bool:
         """:meth:`take_expired_leases` for one lease: True if this caller took it."""
         return bool(await self.take_expired_leases([lease], now=now, retry_at=retry_at))
 
+    @staticmethod
+    def lease_still_taken(meta: SessionMeta, lease: Lease) -> bool:
+        """Whether ``meta`` still shows the turn of a lease a reaper took as
+        generating, under that lease, with no worker: only then may the reaper
+        end it (meanwhile its own done may have ended it, and the next turn begun)."""
+        return (
+            lease.turn is not None and meta.active_turn == lease.turn
+            and meta.lease_id == lease.lease_id and meta.worker == "-"
+        )
+
     async def abort_turn(self, session: str, turn: int) -> None:
         """Release a turn that was never handed to a worker."""
         with _redis_errors():
-            lid, user = await self._abort(keys=[session_key(session)], args=[turn])
+            lid, user = await self._abort(
+                keys=[*self._keys(session), retired_key(session)], args=[turn, self.retention.retention_s]
+            )
         if lid:
             await self._release(session, _str(lid) or "", _str(user))
 
     async def set_paused(self, session: str, paused: bool) -> tuple[bool, int]:
         """Set the pause flag; return (whether it changed, the flag's version)."""
         changed, version = await self._run(
-            self._pause, session, ["1" if paused else "0", self.retention.retention_s]
+            self._pause, session, ["1" if paused else "0", self.retention.retention_s, secrets.token_hex(8)]
         )
         return bool(changed), int(version)
 
@@ -764,14 +894,14 @@ class SessionStore:
         reaper ends it with ``stopped`` without waiting for a worker.
         """
         with _redis_errors():
-            turn, lid = await self._stop(keys=[session_key(session)])
+            turn, lid = await self._stop(keys=self._keys(session), args=[self.retention.retention_s])
         if lid:
             await self._hint_due(session, _str(lid) or "", 0)
         return int(turn) or None
 
-    async def store_segments(self, segments: Sequence[Segment]) -> list[bool]:
+    async def store_segments(self, segments: Sequence[Segment]) -> list[Stored]:
         """Store frames of one or more sessions in one round trip; return, per
-        segment, whether all of it was stored.
+        segment, what was stored and what refused (:class:`Stored`).
 
         Frames are stored idempotently by seq, so a redelivered batch changes
         nothing. A segment's ``end`` (the turn's ``done``) is stored only once
@@ -780,7 +910,10 @@ class SessionStore:
         freed for the next turn; the lease's index entry and the user's turn
         slot are released after, in a second round trip. If some chunks are
         still on their way (another buffer holds them) the segment's frames
-        are stored but not its end, and False says to offer the end again shortly.
+        are stored but not its end, which is to be offered again shortly.
+        Frames and ends of a turn that is not generating (a late second done,
+        a chunk after its turn ended) are refused: neither stored nor to be
+        published; one stored already (a redelivered batch) is to be published again.
         """
         calls = []
         for segment in segments:
@@ -795,14 +928,14 @@ class SessionStore:
             end = segment.end
             if end is not None:
                 args += (end.turn, end.seq, end.frame, end.reason, "1" if end.force else "0")
-            keys = self._keys(segment.session)
+            keys = [*self._keys(segment.session), retired_key(segment.session)]
             calls.append((len(keys), *keys, *args))
         with _redis_errors():
             results = await self._eval_each(self._store, calls)
-        for segment, (_, lid, user) in zip(segments, results, strict=True):
+        for segment, (_, lid, user, *_) in zip(segments, results, strict=True):
             if lid:
                 await self._release(segment.session, _str(lid) or "", _str(user))
-        return [bool(stored) for stored, _, _ in results]
+        return [Stored(_END_STATUS[int(end)], frozenset(int(seq) for seq in refused)) for end, _, _, *refused in results]
 
     async def _eval_each(self, script: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
         """EVALSHA each call (numkeys, keys..., args...) in one pipeline. Not

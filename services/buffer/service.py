@@ -4,7 +4,8 @@ The order of effects per batch is the whole argument (docs/architecture.md):
 1. store the batch in Redis (one pipeline, idempotent by seq); a turn's
    ``done`` is stored only once all of its turn's chunks are, with the history
    entry built from them, else it is left for step 3 to offer again;
-2. publish each stored frame on the session's delivery subject;
+2. publish each stored frame on the session's delivery subject (a frame the
+   store refused, its turn not generating, e.g. a late second ``done``, is not);
 3. ack the batch in JetStream, but nak a ``done`` not stored (redelivered shortly).
 A crash between any two steps redelivers the batch, which re-stores nothing
 new and republishes frames the gateways drop by seq. A gateway never sees a
@@ -38,7 +39,7 @@ from shared.messages import (
     decode_generated,
     decode_replay_request,
 )
-from shared.store import Segment, SegmentEnd, SessionMeta, SessionStore
+from shared.store import Lease, Segment, SegmentEnd, SessionMeta, SessionStore
 from shared.subjects import (
     CONSUMER_BUFFERS,
     STREAM_GENERATED,
@@ -190,15 +191,19 @@ class Buffer:
                 continue
             for lease in taken:
                 try:
-                    await self.end_abandoned_turn(lease.session)
+                    await self.end_abandoned_turn(lease)
                 except Exception as exc:  # Redis or NATS away: the lease comes due again
                     extra = {"session": lease.session, "event": "reap_failed"}
                     log.warning("reaper: could not end the turn: %s", exc, extra=extra)
 
-    async def end_abandoned_turn(self, session: str) -> None:
-        """Publish the turn's ``done`` right after the last frame its worker published."""
+    async def end_abandoned_turn(self, lease: Lease) -> None:
+        """Publish the ``done`` of the turn whose lease this reaper took, right
+        after the last frame its worker published; nothing if that turn is no
+        longer generating under that lease (its own done ended it meanwhile,
+        and the session's next turn is not this reaper's to end)."""
+        session = lease.session
         meta = await self.store.meta(session)
-        if meta.active_turn is None:
+        if not self.store.lease_still_taken(meta, lease) or meta.active_turn is None:
             return
         last = meta.hwm
         try:
@@ -231,7 +236,7 @@ class Buffer:
         segments = [segment for segment, _ in batch]
         try:
             with self.metrics.store.time():
-                complete = await self.store.store_segments(segments)
+                results = await self.store.store_segments(segments)
         except BrokerUnavailable:
             log.warning("redis unavailable; batch will be redelivered", extra={"event": "store_failed"})
             for msg in msgs:
@@ -239,14 +244,19 @@ class Buffer:
             return
         waiting: set[int] = set()  # turn ends whose chunks are not all stored yet
         published = 0
-        for (segment, end_index), stored in zip(batch, complete, strict=True):
+        for (segment, end_index), result in zip(batch, results, strict=True):
             subject = delivery_subject(segment.session)
-            for _, data in segment.frames:
-                await self.nc.publish(subject, data)
-            published += len(segment.frames)
+            # Frames of a turn no longer generating were refused: never published.
+            for seq, data in segment.frames:
+                if seq not in result.refused:
+                    await self.nc.publish(subject, data)
+                    published += 1
             if segment.end is None:
                 continue
-            if stored:
+            if result.end == "refused":
+                extra = {"session": segment.session, "turn": segment.end.turn, "trace": segment.trace}
+                log.info("dropped the end of a turn not generating", extra={**extra, "event": "end_refused"})
+            elif result.end == "stored":
                 await self.nc.publish(subject, segment.end.frame)
                 published += 1
                 extra = {"session": segment.session, "turn": segment.end.turn, "trace": segment.trace}

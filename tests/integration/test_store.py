@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 from devstack.servers import Server
 from shared.protocol import Chunk, Done, encode
 from shared.settings import RetentionSettings
-from shared.store import Lease, Segment, SegmentEnd, SessionStore
-from shared.subjects import lease_index_key, log_key, retired_key, session_key, user_turns_key
+from shared.store import Lease, Segment, SegmentEnd, SessionStore, Stored
+from shared.subjects import history_key, lease_index_key, log_key, retired_key, session_key, user_turns_key
 from tests.stack import new_session
 
 
@@ -31,6 +31,11 @@ def chunk(seq: int, turn: int = 1, text: str | None = None) -> tuple[int, bytes]
 
 def end(seq: int, turn: int = 1, *, force: bool = False) -> SegmentEnd:
     return SegmentEnd(turn=turn, seq=seq, frame=encode(Done(seq=seq, turn=turn, reason="stop")), reason="stop", force=force)
+
+
+def ends(results: list[Stored]) -> list[str]:
+    """What became of each segment's end."""
+    return [result.end for result in results]
 
 
 async def due(store: SessionStore, now: float) -> set[str]:
@@ -55,13 +60,15 @@ async def test_one_turn_at_a_time_and_contiguous_seq(store: SessionStore) -> Non
     assert (first.started, first.turn, first.base_seq) == (True, 1, 0)
     busy = await store.start_turn(session, "p2")
     assert (busy.started, busy.turn) == (False, 1)
-    assert await store.store_segments([Segment(session, [chunk(1)], end=end(2))]) == [True]
+    assert ends(await store.store_segments([Segment(session, [chunk(1)], end=end(2))])) == ["stored"]
     second = await store.start_turn(session, "p2")
     assert (second.started, second.turn, second.base_seq) == (True, 2, 2)
 
 
 async def test_claim_is_granted_once(store: SessionStore) -> None:
-    """Only the first claim of an active turn wins, even by the same worker."""
+    """Only the first claim of an active turn wins, even by the same worker (a second
+    delivery of its request); only a re-run of that very call is answered as claimed
+    (test_store_retries.py)."""
     session = new_session()
     await store.start_turn(session, "p")
     assert (await store.claim_turn(session, 1, "w1", lease_until=time.time() + 60)).status == "claimed"
@@ -84,8 +91,8 @@ async def test_redelivered_batch_changes_nothing(store: SessionStore) -> None:
     session = new_session()
     await store.start_turn(session, "p")
     segment = Segment(session, [chunk(1)], end=end(2))
-    assert await store.store_segments([segment]) == [True]
-    assert await store.store_segments([segment]) == [True]
+    assert ends(await store.store_segments([segment])) == ["stored"]
+    assert ends(await store.store_segments([segment])) == ["stored"]
     frames, first, hwm = await store.read_frames(session, after=0, limit=10)
     assert frames == [chunk(1), (2, end(2).frame)] and first == 1 and hwm == 2
     assert [t.turn for t in await store.history(session)] == [1]
@@ -97,7 +104,7 @@ async def test_history_is_built_from_the_stored_chunks(store: SessionStore) -> N
     await store.start_turn(session, "what is \"json\"?")
     frames = [chunk(1, text="a \"q\" / "), chunk(2, text="\U0001f600\n"), chunk(3, text="é\u0000")]
     await store.store_segments([Segment(session, [frames[2], frames[0]])])
-    assert await store.store_segments([Segment(session, [frames[1]], end=end(4))]) == [True]
+    assert ends(await store.store_segments([Segment(session, [frames[1]], end=end(4))])) == ["stored"]
     [turn] = await store.history(session)
     assert (turn.turn, turn.prompt, turn.answer, turn.reason, turn.last_seq) == (
         1, 'what is "json"?', 'a "q" / \U0001f600\né\u0000', "stop", 4,
@@ -109,18 +116,18 @@ async def test_turn_end_waits_for_chunks_stored_elsewhere(store: SessionStore) -
     stays busy, until they are; forced, it is stored with what is there."""
     session = new_session()
     await store.start_turn(session, "p")
-    assert await store.store_segments([Segment(session, [chunk(3)], end=end(4))]) == [False]
+    assert ends(await store.store_segments([Segment(session, [chunk(3)], end=end(4))])) == ["waiting"]
     frames, _, hwm = await store.read_frames(session, after=0, limit=10)
     assert frames == [chunk(3)] and hwm == 3  # the chunk is stored, the done is not
     assert (await store.meta(session)).active_turn == 1 and await store.history(session) == []
     await store.store_segments([Segment(session, [chunk(1), chunk(2)])])
-    assert await store.store_segments([Segment(session, [], end=end(4))]) == [True]
+    assert ends(await store.store_segments([Segment(session, [], end=end(4))])) == ["stored"]
     assert (await store.history(session))[0].answer == "w1w2w3"
     assert (await store.meta(session)).active_turn is None
 
     other = new_session()
     await store.start_turn(other, "p")
-    assert await store.store_segments([Segment(other, [chunk(2)], end=end(3, force=True))]) == [True]
+    assert ends(await store.store_segments([Segment(other, [chunk(2)], end=end(3, force=True))])) == ["stored"]
     assert (await store.history(other))[0].answer == "w2"
     assert (await store.start_turn(other, "next")).started
 
@@ -129,35 +136,40 @@ async def test_storing_survives_a_script_flush(store: SessionStore) -> None:
     """Frames are stored by EVALSHA in one pipeline; after Redis forgets its
     scripts (a restart, SCRIPT FLUSH) the batch is stored once all the same."""
     sessions = [new_session(), new_session()]
+    for session in sessions:
+        await store.start_turn(session, "p")
     await store.redis.script_flush()
-    await store.store_segments([Segment(s, [(1, b"c1"), (2, b"c2")]) for s in sessions])
+    await store.store_segments([Segment(s, [chunk(1), chunk(2)]) for s in sessions])
     for session in sessions:
         frames, _, hwm = await store.read_frames(session, after=0, limit=10)
-        assert frames == [(1, b"c1"), (2, b"c2")] and hwm == 2
+        assert frames == [chunk(1), chunk(2)] and hwm == 2
 
 
 async def test_out_of_order_storage_reads_in_order(store: SessionStore) -> None:
     """Frames stored out of order (two buffers) read back by seq; a missing lower seq is not reported lost."""
     session = new_session()
-    await store.store_segments([Segment(session, [(3, b"c3")])])
+    await store.start_turn(session, "p")
+    await store.store_segments([Segment(session, [chunk(3)])])
     frames, first, hwm = await store.read_frames(session, after=0, limit=10)
-    assert frames == [(3, b"c3")] and first == 1 and hwm == 3  # 1 and 2 are on their way
-    await store.store_segments([Segment(session, [(1, b"c1"), (2, b"c2")])])
+    assert frames == [chunk(3)] and first == 1 and hwm == 3  # 1 and 2 are on their way
+    await store.store_segments([Segment(session, [chunk(1), chunk(2)])])
     frames, _, hwm = await store.read_frames(session, after=1, limit=10)
-    assert frames == [(2, b"c2"), (3, b"c3")] and hwm == 3
+    assert frames == [chunk(2), chunk(3)] and hwm == 3
 
 
 async def test_caps_and_ttl(store: SessionStore) -> None:
     """The log keeps the newest frames up to the cap; history keeps the last turns; keys expire."""
     session = new_session()
-    await store.store_segments([Segment(session, [(seq, f"c{seq}".encode()) for seq in range(1, 9)])])
+    await store.start_turn(session, "p")
+    await store.store_segments([Segment(session, [chunk(seq) for seq in range(1, 9)])])
     frames, first, hwm = await store.read_frames(session, after=0, limit=100)
     assert [seq for seq, _ in frames] == [4, 5, 6, 7, 8] and first == 4 and hwm == 8
-    await store.redis.hset(session_key(session), "seq", 8)  # those frames were an earlier turn's
-    for turn in (1, 2, 3):
-        assert await store.store_segments([Segment(session, [], end=end(8 + turn, turn))]) == [True]
+    assert ends(await store.store_segments([Segment(session, [], end=end(9))])) == ["stored"]
+    for turn in (2, 3):
+        await store.start_turn(session, "p")
+        assert ends(await store.store_segments([Segment(session, [], end=end(8 + turn, turn))])) == ["stored"]
     assert [t.turn for t in await store.history(session)] == [2, 3]
-    for key in (session_key(session), log_key(session)):
+    for key in (session_key(session), log_key(session), history_key(session)):
         assert 0 < await store.redis.ttl(key) <= 600
 
 

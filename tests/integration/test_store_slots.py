@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 from devstack.servers import Server
 from shared.protocol import Chunk, Done, encode
 from shared.settings import RetentionSettings
-from shared.store import Segment, SegmentEnd, SessionStore
+from shared.store import Segment, SegmentEnd, SessionStore, Stored
 from shared.subjects import lease_index_key, user_turns_key
 from tests.stack import new_session
 
@@ -69,6 +69,11 @@ def end(seq: int, turn: int, user: str | None = None, *, force: bool = False) ->
     return SegmentEnd(turn=turn, seq=seq, frame=frame, reason="stop", user=user, force=force)
 
 
+def ends(results: list[Stored]) -> list[str]:
+    """What became of each segment's end."""
+    return [result.end for result in results]
+
+
 async def reap(store: SessionStore, now: float) -> list[str]:
     """What a buffer's reaper does once: take every due lease; return the sessions it took."""
     leases = await store.expired_leases(now)
@@ -90,8 +95,8 @@ async def full_flow(store: SessionStore, plain: aioredis.Redis) -> None:
     assert not busy.started and not busy.duplicate
     assert (await store.claim_turn(s1, 1, "w1", lease_until=now + 60)).status == "claimed"
     assert (await store.renew_lease(s1, 1, "w1", lease_until=now + 90)).ours
-    assert await store.store_segments([Segment(s1, [chunk(1, 1), chunk(2, 1)])]) == [True]
-    assert await store.store_segments([Segment(s1, [], end=end(3, 1, user))]) == [True]
+    assert ends(await store.store_segments([Segment(s1, [chunk(1, 1), chunk(2, 1)])])) == ["none"]
+    assert ends(await store.store_segments([Segment(s1, [], end=end(3, 1, user))])) == ["stored"]
 
     # pause and resume, history, transcript and a replay read
     assert (await store.set_paused(s1, True))[0]
@@ -108,7 +113,7 @@ async def full_flow(store: SessionStore, plain: aioredis.Redis) -> None:
     assert (await store.claim_turn(s2, 1, "w2", lease_until=now + 60)).status == "claimed"
     await store.abandon_turn(s2, 1, "w2", reason="gave up")
     assert s2 in await reap(store, time.time())
-    assert await store.store_segments([Segment(s2, [], end=end(1, 1, user))]) == [True]
+    assert ends(await store.store_segments([Segment(s2, [], end=end(1, 1, user))])) == ["stored"]
 
     # a worker dies: its lease runs out and a reaper takes it
     s3 = new_session()
@@ -116,13 +121,13 @@ async def full_flow(store: SessionStore, plain: aioredis.Redis) -> None:
     assert (await store.claim_turn(s3, 1, "w3", lease_until=now - 1)).status == "claimed"
     assert s3 in await reap(store, time.time())
     assert not (await store.renew_lease(s3, 1, "w3", lease_until=now + 60)).ours
-    assert await store.store_segments([Segment(s3, [], end=end(1, 1, user))]) == [True]
+    assert ends(await store.store_segments([Segment(s3, [], end=end(1, 1, user))])) == ["stored"]
 
     # no worker claims in time
     s4 = new_session()
     assert (await store.start_turn(s4, "p", now=now - 100, claim_within_s=1)).started
     assert s4 in await reap(store, time.time())
-    assert await store.store_segments([Segment(s4, [], end=end(1, 1))]) == [True]
+    assert ends(await store.store_segments([Segment(s4, [], end=end(1, 1))])) == ["stored"]
 
     # a turn never queued is aborted; a queued one stopped; a claimed one stopped
     s5 = new_session()
@@ -131,7 +136,7 @@ async def full_flow(store: SessionStore, plain: aioredis.Redis) -> None:
     assert (await store.start_turn(s5, "p", client_id="c1", user=user, max_turns_per_user=limit, now=now)).started
     assert await store.request_stop(s5) == 2
     assert s5 in await reap(store, time.time())
-    assert await store.store_segments([Segment(s5, [], end=end(1, 2, user))]) == [True]
+    assert ends(await store.store_segments([Segment(s5, [], end=end(1, 2, user))])) == ["stored"]
     s6 = new_session()
     assert (await store.start_turn(s6, "p", user=user, max_turns_per_user=limit, now=now)).started
     assert (await store.claim_turn(s6, 1, "w6", lease_until=now + 60)).status == "claimed"
@@ -143,7 +148,7 @@ async def full_flow(store: SessionStore, plain: aioredis.Redis) -> None:
     assert (await store.start_turn(s7, "p", client_id="c7", user=user, max_turns_per_user=limit, now=now)).started
     assert (await store.start_turn(s8, "p", user=user, max_turns_per_user=limit, now=now)).too_many
     assert (await store.start_turn(s7, "p", client_id="c7", user=user, max_turns_per_user=limit, now=now)).duplicate
-    assert await store.store_segments([Segment(s6, [], end=end(1, 1, user))]) == [True]
+    assert ends(await store.store_segments([Segment(s6, [], end=end(1, 1, user))])) == ["stored"]
     assert (await store.start_turn(s8, "p", user=user, max_turns_per_user=limit, now=now)).started
 
     # entries a crash left behind (written by another client, so not recorded) are dropped
