@@ -54,7 +54,7 @@ browser-deps:
 
 test: system-deps browser-deps $(VENV)/.test-deps lint
 	node --test tests/js/
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 # The full benchmark (about 10 minutes): rewrites docs/benchmarks.md, its JSON
 # and plots. `make test` runs a smoke run of it (tests/integration/test_bench.py).
