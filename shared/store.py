@@ -124,8 +124,8 @@ log = logging.getLogger(__name__)
 # turn generating longer than the retention must not lose its record.
 # Scripts using it name meta, log and history as KEYS[1..3].
 _TOUCH = """
-local function touch(ttl)
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+local function touch(ttl, keys)
+  for i = 1, keys or 3 do redis.call('EXPIRE', KEYS[i], ttl) end
 end
 """
 
@@ -329,9 +329,10 @@ return {'', ''}
 _STORE_FRAMES = _TOUCH + """
 local meta, log, hist = KEYS[1], KEYS[2], KEYS[3]
 local ttl, cap, max_turns, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local hwm = tonumber(redis.call('HGET', meta, 'hwm') or '0')
-local active = tonumber(redis.call('HGET', meta, 'active') or '0')
-local ended = tonumber(redis.call('HGET', meta, 'ended') or '0')
+-- The hot path, once per batch: one read of meta, one write of hwm, the TTLs.
+local state = redis.call('HMGET', meta, 'hwm', 'active', 'ended')
+local stored_hwm = tonumber(state[1] or '0')
+local hwm, active, ended = stored_hwm, tonumber(state[2] or '0'), tonumber(state[3] or '0')
 local live = active > ended  -- a turn is generating (and its end not stored)
 local refused = {}
 local function stored_as(seq, data) return tonumber(redis.call('ZSCORE', log, data)) == seq end
@@ -373,6 +374,7 @@ if ARGV[rest] then
       redis.call('RPUSH', hist, cjson.encode({turn = turn, prompt = redis.call('HGET', meta, 'prompt') or '',
         answer = table.concat(parts), reason = ARGV[rest + 3], last_seq = done_seq}))
       redis.call('LTRIM', hist, -max_turns, -1)
+      redis.call('EXPIRE', hist, ttl)
       redis.call('ZADD', log, done_seq, done)
       if done_seq > hwm then hwm = done_seq end
       if tonumber(redis.call('HGET', meta, 'seq') or '0') < done_seq then
@@ -388,7 +390,7 @@ if ARGV[rest] then
     end
   end
 end
-if hwm > tonumber(redis.call('HGET', meta, 'hwm') or '0') then redis.call('HSET', meta, 'hwm', hwm) end
+if hwm > stored_hwm then redis.call('HSET', meta, 'hwm', hwm) end
 local size = redis.call('ZCARD', log)
 if size > cap then
   -- Remember the highest trimmed seq: replays below it report the loss,
@@ -400,7 +402,9 @@ if size > cap then
   end
   redis.call('ZREMRANGEBYRANK', log, 0, size - cap - 1)
 end
-touch(ttl)
+-- meta and log (which the ZADD may have created); history's TTL is set where
+-- it is written, and a generating turn's renewals refresh all three.
+touch(ttl, 2)
 return {status, freed, user, unpack(refused)}
 """
 
