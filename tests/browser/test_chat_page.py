@@ -21,7 +21,7 @@ from playwright.async_api import Browser, BrowserContext, Page, WebSocket, async
 
 from devstack.servers import Server
 from shared.auth import AuthSettings, TokenService
-from tests.stack import WAIT_S, Bus, Stack, history, isolated_stack
+from tests.stack import WAIT_S, Bus, Clients, Stack, history, isolated_stack
 from tests.wire import CompatConnection, WireChecker, WireViolation, WsConnection
 
 # Answers of about 3 s (60 tokens/s, 200 tokens): time to pause, go offline or reload mid-answer.
@@ -92,11 +92,19 @@ class PageWire:
                 self.fed.clear()
                 await self.fed.wait()
 
-    async def assert_history(self, session: str, stored: dict) -> None:  # type: ignore[type-arg]
+    async def assert_history(self, session: str, stored: dict, stack: Stack, token: str | None = None) -> None:  # type: ignore[type-arg]
         """Every frame up to the stored last seq was seen on the wire (the
         browser reports a frame to Playwright and to the page independently),
-        and the text delivered is the stored history."""
+        and the text delivered is the stored history. A frame the page got
+        just before a reload may never reach Playwright (the page then resumes
+        after it): a replay of the whole session, checked like any connection,
+        fills it in, so each seq is still compared with what the page's sockets
+        carried wherever Playwright saw it."""
         await self.until(lambda: max(self.checker.record(session).frames, default=0) >= stored["last_seq"])
+        async with Clients(stack, self.checker) as replay:
+            client, _ = await replay.open(session, **({"token": token} if token else {}))
+            while client.last_seq < stored["last_seq"]:
+                await client.recv()
         self.checker.assert_history(session, stored)
 
 
@@ -179,7 +187,7 @@ async def assert_matches_history(page: Page, stack: Stack, wire: PageWire, turn:
     shown = await page.inner_text(f'.answer[data-turn="{turn}"]')
     assert " ".join(shown.split()) == " ".join(stored.split())
     assert page.errors == []  # type: ignore[attr-defined]
-    await wire.assert_history(session, record)
+    await wire.assert_history(session, record, stack, token)
 
 
 async def test_send_streams_and_keyboard(page_stack: Stack, context: BrowserContext, wire: PageWire) -> None:
