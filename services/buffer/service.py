@@ -64,10 +64,16 @@ REAP_RETRY_S = 5.0  # a reaper that could not end a turn leaves its lease due ag
 # A turn's end waits for chunks that another buffer still holds (stored out
 # of order); it is offered again after a delay growing with each try, and
 # stored with whatever is there once it has waited past every redelivery
-# (ack_wait is 30 s), so a session can never stay busy for good.
+# (GENERATED_ACK_WAIT_S), so a session can never stay busy for good.
 END_RETRY_S = 0.05
 END_RETRY_MAX_S = 1.0
 FORCE_END_AFTER_DELIVERIES = 100
+# A buffer stores and acks a batch within milliseconds; one that died holding
+# one (a pull request it left open keeps taking messages until it expires)
+# gives it back to the other buffers after this, so its sessions stall for
+# seconds, not half a minute. A slower store is redelivered and stored again:
+# harmless, storing is idempotent and gateways drop a frame they have.
+GENERATED_ACK_WAIT_S = 5.0
 
 
 class Generated(NamedTuple):
@@ -149,12 +155,19 @@ class Buffer:
 
     async def run(self) -> None:
         replay_sub = await self.nc.subscribe(SUBJECT_REPLAY, queue="buffers", cb=self.on_replay)
-        psub = await self.js.pull_subscribe(
-            generated_wildcard(),
-            durable=CONSUMER_BUFFERS,
-            stream=STREAM_GENERATED,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=-1),
+        # Created, or an existing consumer's settings brought up to date
+        # (pull_subscribe alone would keep an older ack_wait).
+        await self.js.add_consumer(
+            STREAM_GENERATED,
+            ConsumerConfig(
+                durable_name=CONSUMER_BUFFERS,
+                filter_subject=generated_wildcard(),
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=GENERATED_ACK_WAIT_S,
+                max_ack_pending=-1,
+            ),
         )
+        psub = await self.js.pull_subscribe(generated_wildcard(), durable=CONSUMER_BUFFERS, stream=STREAM_GENERATED)
         reaper = asyncio.create_task(self.reap())
         log.info("buffer ready", extra={"event": "ready"})
         try:

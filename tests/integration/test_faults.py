@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from dataclasses import replace
+
+import nats
 
 from devstack.servers import LocalRedis, Server
+from services.buffer.service import GENERATED_ACK_WAIT_S
+from shared.subjects import CONSUMER_BUFFERS, STREAM_GENERATED
 from tests.faultproxy import FaultProxy
 from tests.stack import TIMEOUT_FACTOR, WAIT_S, Clients, history, isolated_stack, new_session
 
@@ -94,9 +99,28 @@ async def test_buffer_killed_and_restarted_loses_nothing(redis_server: Server) -
             buffer.signal(signal.SIGKILL)
             assert buffer.process is not None and buffer.process.wait(WAIT_S) == -signal.SIGKILL
             buffer.start()  # a new buffer process, same settings
-            done = await client.until("done", wait_s=3 * WAIT_S)  # the wire checker sees every seq
+            # Frames the dead buffer held come back after the consumer's ack_wait (5 s), well inside this.
+            done = await client.until("done", wait_s=2 * WAIT_S)  # the wire checker sees every seq
             assert done["reason"] == "length"
             clients.wire.assert_history(session, await history(stack, session))
+
+
+async def test_a_buffer_brings_the_consumers_ack_wait_up_to_date(redis_server: Server) -> None:
+    """A consumer left with an older, longer ack_wait (an upgrade) gets the buffer's at its start:
+    else a buffer that dies holding frames would stall their sessions for that long."""
+    with isolated_stack(redis_server.url, worker=False) as stack:
+        nc = await nats.connect(stack.env["CHAT_NATS_URL"])
+        try:
+            js = nc.jetstream()
+            old = (await js.consumer_info(STREAM_GENERATED, CONSUMER_BUFFERS)).config
+            await js.add_consumer(STREAM_GENERATED, replace(old, ack_wait=30.0))
+            assert (await js.consumer_info(STREAM_GENERATED, CONSUMER_BUFFERS)).config.ack_wait == 30.0
+            buffer = next(p for p in stack.processes if p.module == "services.buffer")
+            await asyncio.to_thread(buffer.stop)
+            await asyncio.to_thread(buffer.start)
+            assert (await js.consumer_info(STREAM_GENERATED, CONSUMER_BUFFERS)).config.ack_wait == GENERATED_ACK_WAIT_S
+        finally:
+            await nc.close()
 
 
 async def test_redis_restart_mid_stream(redis_server: Server) -> None:
