@@ -32,7 +32,6 @@ async def test_gateway_sigterm_mid_stream_moves_the_client(two_gateways: Stack) 
     """SIGTERM closes the gateway's sockets with 1012; the client finishes the turn on the other one, every seq once."""
     first, second = two_gateways.gateways
     session = new_session()
-    seqs: list[int] = []
     text: list[str] = []
     codes: list[int | None] = []
     checker = WireChecker()
@@ -45,12 +44,9 @@ async def test_gateway_sigterm_mid_stream_moves_the_client(two_gateways: Stack) 
             async with asyncio.timeout(3 * WAIT_S):
                 async for event in client.events():
                     assert not isinstance(event, GaveUp), event
-                    if isinstance(event, (Chunk, Done)):
-                        assert event.seq == len(seqs) + 1
-                        seqs.append(event.seq)
-                    if isinstance(event, Chunk):
+                    if isinstance(event, Chunk):  # the wire checker judges seqs; the events drive the test
                         text.append(event.text)
-                        if len(seqs) == 20:
+                        if len(text) == 20:
                             proxy.target = ("127.0.0.1", int(second.env["CHAT_PORT"]))  # the load balancer's view
                             first.signal(signal.SIGTERM)
                     if isinstance(event, Disconnected):
