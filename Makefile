@@ -1,5 +1,9 @@
 # The two commands: `make run` and `make test` (see README.md).
 PYTHON ?= python3
+# Test processes for `make test` (pytest-xdist; each runs whole test files with
+# its own NATS, Redis and services). Most tests wait on streams, so two share
+# two cores well; 1 runs the suite in one process.
+TEST_JOBS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -54,7 +58,7 @@ browser-deps:
 
 test: system-deps browser-deps $(VENV)/.test-deps lint
 	node --test tests/js/
-	$(BIN)/python -m pytest --durations=25
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile --durations=25
 
 # The full benchmark (about 10 minutes): rewrites docs/benchmarks.md, its JSON
 # and plots. `make test` runs a smoke run of it (tests/integration/test_bench.py).
