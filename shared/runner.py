@@ -99,7 +99,10 @@ async def _close_nats(nc: NATS) -> None:
             log.warning("nats drain failed: %s", describe_error(exc), extra={"event": "nats_drain_failed"})
     try:
         await nc.close()
-    except (nats.errors.Error, OSError):
+    except (nats.errors.Error, OSError, RuntimeError):
+        # RuntimeError: nats-py's close writes its pending buffer to the
+        # transport of the connection that was lost, which uvloop refuses
+        # ("the handler is closed"); there is nothing left to send anyway.
         pass
 
 
