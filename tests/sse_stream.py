@@ -8,11 +8,11 @@ from typing import Any
 
 import httpx
 
-from tests.stack import WAIT_S
+from tests.stack import WAIT_S, FrameReader
 from tests.wire import SseConnection
 
 
-class SseStream:
+class SseStream(FrameReader):
     """Reads an SSE response (``GET …/events`` or ``POST /api/chat`` with
     ``Accept: text/event-stream``); every byte goes to ``wire`` as it arrives,
     so a frame the test does not wait for is still checked."""
@@ -38,13 +38,6 @@ class SseStream:
         frame = self._unread.popleft()
         self.frames.append(frame)
         return frame
-
-    async def until(self, kind: str, wait_s: float = WAIT_S) -> dict[str, Any]:
-        """Read frames until one of type ``kind``; return it."""
-        while True:
-            frame = await self.recv(wait_s)
-            if frame["type"] == kind:
-                return frame
 
     async def to_end(self, wait_s: float = WAIT_S) -> None:
         """Read until the server ends the stream (a turn's stream ends after its done)."""

@@ -143,7 +143,21 @@ class Stack:
         return "\n".join(f"--- {p.name}\n{p.output()[-4000:]}" for p in self.processes)
 
 
-class Client:
+class FrameReader:
+    """Reads a connection's frames; subclasses give ``recv``."""
+
+    async def recv(self, wait_s: float = WAIT_S) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def until(self, kind: str, wait_s: float = WAIT_S) -> dict[str, Any]:
+        """Read frames until one of type ``kind``; return it."""
+        while True:
+            frame = await self.recv(wait_s)
+            if frame["type"] == kind:
+                return frame
+
+
+class Client(FrameReader):
     """A protocol-v1 WebSocket client whose every frame the strict wire checker sees."""
 
     def __init__(self, ws: ClientConnection, wire: WsConnection) -> None:
@@ -163,13 +177,6 @@ class Client:
         frame = self.wire.feed(await asyncio.wait_for(self.ws.recv(), wait_s))
         self.frames.append(frame)
         return frame
-
-    async def until(self, kind: str, wait_s: float = WAIT_S) -> dict[str, Any]:
-        """Read frames until one of type ``kind``; return it."""
-        while True:
-            frame = await self.recv(wait_s)
-            if frame["type"] == kind:
-                return frame
 
     async def turn(self, prompt: str, wait_s: float = WAIT_S) -> tuple[int, str, dict[str, Any]]:
         """Run one turn; return (turn, the concatenated text, the done frame)."""
