@@ -26,6 +26,7 @@ __all__ = [
     "new_session_id",
     "generated_subject",
     "generated_wildcard",
+    "frame_msg_id",
     "delivery_subject",
     "control_subject",
     "session_key",
@@ -77,6 +78,14 @@ def new_session_id() -> str:
 def generated_subject(session: str) -> str:
     """Subject a worker publishes a session's frames to (JetStream)."""
     return f"{PREFIX}.gen.{validate_session_id(session)}"
+
+
+def frame_msg_id(session: str, turn: int, seq: int) -> str:
+    """``Nats-Msg-Id`` of a generated frame: JetStream keeps one message per id
+    within its window, so a retried publish, or a worker and a reaper racing
+    for a turn's next seq, stores one frame. The turn keeps a late reaper's
+    ``done`` of an ended turn from taking the next turn's frame at that seq."""
+    return f"{session}:{turn}:{seq}"
 
 
 def generated_wildcard() -> str:

@@ -45,6 +45,7 @@ from shared.subjects import (
     STREAM_GENERATED,
     SUBJECT_REPLAY,
     delivery_subject,
+    frame_msg_id,
     generated_subject,
     generated_wildcard,
     validate_session_id,
@@ -227,12 +228,12 @@ class Buffer:
             newest = None
         if isinstance(newest, TurnEnd) and newest.done.turn == meta.active_turn:
             return  # the turn's end is published; a buffer is about to store it
-        if isinstance(newest, protocol.Chunk):
-            last = max(last, newest.seq)
+        if isinstance(newest, protocol.Chunk) and newest.turn == meta.active_turn:
+            last = max(last, newest.seq)  # (a newer turn's chunk means this one ended meanwhile: the store refuses this done)
         reason, message, code, cause = _reaped_end(meta)
         self.metrics.turns_reaped.labels(cause).inc()
         done = protocol.Done(seq=last + 1, turn=meta.active_turn, reason=reason, message=message, code=code)  # type: ignore[arg-type]
-        headers = {"Nats-Msg-Id": f"{session}:{last + 1}"}
+        headers = {"Nats-Msg-Id": frame_msg_id(session, meta.active_turn, last + 1)}
         await self.js.publish(
             generated_subject(session), protocol.encode(TurnEnd(done=done, user=meta.turn_user)), headers=headers, timeout=5
         )

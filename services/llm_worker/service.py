@@ -52,6 +52,7 @@ from shared.subjects import (
     STREAM_REQUESTS,
     SUBJECT_REQUESTS,
     control_subject,
+    frame_msg_id,
     generated_subject,
 )
 from shared.text import SurrogateJoiner, scrub, split_utf8, truncate_utf8
@@ -656,7 +657,7 @@ class Worker:
         """
         await self._within_lease(turn)
         subject = generated_subject(turn.request.session)
-        headers = {"Nats-Msg-Id": f"{turn.request.session}:{seq}"}
+        headers = {"Nats-Msg-Id": frame_msg_id(turn.request.session, turn.request.turn, seq)}
         if with_trace:
             headers[TRACE_HEADER] = turn.trace
         deadline = time.monotonic() + PUBLISH_GIVE_UP_S

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,7 +31,7 @@ from devstack.servers import Server
 from services.buffer.service import Buffer
 from services.buffer.settings import Settings as BufferSettings
 from shared.messages import TurnEnd, decode_generated
-from shared.protocol import Done, encode
+from shared.protocol import Chunk, Done, encode
 from shared.settings import RetentionSettings
 from shared.store import _CLAIM_TURN, _START_TURN, Lease, Segment, SegmentEnd, SessionStore
 from shared.subjects import generated_subject, history_key, lease_index_key, log_key, session_key, user_turns_key
@@ -234,22 +235,28 @@ async def test_a_claim_run_twice_is_claimed_but_a_second_delivery_is_not(
 # ---------------------------------------------------------------- B3: the reaper ends only the turn it took
 
 class FakeJS:
-    """JetStream as the reaper sees it: nothing newer in the stream; publishes captured."""
+    """JetStream as the reaper sees it: the stream's newest message (none by
+    default); publishes and their message ids captured."""
 
-    def __init__(self) -> None:
+    def __init__(self, newest: bytes | None = None) -> None:
+        self.newest = newest
         self.published: list[Done] = []
+        self.msg_ids: list[str] = []
 
     async def get_last_msg(self, *_: Any) -> Any:
-        raise NotFoundError()
+        if self.newest is None:
+            raise NotFoundError()
+        return SimpleNamespace(data=self.newest)
 
-    async def publish(self, subject: str, data: bytes, **_: Any) -> None:
+    async def publish(self, subject: str, data: bytes, *, headers: dict[str, str], **_: Any) -> None:
         end = decode_generated(data)
         assert isinstance(end, TurnEnd)
         self.published.append(end.done)
+        self.msg_ids.append(headers["Nats-Msg-Id"])
 
 
-def reaper(store: SessionStore) -> tuple[Buffer, FakeJS]:
-    js = FakeJS()
+def reaper(store: SessionStore, newest: bytes | None = None) -> tuple[Buffer, FakeJS]:
+    js = FakeJS(newest)
     return Buffer(BufferSettings(), nc=None, js=js, store=store), js  # type: ignore[arg-type]
 
 
@@ -285,6 +292,22 @@ async def test_the_reaper_ends_the_turn_it_took(store: SessionStore) -> None:
     assert [(d.seq, d.turn, d.reason) for d in js.published] == [(2, 1, "error")]
     await buffer.end_abandoned_turn(Lease(session, taken.lease_id, now))  # a lease it did not take
     assert len(js.published) == 1
+
+
+async def test_the_reaper_numbers_its_done_after_its_own_turns_frames_only(store: SessionStore) -> None:
+    """The stream's newest frame belongs to a later turn (the taken turn ended and the next began
+    between the reaper's reads): the reaper's done follows the taken turn's own frames, and its
+    message id names the turn, so it can never be taken for the next turn's frame at that seq."""
+    session, now = new_session(), 1000.0
+    await store.start_turn(session, "p1", now=now - 100, claim_within_s=1)
+    await store.claim_turn(session, 1, "w1", lease_until=now - 1)
+    await store.store_segments([Segment(session, [chunk(1)])])
+    [taken] = await store.take_expired_leases([await lease_of(store, session, now)], now=now, retry_at=now + 5)
+    next_turns_chunk = encode(Chunk(seq=5, turn=2, text="later"))
+    buffer, js = reaper(store, newest=next_turns_chunk)
+    await buffer.end_abandoned_turn(taken)
+    assert [(d.seq, d.turn) for d in js.published] == [(2, 1)]
+    assert js.msg_ids == [f"{session}:1:2"]
 
 
 # ---------------------------------------------------------------- B4: frames of a turn not generating

@@ -44,3 +44,9 @@ def test_new_session_ids_are_valid_and_distinct() -> None:
     assert len(ids) == 100
     for sid in ids:
         subjects.validate_session_id(sid)
+
+
+def test_a_frames_message_id_names_session_turn_and_seq() -> None:
+    """Two turns' frames at one seq (a late reaper's done, the next turn's chunk) never share an id."""
+    assert subjects.frame_msg_id("s1", 1, 7) == "s1:1:7"
+    assert subjects.frame_msg_id("s1", 1, 7) != subjects.frame_msg_id("s1", 2, 7)
