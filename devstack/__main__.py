@@ -20,7 +20,7 @@ from pathlib import Path
 
 from shared.settings import masked_url
 
-from .processes import ServiceProcess
+from .processes import ServiceProcess, defer_while_spawning
 from .servers import LocalNats, LocalRedis, LocalServer, Server, port_open
 
 RUN_DIR = Path(".run")
@@ -84,9 +84,16 @@ def _on_signal(signum: int, frame: object) -> None:
     # watch loop), and ignore further signals while everything stops: a
     # handler that set a threading.Event could deadlock when a second signal
     # (make forwards the one it gets) arrived inside the first's set().
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise _Stop
+    # Ignored by a handler that does nothing, not SIG_IGN: a child started
+    # meanwhile would inherit SIG_IGN and shrug off the SIGTERM that stops it.
+    signal.signal(signal.SIGTERM, _after_stop)
+    signal.signal(signal.SIGINT, _after_stop)
+    if not defer_while_spawning(_Stop()):  # else raised once the child being started is recorded
+        raise _Stop
+
+
+def _after_stop(signum: int, frame: object) -> None:
+    """Further signals while the run stops: nothing more to do."""
 
 
 def main() -> None:

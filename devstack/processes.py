@@ -9,11 +9,43 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TextIO
 
-__all__ = ["ServiceProcess", "READY_MARKERS"]
+__all__ = ["ServiceProcess", "READY_MARKERS", "spawning", "defer_while_spawning"]
+
+
+class _Spawn:
+    active = False
+    deferred: BaseException | None = None
+
+
+@contextmanager
+def spawning() -> Iterator[None]:
+    """Around starting a child process and recording its ``Popen``: an
+    exception a signal handler defers meanwhile (:func:`defer_while_spawning`)
+    is raised once the child is recorded, so a stop that follows finds it.
+    Raised inside ``Popen``, after the fork, it would leave the child running,
+    known to nobody (``make run`` stopped while a service started)."""
+    _Spawn.active = True
+    try:
+        yield
+    finally:
+        _Spawn.active = False
+        deferred, _Spawn.deferred = _Spawn.deferred, None
+        if deferred is not None:
+            raise deferred
+
+
+def defer_while_spawning(exc: BaseException) -> bool:
+    """For a signal handler that raises: True if a child is being started and
+    ``exc`` will be raised when :func:`spawning` ends; False: raise it now."""
+    if _Spawn.active:
+        _Spawn.deferred = exc
+        return True
+    return False
 
 # The line each service logs once it can do its job (the gateway's port opens
 # before that, to answer /healthz while it waits for NATS and Redis).
@@ -46,13 +78,14 @@ class ServiceProcess:
             self.process.wait(10)  # a restart: reap the previous process (killed or stopped)
         self._ready = threading.Event()
         marker = READY_MARKERS[self.module]
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module],
-            env={**os.environ, **self.env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        with spawning():
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module],
+                env={**os.environ, **self.env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         process, ready = self.process, self._ready
 
         def pump() -> None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
 
+from .processes import spawning
+
 __all__ = [
     "Server",
     "LocalServer",
@@ -120,9 +122,10 @@ class LocalServer:
     def start(self) -> None:
         if not self.data_dir:
             self.data_dir = tempfile.mkdtemp(prefix=f"{self.binary}-")
-        self.process = subprocess.Popen(
-            [self.binary, *self.arguments()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
+        with spawning():
+            self.process = subprocess.Popen(
+                [self.binary, *self.arguments()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
         wait_for_line(self.process, self.ready_line, what=self.binary)
 
     def stop(self) -> None:

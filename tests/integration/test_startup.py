@@ -496,10 +496,24 @@ def test_make_run_stops_on_signals_even_two_at_once(own_nats: LocalNats, redis_s
             run.send_signal(signal.SIGTERM)
             run.send_signal(signal.SIGINT)
         assert run.wait(STOP_WITHIN_S * 3) == 0
+        # No service left running, not even one started just as the signals came.
+        assert _processes_with(f"CHAT_PORT={port}") == []
     finally:
         if run.poll() is None:
             run.kill()
             run.wait(5)
+
+
+def _processes_with(setting: str) -> list[int]:
+    """Pids of live processes whose environment holds ``setting`` (Linux's /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and setting.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found
 
 
 def test_make_run_gives_each_process_its_own_health_port(own_nats: LocalNats, redis_server: Server) -> None:
