@@ -521,6 +521,12 @@ def _member(session: str, lease_id: str) -> str:
     return f"{session}:{lease_id}"
 
 
+def _parse_member(raw: Any) -> tuple[str, str] | None:
+    """(session, lease id) of a :func:`_member`; None for anything else (the old layout's entries)."""
+    session, _, lease_id = (_str(raw) or "").rpartition(":")
+    return (session, lease_id) if session and lease_id else None
+
+
 @dataclass(frozen=True, slots=True)
 class Renewal:
     """``ours``: the lease was extended (else stop generating); ``stop_requested``: a stop is pending."""
@@ -733,14 +739,14 @@ class SessionStore:
         """Drop the user's slots whose turn is not generating (checked, and
         retired, in each session's record); return how many were dropped."""
         key = user_turns_key(user)
-        members = [_str(row) or "" for row in await self.redis.zrange(key, 0, -1)]
-        named = [(member, *member.rsplit(":", 1)) for member in members if ":" in member]
+        members = [(_str(row) or "", _parse_member(row)) for row in await self.redis.zrange(key, 0, -1)]
+        named = [(member, parsed) for member, parsed in members if parsed is not None]
         results = await self._eval_each(
             self._retire,
-            [(2, session_key(s), retired_key(s), lid, self.retention.retention_s) for _, s, lid in named],
+            [(2, session_key(s), retired_key(s), lid, self.retention.retention_s) for _, (s, lid) in named],
         )
-        stale = [member for (member, _, _), retired in zip(named, results, strict=True) if retired]
-        stale += [member for member in members if ":" not in member]  # the old layout's entries
+        stale = [member for (member, _), retired in zip(named, results, strict=True) if retired]
+        stale += [member for member, parsed in members if parsed is None]  # the old layout's entries
         if stale:
             await self.redis.zrem(key, *stale)
         return len(stale)
@@ -828,9 +834,8 @@ class SessionStore:
         leases = []
         for rows in shards:
             for member, due in rows:
-                session, _, lid = (_str(member) or "").rpartition(":")
-                if session and lid:
-                    leases.append(Lease(session=session, lease_id=lid, due=float(due)))
+                if (parsed := _parse_member(member)) is not None:
+                    leases.append(Lease(session=parsed[0], lease_id=parsed[1], due=float(due)))
         return leases
 
     async def take_expired_leases(self, leases: Sequence[Lease], *, now: float, retry_at: float) -> list[Lease]:
