@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,13 +17,20 @@ from shared.subjects import history_key, lease_index_key, log_key, retired_key, 
 from tests.stack import new_session
 
 
-@pytest.fixture
-async def store(redis_server: Server) -> AsyncIterator[SessionStore]:
-    client = aioredis.Redis.from_url(redis_server.url)
+@asynccontextmanager
+async def session_store(redis_url: str, retention: RetentionSettings) -> AsyncIterator[SessionStore]:
+    """A SessionStore on its own client, closed afterwards."""
+    client = aioredis.Redis.from_url(redis_url)
     try:
-        yield SessionStore(client, RetentionSettings(retention_s=600, max_frames_per_session=5, max_history_turns=2))
+        yield SessionStore(client, retention)
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def store(redis_server: Server) -> AsyncIterator[SessionStore]:
+    async with session_store(redis_server.url, RetentionSettings(retention_s=600, max_frames_per_session=5, max_history_turns=2)) as opened:
+        yield opened
 
 
 def chunk(seq: int, turn: int = 1, text: str | None = None) -> tuple[int, bytes]:

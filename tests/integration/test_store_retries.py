@@ -35,17 +35,14 @@ from shared.protocol import Chunk, Done, encode
 from shared.settings import RetentionSettings
 from shared.store import _CLAIM_TURN, _START_TURN, Lease, Segment, SegmentEnd, SessionStore
 from shared.subjects import generated_subject, history_key, lease_index_key, log_key, session_key, user_turns_key
-from tests.integration.test_store import chunk, end, ends, lease_of
+from tests.integration.test_store import chunk, end, ends, lease_of, session_store
 from tests.stack import new_session
 
 
 @pytest.fixture
 async def store(redis_server: Server) -> AsyncIterator[SessionStore]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    try:
-        yield SessionStore(client, RetentionSettings(retention_s=600, max_frames_per_session=100, max_history_turns=20))
-    finally:
-        await client.aclose()
+    async with session_store(redis_server.url, RetentionSettings(retention_s=600, max_frames_per_session=100, max_history_turns=20)) as opened:
+        yield opened
 
 
 def rerun(script: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
