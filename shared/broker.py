@@ -150,12 +150,14 @@ REQUEST_MAX_AGE_S = 3600.0
 GENERATED_MAX_AGE_S = 86_400.0
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
+async def ensure_streams(js: JetStreamContext, *, generated_storage: str = "file") -> None:
     """Create (or update) the two work-queue streams; safe to call from every process.
 
     ``CHAT_REQUESTS`` holds turn requests until a worker takes one; messages
     are deduplicated by ``Nats-Msg-Id`` so a retried publish starts one turn.
-    ``CHAT_GENERATED`` holds generated frames until a buffer has stored them.
+    ``CHAT_GENERATED`` holds generated frames until a buffer has stored them,
+    in ``generated_storage`` (``file`` or ``memory``). JetStream cannot change
+    an existing stream's storage: that update is refused (``APIError``).
     """
     configs = [
         StreamConfig(
@@ -171,7 +173,7 @@ async def ensure_streams(js: JetStreamContext) -> None:
             name=STREAM_GENERATED,
             subjects=[generated_wildcard()],
             retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE,
+            storage=StorageType(generated_storage),
             max_age=GENERATED_MAX_AGE_S,
             discard=DiscardPolicy.NEW,
         ),

@@ -164,9 +164,10 @@ class _Reporter:
 
 
 async def _wait_for_nats(
-    url: str, *, name: str, on_reconnect: Callable[[], None] | None, startup: Startup
+    broker: BrokerSettings, *, name: str, on_reconnect: Callable[[], None] | None, startup: Startup
 ) -> tuple[NATS, JetStreamContext]:
     """Connect to NATS and make sure the JetStream streams exist, waiting for both."""
+    url = broker.nats_url
     where = masked_url(url)
     report = _Reporter("nats", where, startup)
     while True:
@@ -185,7 +186,7 @@ async def _wait_for_nats(
     try:
         while True:
             try:
-                await ensure_streams(js)
+                await ensure_streams(js, generated_storage=broker.generated_storage)
                 break
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError, APIError) as exc:
                 if not jetstream_enabled(nc):
@@ -264,7 +265,7 @@ async def open_connections(
     :class:`StartupFailed` for what waiting will not fix.
     """
     startup = startup or Startup()
-    nats_task = asyncio.create_task(_wait_for_nats(broker.nats_url, name=name, on_reconnect=on_reconnect, startup=startup))
+    nats_task = asyncio.create_task(_wait_for_nats(broker, name=name, on_reconnect=on_reconnect, startup=startup))
     redis_task = asyncio.create_task(_wait_for_redis(broker, startup=startup))
     tasks = (nats_task, redis_task)
     try:

@@ -197,6 +197,10 @@ class BrokerSettings:
     nats_url: str = "nats://127.0.0.1:4222"
     redis_url: Secret = Secret("redis://127.0.0.1:6379/0", mask_everywhere=False)
     redis_max_connections: int = 32
+    # JetStream storage of the generated-frames stream: "file" survives a
+    # nats-server restart; "memory" loses what no buffer has stored yet
+    # (docs/configuration.md).
+    generated_storage: str = "file"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> BrokerSettings:
@@ -213,6 +217,7 @@ class BrokerSettings:
             nats_url=nats_url,
             redis_url=Secret(redis_url, mask_everywhere=False),  # its password is masked as a URL's
             redis_max_connections=env_int(environ, "CHAT_REDIS_MAX_CONNECTIONS", 32, minimum=1),
+            generated_storage=env_choice(environ, "CHAT_JS_STORAGE", cls.generated_storage, ("file", "memory")),
         )
 
     def describe(self) -> dict[str, str]:

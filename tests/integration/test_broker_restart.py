@@ -7,7 +7,6 @@ host; every frame goes through the strict wire checker (``Clients``).
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import AsyncIterator
 
@@ -21,7 +20,7 @@ from tests.stack import WAIT_S, Bus, Clients, Stack, history, isolated_stack, ne
 @pytest.fixture
 async def restartable(redis_server: Server) -> AsyncIterator[tuple[LocalNats, Stack, Clients]]:
     # LocalNats keeps its port and store across stop() and start(): the services reconnect to the same URL.
-    nats = LocalNats(binary=os.environ.get("NATS_SERVER_BIN", LocalNats.binary))
+    nats = LocalNats()
     nats.start()
     env = {"CHAT_DEMO_TOKENS_PER_S": "100", "CHAT_DEMO_ANSWER_TOKENS": "150"}
     try:

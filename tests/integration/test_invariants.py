@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from websockets.exceptions import ConnectionClosed
 
-from devstack.servers import LocalNats, LocalRedis, Server
+from devstack.servers import LocalNats, LocalRedis, Server, nats_server_binary
 from services.buffer.settings import Settings as BufferSettings
 from services.gateway.feed import REPLAY_LIMIT
 from services.llm_worker.service import MAX_CHUNK_BYTES
@@ -28,7 +28,7 @@ from tests.stack import WAIT_S, Clients, Stack, history, isolated_stack, new_ses
 from tests.wire import SseConnection
 
 needs_binaries = pytest.mark.skipif(
-    shutil.which("nats-server") is None or shutil.which("redis-server") is None,
+    shutil.which(nats_server_binary()) is None or shutil.which("redis-server") is None,
     reason="stops and starts local nats-server and redis-server binaries",
 )
 

@@ -30,7 +30,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from devstack.processes import ServiceProcess
-from devstack.servers import LocalNats, LocalRedis, Server, free_port, wait_for_line
+from devstack.servers import LocalNats, LocalRedis, Server, free_port, nats_server_binary, wait_for_line
 from tests.fake_openai import FakeOpenAI, serve_in_thread
 from tests.stack import FAST_DEMO, WAIT_S, Clients, Stack, isolated_stack, new_session, openai_env
 
@@ -275,7 +275,7 @@ async def test_services_stop_promptly_after_losing_nats(redis_server: Server) ->
 def nats_without_jetstream() -> Iterator[str]:
     port = free_port()
     server = subprocess.Popen(
-        ["nats-server", "-a", "127.0.0.1", "-p", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
         wait_for_line(server, b"Server is ready", what="nats-server without -js")
