@@ -4,8 +4,17 @@ stream the model, publish numbered frames, obey ``stop``.
 Seq numbering: the gateway claimed the turn in Redis and passed the session's
 last seq (``base_seq``); only this worker produces frames for the session
 until the turn's ``done`` is stored, so numbering from ``base_seq + 1`` is
-gap-free (docs/architecture.md). A seq is used up only once JetStream has
-acknowledged its frame.
+gap-free (docs/architecture.md). A seq is used up once its frame is
+published; a turn keeps up to ``PUBLISH_WINDOW`` frames in flight (their
+JetStream acks come back asynchronously, no round trip awaited per token),
+sends again any whose ack failed (its message id makes that idempotent), and
+publishes its ``done`` only once every earlier frame is acknowledged.
+
+A stream's frames are at least ``CHAT_FRAME_INTERVAL_MS`` apart: text that
+arrives sooner after the last frame waits for the window's end and leaves
+with whatever else arrived by then (a stream idle for a window sends its
+next text at once), so at real models' rates each hop wakes once per window,
+not once per token.
 
 The order of effects per turn is what makes every turn end (docs/protocol.md
 guarantee 5):
@@ -33,6 +42,7 @@ import random
 import re
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
@@ -69,6 +79,11 @@ log = logging.getLogger(__name__)
 
 PUBLISH_RETRY_S = 0.25
 PUBLISH_GIVE_UP_S = 120.0
+PUBLISH_ACK_TIMEOUT_S = 5.0  # an ack not back by then is taken as lost: the frame is sent again
+# Frames a turn publishes before it waits for the oldest one's ack: enough
+# that a model far faster than JetStream's round trip never waits on it, few
+# enough that a broker away holds little.
+PUBLISH_WINDOW = 64
 PULL_MAX = 64  # turn requests taken per pull, at most
 REQUEST_ACK_WAIT_S = 5.0
 # A chunk's text is at most this many UTF-8 bytes: coalesced or huge model
@@ -103,14 +118,25 @@ class Ending(NamedTuple):
     details: dict[str, Any] = {}
 
 
+class InFlight(NamedTuple):
+    """A published frame whose JetStream ack has not been read yet."""
+
+    seq: int
+    payload: bytes
+    ack: asyncio.Future[Any] | None  # None: the publish itself failed; send it again
+
+
 @dataclass
 class Turn:
     """One claimed turn, from its claim to its ``done``."""
 
     request: TurnRequest
     trace: str = ""  # from the request's Chat-Trace header, carried on the turn's end
-    seq: int = field(init=False)  # the last seq taken (acknowledged by JetStream unless ``unsent``)
-    unsent: tuple[int, bytes] | None = None  # a frame whose publish was cut off: sent again before the done
+    seq: int = field(init=False)  # the last seq taken (acknowledged by JetStream unless still in flight)
+    # Published frames whose ack is not in yet, oldest first: (seq, frame, ack).
+    # One whose ack failed is sent again before the done, so no gap precedes it.
+    in_flight: deque[InFlight] = field(default_factory=deque)
+    last_frame_at: float = -1e9  # monotonic: when the last chunk was published (the frame-rate cap)
     answer_bytes: int = 0
     chunks: int = 0
     stop_requested: bool = False
@@ -470,9 +496,15 @@ class Worker:
                     return Ending("error", f"The model sent no text for {stall_s:g} s. Try again later.")
             else:
                 item = deltas.get_nowait()
+            if isinstance(item, Delta) and item.finish_reason is None:
+                # The frame-rate cap: sooner than a window after the last frame,
+                # wait for its end; the text arriving meanwhile joins this frame.
+                wait_s = turn.last_frame_at + self.settings.frame_interval_s - time.monotonic()
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
             texts: list[str] = []
-            # Coalesce what is already queued into one chunk; never wait to
-            # batch, so an idle stream sends each token at once.
+            # Coalesce what is queued into one chunk; an idle stream (its
+            # last frame a window ago) sends its text at once.
             while isinstance(item, Delta):
                 texts.append(joiner.feed(item.text))
                 if item.finish_reason is not None or deltas.empty():
@@ -580,19 +612,66 @@ class Worker:
                 attempt += 1
 
     async def _publish_chunk(self, turn: Turn, text: str) -> None:
+        now = time.monotonic()
         if not turn.chunks:
-            self.metrics.first_token.observe(time.monotonic() - turn.started_at)
+            self.metrics.first_token.observe(now - turn.started_at)
+        turn.last_frame_at = now
         frame = protocol.Chunk(seq=turn.seq + 1, turn=turn.request.turn, text=text)
-        # The seq is taken before the publish, and the frame kept until it is stored: a
-        # turn cut off meanwhile sends it again (its message id makes that idempotent)
-        # and ends with a done at the next seq, never at this one, which JetStream
-        # would drop as a repeat of this frame's id.
+        # The seq is taken before the publish, and the frame kept until its ack is
+        # in: a turn cut off meanwhile sends it again (its message id makes that
+        # idempotent) and ends with a done at the next seq, never at this one,
+        # which JetStream would drop as a repeat of this frame's id.
         payload = protocol.encode(frame)
-        turn.seq, turn.unsent = frame.seq, (frame.seq, payload)
-        await self._publish(turn, frame.seq, payload)
-        turn.unsent = None
+        turn.seq = frame.seq
+        turn.in_flight.append(InFlight(frame.seq, payload, None))  # cut off before its ack is known: sent again
+        await self._within_lease(turn)
+        turn.in_flight[-1] = InFlight(frame.seq, payload, await self._send(turn, frame.seq, payload))
         turn.chunks += 1
         self.metrics.chunks.inc()
+        await self._settle(turn, keep=PUBLISH_WINDOW - 1)
+
+    async def _send(self, turn: Turn, seq: int, payload: bytes) -> asyncio.Future[Any] | None:
+        """Publish frame ``seq`` without waiting for its ack; the ack's future,
+        or None if the publish itself failed (the frame is sent again later)."""
+        headers = {"Nats-Msg-Id": frame_msg_id(turn.request.session, turn.request.turn, seq)}
+        try:
+            ack = await self.js.publish_async(generated_subject(turn.request.session), payload, headers=headers)
+        except Exception as exc:  # reconnecting, closed, too many pending
+            log.warning("publish failed, retrying: %s", exc, extra={"event": "publish_retry"})
+            return None
+        ack.add_done_callback(partial(self._observe_ack, time.monotonic()))
+        return ack
+
+    def _observe_ack(self, sent_at: float, ack: asyncio.Future[Any]) -> None:
+        if not ack.cancelled() and ack.exception() is None:
+            self.metrics.publish.observe(time.monotonic() - sent_at)
+
+    async def _settle(self, turn: Turn, *, keep: int = 0) -> None:
+        """Read acks, oldest first, until at most ``keep`` frames are in flight
+        (only those already in, once fewer than the window are out); a frame
+        whose ack failed or is late is sent again, awaited, with its id.
+
+        Raises:
+            PublishFailed: a frame was not stored within ``PUBLISH_GIVE_UP_S``.
+            LeaseLost: the turn's lease went to a reaper meanwhile.
+        """
+        in_flight = turn.in_flight
+        while in_flight:
+            seq, payload, ack = in_flight[0]
+            if ack is not None and not ack.done():
+                if len(in_flight) <= keep:
+                    return  # the window has room: the rest is read later
+                await asyncio.wait((ack,), timeout=PUBLISH_ACK_TIMEOUT_S)
+            if ack is not None and ack.done() and not ack.cancelled() and ack.exception() is None:
+                in_flight.popleft()
+                continue
+            if ack is not None:  # lost, refused or late
+                if not ack.done():
+                    ack.cancel()  # frees nats-py's slot for an ack that will never come
+                cause = "no ack" if ack.cancelled() else repr(ack.exception())
+                log.warning("publish not acknowledged, retrying: %s", cause, extra={"event": "publish_retry"})
+            await self._publish(turn, seq, payload)
+            in_flight.popleft()
 
     async def _end(self, turn: Turn, ending: Ending) -> None:
         """Publish the turn's one ``done``; if it cannot be published, give the turn up."""
@@ -602,9 +681,7 @@ class Worker:
             seq=turn.seq + 1, turn=request.turn, reason=ending.reason, message=message, code=ending.code  # type: ignore[arg-type]
         )
         try:
-            if turn.unsent is not None:  # cut off while publishing: that frame first, so no gap precedes the done
-                await self._publish(turn, *turn.unsent)
-                turn.unsent = None
+            await self._settle(turn)  # every chunk acknowledged first, so no gap precedes the done
             await self._publish(turn, done.seq, protocol.encode(TurnEnd(done=done, user=request.user)), with_trace=True)
         except PublishFailed:
             await self._abandon(turn)

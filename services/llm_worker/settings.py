@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
+from shared.errors import ConfigError
 from shared.settings import (
     BrokerSettings,
     HealthSettings,
@@ -48,6 +49,17 @@ def base_url(environ: Mapping[str, str]) -> str:
     return urlunsplit(parts._replace(path=path))
 
 
+MAX_FRAME_INTERVAL_MS = 1000.0  # beyond, a stream would read as stalled, not smoothed
+
+
+def frame_interval_s(environ: Mapping[str, str]) -> float:
+    """``CHAT_FRAME_INTERVAL_MS`` in seconds (0 to 1,000 ms)."""
+    ms = env_float(environ, "CHAT_FRAME_INTERVAL_MS", Settings.frame_interval_s * 1000)
+    if ms > MAX_FRAME_INTERVAL_MS:
+        raise ConfigError(f"Config 'CHAT_FRAME_INTERVAL_MS' has value '{ms:g}'. Must be at most {MAX_FRAME_INTERVAL_MS:g}.")
+    return ms / 1000
+
+
 @dataclass(frozen=True)
 class Settings:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
@@ -60,6 +72,10 @@ class Settings:
     lease_s: float = 10.0  # a turn whose worker stops renewing for this long is ended by a buffer
     max_answer_bytes: int = 2 * 1024 * 1024  # a longer answer ends with done reason "length"
     drain_timeout_s: float = 20.0
+    # The frame-rate cap per stream: text arriving sooner than this after the
+    # turn's last frame waits for the window's end and goes out with what else
+    # arrived (0: every model event is its own frame). docs/benchmarks.md.
+    frame_interval_s: float = 0.04
     health: HealthSettings = field(default_factory=HealthSettings)
     log_level: str = "INFO"
 
@@ -119,6 +135,7 @@ class Settings:
             lease_s=env_float(environ, "CHAT_LEASE_S", 10.0, minimum=0.3),
             max_answer_bytes=env_int(environ, "CHAT_MAX_ANSWER_BYTES", cls.max_answer_bytes, minimum=1),
             drain_timeout_s=env_float(environ, "CHAT_DRAIN_TIMEOUT_S", 20.0, minimum=0.0),
+            frame_interval_s=frame_interval_s(environ),
             health=HealthSettings.from_env(environ),
             log_level=env_log_level(environ),
         )
