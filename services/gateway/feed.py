@@ -166,29 +166,39 @@ class SessionFeed:
 
     async def _on_message(self, msg: Msg) -> None:
         if msg.subject == self.frames_subject:
-            await self._on_frame(msg)
+            self._on_frames(msg.data)
         elif msg.subject == self.controls_subject:
             await self._on_control(msg)
 
-    async def _on_frame(self, msg: Msg) -> None:
+    def _on_frames(self, data: bytes) -> None:
+        """Apply a delivery message: one frame, or several joined by ``b"\\n"``
+        in seq order (a buffer's batch), each as if it had come alone."""
+        direct = False
+        for frame in data.split(b"\n"):
+            if frame:
+                direct = self._on_frame(frame) or direct
+        if direct and self._waiting_for_gap():
+            self.inbox.put_nowait(None)  # run() arms the gap timer
+
+    def _on_frame(self, data: bytes) -> bool:
+        """Apply or queue one frame; True if it was applied here, not queued."""
         if self.inbox.qsize() >= self.inbox_frames:
             self.overflowed = True
-            return
+            return False
         try:
-            seq = frame_seq(msg.data)
+            seq = frame_seq(data)
         except msgspec.DecodeError:
             log.error("dropping malformed delivery", extra={"session": self.session})
-            return
-        event = LiveFrame(seq, msg.data)
+            return False
+        event = LiveFrame(seq, data)
         if not self.started or not self.inbox.empty():
             self.inbox.put_nowait(event)  # behind other events: keep arrival order
-            return
+            return False
         # The common case, taken here: no queue hop and no task switch per
         # frame. Safe because handle() never awaits, so events still apply one
         # at a time in arrival order.
         self._execute(self.delivery.handle(event))
-        if self._waiting_for_gap():
-            self.inbox.put_nowait(None)  # run() arms the gap timer
+        return True
 
     async def _on_control(self, msg: Msg) -> None:
         try:
