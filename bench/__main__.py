@@ -5,11 +5,19 @@ process, and the bare relay; drives each scenario from a separate load
 process (bench/load.py); takes the median of ``--runs`` runs of every point;
 writes docs/benchmarks.md, docs/benchmarks.json and PNG plots. ``--smoke``
 runs every scenario once at a tiny scale, into ``--out``, in seconds.
+``--only 50x50,ttft`` runs just those and prints their tables (for A/B work).
+
+The issue's three points run three ways: the worker's frame cap at its
+default (or as ``CHAT_FRAME_INTERVAL_MS`` in this environment says), the cap
+off (the worker restarted with 0), and the bare relay. Last, the 50 × 50 point
+runs again with the generated-frames stream in the other JetStream storage
+(services restarted, stream recreated).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import resource
@@ -25,10 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats
+from nats.js.errors import NotFoundError
+
 from devstack.processes import ServiceProcess
 from devstack.servers import LocalNats, LocalRedis, free_port, port_open
+from services.llm_worker.settings import frame_interval_s
+from shared.subjects import STREAM_GENERATED
 
 from . import report
+from .load import per_thousand
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,40 +53,58 @@ class Plan:
 
     runs: int
     window_s: float
+    warmup_s: float  # after the last stream started, before the window opens
+    min_stagger_s: float  # streams start evenly over at least this long
+    points: dict[str, tuple[int, float]]  # the issue's points: name -> (streams, tokens/s each)
     latency_streams: tuple[int, ...]
     latency_rate: float
-    cpu_point: tuple[int, float]  # streams, tokens/s each
     capacity_streams: tuple[int, ...]
     capacity_rate: float
     controls: dict[str, Any]
     reconnect: dict[str, Any]
     idle: dict[str, Any]
+    pauses: dict[str, Any]
+    ttft: dict[str, Any]
+    redis: dict[str, Any]
 
 
+POINTS = ("50x50", "200x20", "20x500")
 FULL = Plan(
     runs=3,
     window_s=6.0,
+    warmup_s=1.0,
+    min_stagger_s=0.5,
+    points={"50x50": (50, 50), "200x20": (200, 20), "20x500": (20, 500)},
     latency_streams=(1, 100, 1000),
     latency_rate=30,
-    cpu_point=(50, 50),
-    capacity_streams=(100, 150, 200, 250, 350, 500, 750, 1000, 1500),
+    capacity_streams=(250, 350, 500, 750, 1000, 1500, 2000),
     capacity_rate=20,
     controls={"controllers": 20, "cycles": 10, "hold_s": 0.1, "background_streams": 100, "background_s": 20, "rate": 30},
     reconnect={"tokens": 10_000, "rate": 2000},
     idle={"connections": 10_000, "hold_s": 21},  # the gateway pings every 20 s
+    pauses={"streams": 10, "rate": 500, "tokens": 4000, "on_s": 1.0, "hold_s": 1.0},
+    ttft={"chats": 20, "bursts": 20, "gap_s": 1.0, "tokens": 5, "rate": 1000},
+    redis={"turns": 5, "tokens": 300, "rate": 1000},
 )
 SMOKE = Plan(
     runs=1,
-    window_s=1.0,
-    latency_streams=(1, 10),
+    window_s=0.5,
+    warmup_s=0.3,
+    min_stagger_s=0.2,
+    points={"50x50": (5, 50), "200x20": (10, 20), "20x500": (2, 500)},
+    latency_streams=(10,),
     latency_rate=30,
-    cpu_point=(5, 50),
     capacity_streams=(20,),
     capacity_rate=20,
-    controls={"controllers": 1, "cycles": 3, "hold_s": 0.05, "background_streams": 5, "background_s": 4, "rate": 30},
+    controls={"controllers": 1, "cycles": 3, "hold_s": 0.05, "background_streams": 5, "background_s": 2.5, "rate": 30},
     reconnect={"tokens": 300, "rate": 1000},
     idle={"connections": 50, "hold_s": 0.5},
+    pauses={"streams": 2, "rate": 500, "tokens": 400, "on_s": 0.2, "hold_s": 0.2},
+    ttft={"chats": 3, "bursts": 3, "gap_s": 0.2, "tokens": 5, "rate": 1000},
+    redis={"turns": 2, "tokens": 30, "rate": 1000},
 )
+# What --only accepts: a point's name, or one of these scenarios.
+SCENARIOS = (*POINTS, "storage", "latency", "capacity", "controls", "reconnect", "redis", "ttft", "pauses", "idle")
 
 
 @dataclass
@@ -115,6 +147,7 @@ class Bench:
         self.stack = stack
         self.log_dir = log_dir
         self.processes: dict[str, ServiceProcess] = {}
+        self.env: dict[str, str] = {}
 
     def start(self) -> None:
         nats, redis = LocalNats(), LocalRedis()
@@ -122,10 +155,11 @@ class Bench:
             server.start()
             self.stack.callback(server.stop)
         assert nats.process is not None and redis.process is not None
+        self.nats_url, self.redis_url, self.nats_binary = nats.url, redis.url, nats.binary
         upstream_port = free_port()
         upstream = self._spawn("upstream", [sys.executable, "-m", "bench.upstream", "--http", str(upstream_port), "--nats", nats.url], {})
         self._wait_port(upstream_port, upstream)
-        env = {
+        self.env = {
             "CHAT_NATS_URL": nats.url,
             "CHAT_REDIS_URL": redis.url,
             "CHAT_AUTH_MODE": "dev",
@@ -138,45 +172,46 @@ class Bench:
             "CHAT_MAX_CONNECTIONS": "15000",
             "CHAT_MAX_CONNECTIONS_PER_USER": "15000",  # dev mode: every anonymous client is one user
             "CHAT_MAX_TURNS_PER_USER": "100000",
+            "CHAT_PORT": str(free_port()),  # read by the gateway only
         }
-        processes: dict[str, ServiceProcess] = {}
         for module in ("services.buffer", "services.llm_worker", "services.gateway"):
-            extra = {"CHAT_PORT": str(free_port())} if module == "services.gateway" else {}
-            process = ServiceProcess(module, {**env, **extra})
-            process.start()
+            process = ServiceProcess(module, self.env)
             self.stack.callback(process.stop)
-            processes[process.name] = process
-        self.processes = processes
+            self.processes[process.name] = process
+            process.start()
         relay_port = free_port()
         relay = self._spawn(
             "relay", [sys.executable, "-m", "bench.relay"], {"BENCH_NATS_URL": nats.url, "BENCH_RELAY_PORT": str(relay_port)}
         )
         self._wait_port(relay_port, relay)
-        def pid(process: ServiceProcess) -> int:
-            assert process.process is not None
-            return process.process.pid
-
-        self.ours = Target(
-            "ours",
-            int(processes["gateway"].env["CHAT_PORT"]),
-            {
-                "gateway": pid(processes["gateway"]),
-                "worker": pid(processes["llm_worker"]),
-                "buffer": pid(processes["buffer"]),
-                "nats-server": nats.process.pid,
-                "redis-server": redis.process.pid,
-            },
-        )
+        self.ours = Target("ours", int(self.env["CHAT_PORT"]), {"nats-server": nats.process.pid, "redis-server": redis.process.pid})
+        self._track_pids()
         self.relay = Target("relay", relay_port, {"relay": relay.pid, "nats-server": nats.process.pid})
-        self.sources = {"upstream": upstream.pid}
+
+    def _track_pids(self) -> None:
+        for name, label in (("gateway", "gateway"), ("llm_worker", "worker"), ("buffer", "buffer")):
+            process = self.processes[name].process
+            assert process is not None
+            self.ours.pids[label] = process.pid
+
+    def restart(self, names: tuple[str, ...], overrides: dict[str, str], *, drop_generated: bool = False) -> None:
+        """Restart these services with ``overrides`` on top of the base settings;
+        ``drop_generated`` deletes the generated-frames stream first (its storage
+        is fixed when a service creates it)."""
+        self.save_logs()
+        for name in names:
+            self.processes[name].stop()
+        if drop_generated:
+            asyncio.run(_delete_stream(self.nats_url, STREAM_GENERATED))
+        for name in ("buffer", "llm_worker", "gateway"):  # the order of the first start
+            if name in names:
+                process = self.processes[name]
+                process.env = {**self.env, **overrides}
+                process.start()
+        self._track_pids()
 
     def fresh_gateway(self) -> None:
-        gateway = self.processes["gateway"]
-        self.save_logs()
-        gateway.stop()
-        gateway.start()
-        assert gateway.process is not None
-        self.ours.pids["gateway"] = gateway.process.pid
+        self.restart(("gateway",), dict(self.processes["gateway"].env))
 
     def save_logs(self) -> None:
         for name, process in self.processes.items():
@@ -203,7 +238,8 @@ class Bench:
             time.sleep(0.05)
 
     def load(self, target: Target, scenario: str, **spec: Any) -> dict[str, Any]:
-        spec = {"scenario": scenario, "host": "127.0.0.1", "port": target.port, "pids": target.pids, **spec}
+        spec = {"scenario": scenario, "host": "127.0.0.1", "port": target.port, "pids": target.pids,
+                "redis_url": self.redis_url, **spec}
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
             json.dump(spec, file)
         try:
@@ -217,56 +253,91 @@ class Bench:
         result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
         return result
 
+    def repeat(self, target: Target, scenario: str, **spec: Any) -> dict[str, Any]:
+        """The median of the plan's runs of one scenario."""
+        return median_of([self.load(target, scenario, **spec) for _ in range(self.plan.runs)])
+
     def stream_point(self, target: Target, streams: int, rate: float) -> dict[str, Any]:
         """Steady streaming at ``streams`` × ``rate``, median of the plan's runs."""
-        stagger = 0.0 if streams == 1 else max(0.5, streams / 400)
-        start = stagger + 1.0
+        stagger = 0.0 if streams == 1 else max(self.plan.min_stagger_s, streams / 400)
+        start = stagger + self.plan.warmup_s
         end = start + self.plan.window_s
-        tokens = int((end + 0.5) * rate)
-        runs = []
-        for _ in range(self.plan.runs):
-            runs.append(self.load(target, "stream", streams=streams, rate=rate, tokens=tokens, stagger_s=stagger, window_s=[start, end]))
-        result = median_of(runs)
-        cpu = result["cpu_s"]
-        per_k = {name: seconds / max(1, result["window_tokens"]) * 1000 for name, seconds in cpu.items()}
-        result["cpu_s_per_1k_tokens"] = {**per_k, "total": sum(per_k.values())}
+        tokens = int((end + min(0.5, self.plan.warmup_s)) * rate)
+        result = self.repeat(target, "stream", streams=streams, rate=rate, tokens=tokens, stagger_s=stagger, window_s=[start, end])
+        result["cpu_s_per_1k_tokens"] = per_thousand(result["cpu_s"], result["window_tokens"])
         note(f"{target.name} {streams}×{rate:g}/s: {result['delivered_tokens_per_s']:.0f} tok/s, "
              f"p99 {result['latency']['p99_ms']:.1f} ms, {result['cpu_s_per_1k_tokens']['total']:.3f} CPU-s/1k, check {result['check']}")
         return result
 
-    def run(self) -> dict[str, Any]:
+    def run(self, only: frozenset[str] = frozenset(SCENARIOS)) -> dict[str, Any]:
+        """Every scenario in ``only``; those under the default settings first, then
+        the worker without its frame cap, then the generated stream in memory."""
         plan = self.plan
-        results: dict[str, Any] = {}
-        results["latency"] = [self.stream_point(self.ours, n, plan.latency_rate) for n in plan.latency_streams]
-        results["cpu_point"] = {
-            "ours": self.stream_point(self.ours, *plan.cpu_point),
-            "relay": self.stream_point(self.relay, *plan.cpu_point),
-        }
-        capacity = []
-        for streams in plan.capacity_streams:
-            point = self.stream_point(self.ours, streams, plan.capacity_rate)
-            capacity.append(point)
-            if not keeps_up(point):
-                break
-        results["capacity"] = capacity
-        # Saturation: the most tokens/s delivered intact at any point, whatever the latency.
-        intact = [p for p in [*results["latency"], *capacity] if not any(p["check"].values())] or capacity
-        saturation = max(intact, key=lambda p: p["delivered_tokens_per_s"])
-        results["saturation"] = {
-            "ours": saturation,
-            "relay": self.stream_point(self.relay, saturation["streams"], saturation["rate"]),
-        }
-        results["controls"] = median_of([self.load(self.ours, "controls", **plan.controls) for _ in range(plan.runs)])
-        note(f"controls: {results['controls']['pause_ms']} {results['controls']['resume_ms']}")
-        results["reconnect"] = median_of([self.load(self.ours, "reconnect", **plan.reconnect) for _ in range(plan.runs)])
-        note(f"reconnect: {results['reconnect']}")
-        idle = []
-        for _ in range(plan.runs):
-            self.fresh_gateway()  # memory per connection is measured from a gateway's start
-            idle.append(self.load(self.ours, "idle", **plan.idle))
-        results["idle"] = median_of(idle)
-        note(f"idle: {results['idle']}")
+        cap_ms = frame_interval_s(os.environ) * 1000  # the worker's default, unless this run's environment sets it
+        storage = os.environ.get("CHAT_JS_STORAGE", "file")
+        results: dict[str, Any] = {"settings": {"frame_interval_ms": cap_ms, "js_storage": storage, "nats_server": self.nats_binary}}
+        points = {name: plan.points[name] for name in POINTS if name in only}
+        if points:
+            results["points"] = {name: {"cap": self.stream_point(self.ours, *point), "relay": self.stream_point(self.relay, *point)}
+                                 for name, point in points.items()}
+        if "latency" in only:
+            results["latency"] = [self.stream_point(self.ours, n, plan.latency_rate) for n in plan.latency_streams]
+        if "capacity" in only:
+            capacity = []
+            for streams in plan.capacity_streams:
+                step = self.stream_point(self.ours, streams, plan.capacity_rate)
+                capacity.append(step)
+                if not keeps_up(step):
+                    break
+            results["capacity"] = capacity
+        if "controls" in only:
+            results["controls"] = self.repeat(self.ours, "controls", **plan.controls)
+            note(f"controls: {results['controls']['pause_ms']} {results['controls']['resume_ms']}")
+        if "reconnect" in only:
+            results["reconnect"] = self.repeat(self.ours, "reconnect", **plan.reconnect)
+            note(f"reconnect: {results['reconnect']}")
+        if "redis" in only:
+            results["redis"] = self.repeat(self.ours, "redis_memory", **plan.redis)
+            note(f"redis: {results['redis']}")
+        if "ttft" in only:
+            results["ttft"] = self.repeat(self.ours, "ttft", **plan.ttft)
+            note(f"ttft: {results['ttft']}")
+        if "pauses" in only:
+            results["pauses"] = {"ours": self.repeat(self.ours, "pauses", **plan.pauses),
+                                 "relay": self.repeat(self.relay, "pauses", **plan.pauses)}
+            note(f"pauses: {results['pauses']}")
+        if "idle" in only:
+            idle = []
+            for _ in range(plan.runs):
+                self.fresh_gateway()  # memory per connection is measured from a gateway's start
+                idle.append(self.load(self.ours, "idle", **plan.idle))
+            results["idle"] = median_of(idle)
+            note(f"idle: {results['idle']}")
+        if points:
+            self.restart(("llm_worker",), {"CHAT_FRAME_INTERVAL_MS": "0"})
+            for name, (streams, rate) in points.items():
+                results["points"][name]["nocap"] = self.stream_point(self.ours, streams, rate)
+            self.restart(("llm_worker",), {})
+        if "storage" in only:
+            other = "memory" if storage == "file" else "file"
+            self.restart(("buffer", "llm_worker", "gateway"), {"CHAT_JS_STORAGE": other}, drop_generated=True)
+            results["storage"] = {other: self.stream_point(self.ours, *plan.points["50x50"])}
+            if "50x50" in results.get("points", {}):
+                results["storage"][storage] = results["points"]["50x50"]["cap"]
+            else:
+                self.restart(("buffer", "llm_worker", "gateway"), {"CHAT_JS_STORAGE": storage}, drop_generated=True)
+                results["storage"][storage] = self.stream_point(self.ours, *plan.points["50x50"])
         return results
+
+
+async def _delete_stream(url: str, name: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().delete_stream(name)
+    except NotFoundError:
+        pass
+    finally:
+        await nc.close()
 
 
 def keeps_up(point: dict[str, Any]) -> bool:
@@ -299,21 +370,26 @@ def main() -> None:
     parser.add_argument("--runs", type=int, help="runs per point (median); default 3, smoke 1")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where benchmarks.md, .json and plots go")
     parser.add_argument("--report-only", action="store_true", help="rewrite the page and plots from the JSON in --out")
+    parser.add_argument("--only", help=f"comma-separated, from {', '.join(SCENARIOS)}: run just these and print "
+                        "their tables to stdout (the JSON goes to a temporary file; --out is left alone)")
     args = parser.parse_args()
+    only = frozenset(args.only.split(",")) if args.only else frozenset(SCENARIOS)
+    if unknown := only - set(SCENARIOS):
+        parser.error(f"--only: unknown {', '.join(sorted(unknown))}")
     if args.report_only:
         report.write(json.loads((args.out / "benchmarks.json").read_text()), args.out)
         return
     plan = SMOKE if args.smoke else FULL
     if args.runs:
         plan = Plan(**{**plan.__dict__, "runs": args.runs})
-    args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
     with more_files(), ExitStack() as stack:
         bench = Bench(plan, stack, logs)
         stack.callback(bench.save_logs)
         bench.start()
-        results = bench.run()
+        results = bench.run(only)
+        nats_binary = bench.nats_binary
     note(f"service logs: {logs}")
     results["meta"] = {
         "smoke": args.smoke,
@@ -321,9 +397,16 @@ def main() -> None:
         "window_s": plan.window_s,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": round(time.time() - started, 1),
-        "command": "make bench" if not args.smoke else "python -m bench --smoke",
-        "machine": report.machine_facts(),
+        "command": "python -m bench --smoke" if args.smoke else "make bench" if not args.only else f"python -m bench --only {args.only}",
+        "machine": report.machine_facts(nats_binary),
     }
+    if args.only:
+        path = Path(tempfile.mkdtemp(prefix="bench-only-")) / "benchmarks.json"
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        print(report.markdown(results, full=False))
+        note(f"figures in {path}")
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
     report.write(results, args.out)
     note(f"wrote {args.out / 'benchmarks.md'} in {results['meta']['duration_s']} s")
 

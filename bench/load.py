@@ -86,9 +86,11 @@ class Tally:
 class Stream:
     """One chat: checks each frame as it arrives, in the socket's callback."""
 
-    def __init__(self, tally: Tally, last_seq: int = 0) -> None:
+    def __init__(self, tally: Tally, last_seq: int = 0, *, words: bool = False) -> None:
         self.tally = tally
         self.last_seq = last_seq
+        self.words = words  # chunks carry prose, not stamps: count its bytes
+        self.text_bytes = 0
         self.frames = 0
         self.ready = asyncio.get_running_loop().create_future()
         self.done = asyncio.get_running_loop().create_future()
@@ -108,7 +110,9 @@ class Stream:
                 self.tally.gaps += 1
             self.last_seq = seq
             self.frames += 1
-            if kind == "chunk":
+            if kind == "chunk" and self.words:
+                self.text_bytes += len(frame["text"].encode())
+            elif kind == "chunk":
                 received, latency = self.tally.received_us, self.tally.latency_ms
                 for token in frame["text"].split():
                     received.append(now)
@@ -141,7 +145,8 @@ class Stream:
         self.ws.send_text(json.dumps(frame))
 
     def chat(self, rate: float, tokens: int) -> None:
-        self.send({"type": "chat", "prompt": f"bench rate={rate} tokens={tokens}", "id": uuid.uuid4().hex})
+        prompt = f"bench rate={rate} tokens={tokens}" + (" text=words" if self.words else "")
+        self.send({"type": "chat", "prompt": prompt, "id": uuid.uuid4().hex})
 
 
 def ws_path(spec: dict[str, Any], session: str | None = None, last_seq: int = 0) -> str:
@@ -344,8 +349,144 @@ async def scenario_idle(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def open_streams(spec: dict[str, Any], tally: Tally, count: int, **kwargs: Any) -> list[Stream]:
+    streams = [Stream(tally, **kwargs) for _ in range(count)]
+    await asyncio.gather(*(s.open(spec["host"], spec["port"], ws_path(spec)) for s in streams))
+    return streams
+
+
+async def close_streams(streams: list[Stream]) -> None:
+    await asyncio.gather(*(s.ws.close() for s in streams if s.ws is not None))
+
+
+async def scenario_pauses(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fast streams paused for ``hold_s`` after every ``on_s`` of delivery: CPU per
+    1,000 delivered tokens over the whole run (held tokens are delivered on resume)."""
+    tally, pids = Tally(), spec["pids"]
+    streams = await open_streams(spec, tally, spec["streams"])
+    cycles = 0
+
+    async def one(stream: Stream) -> None:
+        nonlocal cycles
+        first = stream.wait_for("chunk")
+        stream.chat(spec["rate"], spec["tokens"])
+        await asyncio.wait_for(first, 30)
+        while not stream.done.done():
+            await asyncio.wait([stream.done], timeout=spec["on_s"])
+            if stream.done.done():
+                break
+            paused = stream.wait_for("paused")
+            stream.send({"type": "pause"})
+            await asyncio.wait_for(paused, 10)
+            await asyncio.sleep(spec["hold_s"])
+            stream.send({"type": "resume"})
+            cycles += 1
+        if stream.done.result() != "stop":
+            tally.bad_done += 1
+
+    cpu_before = cpu_all(pids)
+    started = time.monotonic()
+    outcomes = await asyncio.gather(*(one(s) for s in streams), return_exceptions=True)
+    elapsed = time.monotonic() - started
+    cpu_after = cpu_all(pids)
+    await close_streams(streams)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            tally.fail(outcome)
+    cpu = {name: cpu_after[name] - cpu_before[name] for name in pids}
+    return {
+        "streams": spec["streams"],
+        "rate": spec["rate"],
+        "pause_cycles": cycles,
+        "delivered_tokens": tally.tokens,
+        "elapsed_s": elapsed,
+        "cpu_s": cpu,
+        "cpu_s_per_1k_tokens": per_thousand(cpu, tally.tokens),
+        "check": check(tally, expected_tokens=spec["streams"] * spec["tokens"]),
+        "errors": tally.errors,
+    }
+
+
+def per_thousand(cpu: dict[str, float], tokens: int) -> dict[str, float]:
+    """CPU-seconds per 1,000 tokens, by process and in total."""
+    per_k = {name: seconds / max(1, tokens) * 1000 for name, seconds in cpu.items()}
+    return {**per_k, "total": sum(per_k.values())}
+
+
+async def scenario_ttft(spec: dict[str, Any]) -> dict[str, Any]:
+    """Bursts of chats, each burst ``gap_s`` after the previous one finished: ms
+    from sending ``chat`` to reading the first chunk (the source sends its first
+    token as the request arrives, so all of it is our stack's)."""
+    tally = Tally()
+    streams = await open_streams(spec, tally, spec["chats"])
+    ttft: list[float] = []
+    for _ in range(spec["bursts"]):
+        firsts = [s.wait_for("chunk") for s in streams]
+        dones = [s.wait_for("done") for s in streams]
+        sent = []
+        for stream in streams:
+            sent.append(time.perf_counter())
+            stream.chat(spec["rate"], spec["tokens"])
+        arrived = await asyncio.wait_for(asyncio.gather(*firsts), 30)
+        ttft += [(at - t) * 1000 for at, t in zip(arrived, sent, strict=True)]
+        await asyncio.wait_for(asyncio.gather(*dones), 30)
+        await asyncio.sleep(spec["gap_s"])
+    await close_streams(streams)
+    return {
+        "chats": spec["chats"],
+        "bursts": spec["bursts"],
+        "ttft_ms": latency_summary(ttft),
+        "check": check(tally, expected_tokens=spec["chats"] * spec["bursts"] * spec["tokens"]),
+    }
+
+
+async def scenario_redis_memory(spec: dict[str, Any]) -> dict[str, Any]:
+    """One session, ``turns`` answers of ``tokens`` prose tokens: Redis ``MEMORY
+    USAGE`` (bytes) of the session's keys against the answers' UTF-8 bytes."""
+    import redis.asyncio as aioredis
+
+    from shared.subjects import history_key, log_key, retired_key, session_key
+
+    host, port = spec["host"], spec["port"]
+    session = "b" + uuid.uuid4().hex[:20]
+    stream = Stream(Tally(), words=True)
+    await stream.open(host, port, ws_path(spec, session))
+    for _ in range(spec["turns"]):
+        done = stream.wait_for("done")
+        stream.chat(spec["rate"], spec["tokens"])
+        await asyncio.wait_for(done, 60)
+    assert stream.ws is not None
+    await stream.ws.close()
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as http:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the last turn's history entry may trail its done
+            if len((await http.get(f"/api/sessions/{session}/history")).json()["turns"]) >= spec["turns"]:
+                break
+            await asyncio.sleep(0.05)
+    client = aioredis.from_url(spec["redis_url"])
+    try:
+        keys = {name: key(session) for name, key in
+                (("meta", session_key), ("log", log_key), ("history", history_key), ("retired", retired_key))}
+        usage = {name: await client.memory_usage(key, samples=0) or 0 for name, key in keys.items()}
+    finally:
+        await client.aclose()
+    total = sum(usage.values())
+    return {
+        "turns": spec["turns"],
+        "tokens_per_turn": spec["tokens"],
+        "answer_bytes": stream.text_bytes,
+        "redis_bytes": usage,
+        "redis_bytes_total": total,
+        "ratio": total / max(1, stream.text_bytes),
+        "check": {"gaps": stream.tally.gaps, "duplicates": stream.tally.duplicates},
+    }
+
+
 SCENARIOS = {
     "stream": scenario_stream,
+    "pauses": scenario_pauses,
+    "ttft": scenario_ttft,
+    "redis_memory": scenario_redis_memory,
     "controls": scenario_controls,
     "reconnect": scenario_reconnect,
     "idle": scenario_idle,

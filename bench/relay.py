@@ -4,7 +4,8 @@ Same web stack as the gateway (Starlette on uvicorn, websockets-sansio,
 uvloop), no store, no sequencing, no replay, no pause, no auth. A client's
 chat frame asks the source (bench/upstream.py ``--nats``) to publish its
 stream onto a subject this connection subscribed to; every message is sent
-on as one text frame. What our stack costs beyond this is the price of its
+on as one text frame; while paused, messages wait in a list in memory and
+go out on resume. What our stack costs beyond this is the price of its
 guarantees.
 """
 
@@ -40,9 +41,13 @@ def create_app(nats_url: str) -> Starlette:
         nc: NATS = websocket.app.state.nc
         await websocket.accept(subprotocol=SUBPROTOCOL)
         subject = f"bench.relay.{uuid.uuid4().hex}"
+        held: list[str] | None = None  # frames kept while paused
 
         async def forward(msg: Msg) -> None:
-            await websocket.send_text(msg.data.decode())
+            if held is not None:
+                held.append(msg.data.decode())
+            else:
+                await websocket.send_text(msg.data.decode())
 
         sub = await nc.subscribe(subject, cb=forward)
         await websocket.send_text('{"type":"ready","session":"relay","last_seq":0,"paused":false}')
@@ -57,6 +62,14 @@ def create_app(nats_url: str) -> Starlette:
                     spec = {"subject": subject, "rate": rate, "tokens": tokens}
                     await nc.request(START_SUBJECT, json.dumps(spec).encode(), timeout=5)
                     await websocket.send_text('{"type":"accepted","turn":1}')
+                elif frame.get("type") == "pause" and held is None:
+                    held = []
+                    await websocket.send_text('{"type":"paused","seq":0}')
+                elif frame.get("type") == "resume" and held is not None:
+                    await websocket.send_text('{"type":"resumed","seq":0}')
+                    while held:  # frames arriving meanwhile join the queue, so order holds
+                        await websocket.send_text(held.pop(0))
+                    held = None
         finally:
             await sub.unsubscribe()
 

@@ -2,7 +2,10 @@
 
 Each token's text is ``" <microseconds since the epoch>"``, so a client can
 tell, for every token, how long the whole path took after the source emitted
-it. A prompt (or a start request) sets the stream: ``rate=30 tokens=240``.
+it. A prompt (or a start request) sets the stream: ``rate=30 tokens=240``;
+a prompt ending ``text=words`` gets English word pieces instead of stamps
+(for measuring what a realistic answer costs to store). The first token goes
+out as the request arrives, so a source adds no first-token delay of its own.
 
 - ``--http PORT``: an OpenAI-compatible ``/chat/completions`` server streaming
   SSE over chunked HTTP/1.1 with keep-alive, for the worker (so its httpx path
@@ -29,7 +32,7 @@ import uvloop
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-__all__ = ["parse_stream_spec", "stamp", "START_SUBJECT"]
+__all__ = ["parse_stream_spec", "stamp", "START_SUBJECT", "WORDS"]
 
 START_SUBJECT = "bench.start"
 _SPEC = re.compile(r"rate=(\d+(?:\.\d+)?) tokens=(\d+)")
@@ -41,15 +44,24 @@ def parse_stream_spec(text: str) -> tuple[float, int]:
     return (float(match[1]), int(match[2])) if match else (30.0, 30)
 
 
+# Word pieces as a tokenizer cuts English prose: a leading space, ~4 bytes each.
+_PROSE = (
+    "The stream ing answer arrives one token at a time , and each piece is stored before the client"
+    " reads it . A reader who leaves and comes back gets what it missed from the log , in order ,"
+    " without gaps or repeats ; the model keeps generating while the reader is paused ."
+)
+WORDS = tuple(w if w in {",", ".", ";", "ing"} else " " + w for w in _PROSE.split(" "))
+
+
 def stamp() -> str:
     return f" {time.time_ns() // 1000}"
 
 
 async def paced(rate: float, tokens: int) -> AsyncIterator[int]:
-    """Yield token indexes on a fixed schedule (late ticks fire at once)."""
+    """Yield token indexes on a fixed schedule, the first at once (late ticks fire at once)."""
     loop = asyncio.get_running_loop()
     interval = 1.0 / rate
-    next_at = loop.time()
+    next_at = loop.time() - interval
     for index in range(tokens):
         next_at += interval
         delay = next_at - loop.time()
@@ -108,12 +120,15 @@ class CompletionsServer(asyncio.Protocol):
         assert self.transport is not None
         transport = self.transport
         try:
-            rate, tokens = parse_stream_spec(json.loads(body)["messages"][-1]["content"])
+            prompt = json.loads(body)["messages"][-1]["content"]
+            rate, tokens = parse_stream_spec(prompt)
+            words = prompt.endswith("text=words")
             transport.write(_HEAD)
-            async for _ in paced(rate, tokens):
+            async for index in paced(rate, tokens):
                 if transport.is_closing():
                     return
-                event = b'data: {"choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n' % stamp().encode()
+                text = WORDS[index % len(WORDS)] if words else stamp()
+                event = b'data: {"choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n' % text.encode()
                 transport.write(_chunked(event))
             transport.write(_FINAL)
         finally:
