@@ -329,19 +329,46 @@ return {'', ''}
 _STORE_FRAMES = _TOUCH + """
 local meta, log, hist = KEYS[1], KEYS[2], KEYS[3]
 local ttl, cap, max_turns, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
--- The hot path, once per batch: one read of meta, one write of hwm, the TTLs.
-local state = redis.call('HMGET', meta, 'hwm', 'active', 'ended')
+-- The hot path, once per batch: one read of meta, one write of hwm and frames, the TTLs.
+local state = redis.call('HMGET', meta, 'hwm', 'active', 'ended', 'frames')
 local stored_hwm = tonumber(state[1] or '0')
 local hwm, active, ended = stored_hwm, tonumber(state[2] or '0'), tonumber(state[3] or '0')
+-- frames: how many seqs the log holds (a packed member holds many); a record
+-- older than the count holds only loose members.
+local stored_count = tonumber(state[4] or '')
+local count = stored_count or redis.call('ZCARD', log)
 local live = active > ended  -- a turn is generating (and its end not stored)
 local refused = {}
-local function stored_as(seq, data) return tonumber(redis.call('ZSCORE', log, data)) == seq end
+local function int(x) return string.format('%d', x) end
+-- A chunk frame exactly as protocol.encode writes it: its text's JSON form,
+-- from which read_frames rebuilds the very bytes. nil for any other frame.
+local function chunk_text(data, seq, turn)
+  local s, t, raw = string.match(data, '^{"type":"chunk","seq":(%d+),"turn":(%d+),"text":"(.*)"}$')
+  if s == int(seq) and t == int(turn) then return raw end
+end
+local function is_packed(data) return string.byte(data, 1) ~= 123 end  -- not '{': not a JSON frame
+-- Whether a chunk of a finished turn is stored, packed, as this very frame.
+local function packed_as(seq, data)
+  local t = string.match(data, '^{"type":"chunk","seq":%d+,"turn":(%d+),')
+  local member = t and redis.call('ZRANGEBYSCORE', log, seq, '+inf', 'LIMIT', 0, 1)[1]
+  if not member or not is_packed(member) then return false end
+  local runs = cmsgpack.unpack(member)
+  if int(runs[1]) ~= t then return false end
+  for r = 2, #runs do
+    local i = seq - runs[r][1] + 2
+    if i >= 2 and i <= #runs[r] then return chunk_text(data, seq, runs[1]) == runs[r][i] end
+  end
+  return false
+end
+local function stored_as(seq, data)
+  return tonumber(redis.call('ZSCORE', log, data)) == seq or packed_as(seq, data)
+end
 for i = 0, n - 1 do
   local seq, data = tonumber(ARGV[5 + 2 * i]), ARGV[6 + 2 * i]
   local ok, frame = pcall(cjson.decode, data)
   local turn = ok and type(frame) == 'table' and tonumber(frame.turn) or 0
   if live and turn == active then
-    redis.call('ZADD', log, seq, data)
+    count = count + redis.call('ZADD', log, seq, data)
     if seq > hwm then hwm = seq end
   elseif not stored_as(seq, data) then
     refused[#refused + 1] = seq
@@ -359,23 +386,49 @@ if ARGV[rest] then
   else
     local base = tonumber(redis.call('HGET', meta, 'seq') or '0')
     local low = math.max(base, tonumber(redis.call('HGET', meta, 'floor') or '0'))
-    local frames = redis.call('ZRANGEBYSCORE', log, '(' .. low, '(' .. done_seq)
-    if #frames < done_seq - 1 - low and ARGV[rest + 4] ~= '1' then
+    local rows = redis.call('ZRANGEBYSCORE', log, '(' .. low, '(' .. done_seq, 'WITHSCORES')
+    if #rows / 2 < done_seq - 1 - low and ARGV[rest + 4] ~= '1' then
       status = 0
     else
       status = 1
-      local parts = {}
-      for _, data in ipairs(frames) do
+      -- The turn's chunks become one packed member: msgpack {turn, {first
+      -- seq, text, text, ...}, ...}, a run per stretch of consecutive seqs
+      -- (a forced end may leave gaps), scored by its last seq.
+      local parts, runs, loose, last = {}, {turn}, {}, nil
+      for i = 1, #rows, 2 do
+        local data, seq = rows[i], tonumber(rows[i + 1])
         local ok, frame = pcall(cjson.decode, data)
         if ok and type(frame) == 'table' and frame.type == 'chunk' and frame.turn == turn then
           parts[#parts + 1] = frame.text
+        end
+        local raw = seq ~= last and chunk_text(data, seq, turn)
+        if raw then
+          if seq ~= (last or -1) + 1 then runs[#runs + 1] = {seq} end
+          runs[#runs][#runs[#runs] + 1] = raw
+          loose[#loose + 1], last = data, seq
+        end
+      end
+      if last then
+        for i = 1, #loose, 1000 do redis.call('ZREM', log, unpack(loose, i, math.min(i + 999, #loose))) end
+        redis.call('ZADD', log, last, cmsgpack.pack(runs))
+        if #loose > 9 * redis.call('ZCARD', log) then
+          -- Redis shrinks the hash table sized for the loose chunks only step
+          -- by step as the key is used: rebuild the few members left instead
+          -- (at most a ninth of the work done packing).
+          local rows = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
+          redis.call('DEL', log)
+          for i = 1, #rows, 1000 do
+            local args = {}
+            for j = i, math.min(i + 998, #rows - 1), 2 do args[#args + 1], args[#args + 2] = rows[j + 1], rows[j] end
+            redis.call('ZADD', log, unpack(args))
+          end
         end
       end
       redis.call('RPUSH', hist, cjson.encode({turn = turn, prompt = redis.call('HGET', meta, 'prompt') or '',
         answer = table.concat(parts), reason = ARGV[rest + 3], last_seq = done_seq}))
       redis.call('LTRIM', hist, -max_turns, -1)
       redis.call('EXPIRE', hist, ttl)
-      redis.call('ZADD', log, done_seq, done)
+      count = count + redis.call('ZADD', log, done_seq, done)
       if done_seq > hwm then hwm = done_seq end
       if tonumber(redis.call('HGET', meta, 'seq') or '0') < done_seq then
         redis.call('HSET', meta, 'seq', done_seq)
@@ -390,18 +443,45 @@ if ARGV[rest] then
     end
   end
 end
-if hwm > stored_hwm then redis.call('HSET', meta, 'hwm', hwm) end
-local size = redis.call('ZCARD', log)
-if size > cap then
-  -- Remember the highest trimmed seq: replays below it report the loss,
+if count > cap then
+  -- Trim the oldest seqs past the cap, from inside a packed member if need
+  -- be. Remember the highest trimmed seq: replays below it report the loss,
   -- while a lower seq merely not stored yet (another buffer) is waited for.
-  local last = redis.call('ZRANGE', log, size - cap - 1, size - cap - 1, 'WITHSCORES')
-  local floor = tonumber(last[2])
+  local excess, floor, drop = count - cap, 0, {}
+  local rows = redis.call('ZRANGE', log, 0, excess - 1, 'WITHSCORES')
+  for i = 1, #rows, 2 do
+    if excess == 0 then break end
+    local data, score = rows[i], tonumber(rows[i + 1])
+    drop[#drop + 1] = data
+    if not is_packed(data) then
+      excess, floor = excess - 1, score
+    else
+      local runs = cmsgpack.unpack(data)
+      local kept = {runs[1]}
+      for r = 2, #runs do
+        local run, k = runs[r], #runs[r] - 1
+        if excess >= k then
+          excess, floor = excess - k, run[1] + k - 1
+        elseif excess > 0 then
+          local rest = {run[1] + excess}
+          for j = excess + 2, #run do rest[#rest + 1] = run[j] end
+          kept[#kept + 1], floor, excess = rest, run[1] + excess - 1, 0
+        else
+          kept[#kept + 1] = run
+        end
+      end
+      if #kept > 1 then drop[#drop + 1] = {score, cmsgpack.pack(kept)} end
+    end
+  end
+  for _, data in ipairs(drop) do
+    if type(data) == 'table' then redis.call('ZADD', log, data[1], data[2]) else redis.call('ZREM', log, data) end
+  end
+  count = cap + excess
   if floor > tonumber(redis.call('HGET', meta, 'floor') or '0') then
     redis.call('HSET', meta, 'floor', floor)
   end
-  redis.call('ZREMRANGEBYRANK', log, 0, size - cap - 1)
 end
+if hwm > stored_hwm or count ~= stored_count then redis.call('HSET', meta, 'hwm', hwm, 'frames', count) end
 -- meta and log (which the ZADD may have created); history's TTL is set where
 -- it is written, and a generating turn's renewals refresh all three.
 touch(ttl, 2)
@@ -568,6 +648,18 @@ class HistoryTurn(msgspec.Struct, frozen=True):
 
 
 _history_decoder = msgspec.json.Decoder(HistoryTurn)
+
+
+def _unpack_chunks(data: bytes) -> list[tuple[int, bytes]]:
+    """(seq, chunk frame) of a packed member of the log, in seq order: the
+    bytes protocol.encode wrote, rebuilt from each chunk's text as JSON (the
+    store packs only frames of exactly this form). Raises msgspec.DecodeError
+    on anything else."""
+    turn, *runs = msgspec.msgpack.decode(data)
+    return [
+        (first + i, b'{"type":"chunk","seq":%d,"turn":%d,"text":"%b"}' % (first + i, turn, text.encode()))
+        for first, *texts in runs for i, text in enumerate(texts)
+    ]
 
 
 @contextmanager
@@ -977,8 +1069,13 @@ class SessionStore:
                 pipe.zrangebyscore(key, f"({after}", "+inf", start=0, num=limit, withscores=True)
                 pipe.hmget(session_key(session), ["floor", "hwm"])
                 rows, (floor, hwm) = await pipe.execute()
-        frames = [(int(score), data) for data, score in rows]
-        return frames, (_int(floor) or 0) + 1, _int(hwm) or 0
+        frames: list[tuple[int, bytes]] = []
+        for data, score in rows:
+            if data[:1] == b"{":
+                frames.append((int(score), data))
+            else:  # a finished turn's packed chunks: each member holds at least one seq > after
+                frames += [frame for frame in _unpack_chunks(data) if frame[0] > after]
+        return frames[:limit], (_int(floor) or 0) + 1, _int(hwm) or 0
 
     async def history(self, session: str, *, last: int | None = None) -> list[HistoryTurn]:
         """The session's finished turns, oldest first (the last ``last`` of them)."""

@@ -65,7 +65,8 @@ def error_end(seq: int, turn: int, message: str) -> SegmentEnd:
 
 async def log_dones(store: SessionStore, session: str) -> list[tuple[int, int]]:
     """(seq, turn) of every done in the session's log."""
-    frames = [json.loads(data) for data in await store.redis.zrange(log_key(session), 0, -1)]
+    stored, _, _ = await store.read_frames(session, after=0, limit=10_000)
+    frames = [json.loads(data) for _, data in stored]
     return [(frame["seq"], frame["turn"]) for frame in frames if frame["type"] == "done"]
 
 
