@@ -172,16 +172,22 @@ class Buffer:
         reaper = asyncio.create_task(self.reap())
         log.info("buffer ready", extra={"event": "ready"})
         try:
+            linger = False
             while not self.stopping.is_set():
+                if linger:
+                    await asyncio.sleep(self.settings.linger_s)
                 try:
                     msgs = await psub.fetch(self.settings.batch_size, timeout=1.0)
                 except (TimeoutError, NatsTimeoutError):
+                    linger = False
                     continue
                 except Exception as exc:  # broker restart: wait it out
                     log.warning("fetch failed: %s", exc, extra={"event": "fetch_failed"})
                     await asyncio.sleep(RETRY_S)
                     continue
                 await self.handle_batch(msgs)
+                # A full batch means more is waiting: fetch it at once.
+                linger = self.settings.linger_s > 0 and len(msgs) < self.settings.batch_size
         finally:
             # Finish what we hold: the current batch is done; stop answering.
             reaper.cancel()
@@ -259,24 +265,22 @@ class Buffer:
         waiting: set[int] = set()  # turn ends whose chunks are not all stored yet
         published = 0
         for (segment, end_index), result in zip(batch, results, strict=True):
-            subject = delivery_subject(segment.session)
             # Frames of a turn no longer generating were refused: never published.
-            for seq, data in segment.frames:
-                if seq not in result.refused:
-                    await self.nc.publish(subject, data)
-                    published += 1
-            if segment.end is None:
-                continue
-            if result.end == "refused":
+            frames = [data for seq, data in segment.frames if seq not in result.refused]
+            if segment.end is not None:
                 extra = {"session": segment.session, "turn": segment.end.turn, "trace": segment.trace}
-                log.info("dropped the end of a turn not generating", extra={**extra, "event": "end_refused"})
-            elif result.end == "stored":
-                await self.nc.publish(subject, segment.end.frame)
-                published += 1
-                extra = {"session": segment.session, "turn": segment.end.turn, "trace": segment.trace}
-                log.info("turn stored", extra={**extra, "event": "turn_stored"})
-            elif end_index is not None:
-                waiting.add(end_index)
+                if result.end == "refused":
+                    log.info("dropped the end of a turn not generating", extra={**extra, "event": "end_refused"})
+                elif result.end == "stored":
+                    frames.append(segment.end.frame)
+                    log.info("turn stored", extra={**extra, "event": "turn_stored"})
+                elif end_index is not None:
+                    waiting.add(end_index)
+            if frames:
+                # One message per session per batch, its frames in stream order, one
+                # per line (a frame's JSON holds no raw newline); gateways split it.
+                await self.nc.publish(delivery_subject(segment.session), b"\n".join(frames))
+                published += len(frames)
         for index, msg in enumerate(msgs):
             if index in waiting:
                 await msg.nak(delay=min(END_RETRY_MAX_S, END_RETRY_S * generated[index].deliveries))

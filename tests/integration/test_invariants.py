@@ -41,8 +41,9 @@ LONG_TOKENS = 2 * REPLAY_BATCH + 100
 
 @pytest.fixture(scope="module")
 def long_stack(redis_server: Server) -> Iterator[Stack]:
-    """Answers of LONG_TOKENS tokens, fast, on a NATS of its own."""
-    env = {"CHAT_DEMO_TOKENS_PER_S": "5000", "CHAT_DEMO_ANSWER_TOKENS": str(LONG_TOKENS)}
+    """Answers of LONG_TOKENS tokens, fast, each its own frame (no frame-rate
+    cap), on a NATS of its own."""
+    env = {"CHAT_DEMO_TOKENS_PER_S": "5000", "CHAT_DEMO_ANSWER_TOKENS": str(LONG_TOKENS), "CHAT_FRAME_INTERVAL_MS": "0"}
     with isolated_stack(redis_server.url, env) as stack:
         yield stack
 

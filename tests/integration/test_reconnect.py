@@ -272,8 +272,10 @@ def rss_kib(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def flood_stack(redis_server: Server) -> Iterator[Stack]:
-    """A fast stream (4,000 tokens/s, 8,000 tokens) behind a gateway with small send bounds."""
-    with isolated_stack(redis_server.url, {"CHAT_DEMO_TOKENS_PER_S": "4000", "CHAT_DEMO_ANSWER_TOKENS": "8000"}) as stack:
+    """A fast stream (4,000 tokens/s, 8,000 tokens, each its own frame: no
+    frame-rate cap) behind a gateway with small send bounds."""
+    env = {"CHAT_DEMO_TOKENS_PER_S": "4000", "CHAT_DEMO_ANSWER_TOKENS": "8000", "CHAT_FRAME_INTERVAL_MS": "0"}
+    with isolated_stack(redis_server.url, env) as stack:
         stack.gateways[0].stop()
         stack.processes.remove(stack.gateways[0])
         stack.gateways.clear()
