@@ -15,8 +15,18 @@ sharing its hash tag ``{<session>}``:
   ``cturn`` the last client chat's id, prompt digest and turn, ``owner`` the
   user who owns it, ``stop`` a turn asked to stop, ``paused``, ``pv`` (pause
   version) and ``pcid`` (the call that last changed it), ``ended`` last turn
-  written to history, ``floor`` highest seq trimmed by the cap;
-- ``log`` (sorted set): encoded ``chunk``/``done`` frames scored by seq;
+  written to history, ``floor`` highest seq trimmed by the cap, ``frames``
+  how many seqs the log holds (what the cap counts), ``hbase`` how many
+  history entries were trimmed;
+- ``log`` (sorted set): the client frames' bytes scored by seq: the
+  generating turn's ``chunk`` frames and every ``done`` one member each, and
+  each finished turn's chunks ONE packed member (msgpack, scored by its last
+  seq: the turn, its history entry and, per stretch of consecutive seqs, the
+  first seq and each text's length in bytes; the texts are the entry's
+  answer, so it is held once). When the entry is trimmed the member takes
+  the texts in. :meth:`SessionStore.read_frames` encodes those chunks again
+  with ``protocol.encode``, the worker's encoder: replay is byte for byte
+  what was stored. The cap trims seqs, from inside a packed member if need be;
 - ``history`` (list): finished turns as JSON, oldest first;
 - ``retired`` (set): lease ids that can never start a turn (below), and
   those of ended turns.
@@ -68,7 +78,9 @@ when the reply was lost, so a script may run twice for one call): a start
 re-run finds its own lease id generating and answers ``started``; a reserve
 finds its slot; a claim re-run matches its per-call claim id; renewals,
 abandons, stops, retirements and rescores set what they already set; a store
-re-run finds its frames and done stored as they are (published again); a take
+re-run finds its frames and done stored as they are (published again), a
+finished turn's chunks in its packed member (a chunk at one of its seqs with
+other text is refused: it is not published); a take
 re-run finds the lease not due, so the turn is ended at the retry deadline,
 as after a reaper crash; a pause re-run matches its per-call id and answers
 "changed" again (its caller broadcasts it); an abort or a store re-run does
@@ -93,6 +105,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from .errors import BrokerUnavailable
+from .protocol import Chunk, encode
 from .settings import BrokerSettings, RetentionSettings
 from .subjects import (
     history_key,
@@ -340,23 +353,56 @@ local count = stored_count or redis.call('ZCARD', log)
 local live = active > ended  -- a turn is generating (and its end not stored)
 local refused = {}
 local function int(x) return string.format('%d', x) end
--- A chunk frame exactly as protocol.encode writes it: its text's JSON form,
--- from which read_frames rebuilds the very bytes. nil for any other frame.
-local function chunk_text(data, seq, turn)
-  local s, t, raw = string.match(data, '^{"type":"chunk","seq":(%d+),"turn":(%d+),"text":"(.*)"}$')
-  if s == int(seq) and t == int(turn) then return raw end
+-- Whether a frame is a chunk exactly as protocol.encode writes it (from its
+-- seq, turn and text, which read_frames encodes again): only those are packed.
+local function canonical(data, seq, turn)
+  local s, t = string.match(data, '^{"type":"chunk","seq":(%d+),"turn":(%d+),"text":".*"}$')
+  return s == int(seq) and t == int(turn)
+end
+local function decoded(data)
+  local ok, frame = pcall(cjson.decode, data)
+  if ok and type(frame) == 'table' then return frame end
+  return {}
 end
 local function is_packed(data) return string.byte(data, 1) ~= 123 end  -- not '{': not a JSON frame
+-- A packed turn (msgpack) is {turn, run...}, a run being {first seq, text...}
+-- for a stretch of consecutive seqs; or, while its history entry holds the
+-- answer, {turn, entry, skip, run...}, a run then {first seq, length...}: the
+-- texts are the answer's bytes from skip on. entry numbers history entries
+-- from the session's first (meta's hbase: how many were trimmed).
+local function first_run(p) return type(p[2]) == 'number' and 4 or 2 end
+local function hbase() return tonumber(redis.call('HGET', meta, 'hbase') or '0') end
+local function answer_of(p)
+  local entry = decoded(redis.call('LINDEX', hist, p[2] - hbase()) or '')
+  return entry.turn == p[1] and entry.answer or nil
+end
+-- The packed turn with every text in the member, for a turn whose entry goes.
+local function standalone(p, answer)
+  local out, offset = {p[1]}, p[3]
+  for r = 4, #p do
+    local run = {p[r][1]}
+    for j = 2, #p[r] do
+      run[j], offset = string.sub(answer, offset + 1, offset + p[r][j]), offset + p[r][j]
+    end
+    out[#out + 1] = run
+  end
+  return out
+end
 -- Whether a chunk of a finished turn is stored, packed, as this very frame.
 local function packed_as(seq, data)
-  local t = string.match(data, '^{"type":"chunk","seq":%d+,"turn":(%d+),')
-  local member = t and redis.call('ZRANGEBYSCORE', log, seq, '+inf', 'LIMIT', 0, 1)[1]
+  local member = redis.call('ZRANGEBYSCORE', log, seq, '+inf', 'LIMIT', 0, 1)[1]
   if not member or not is_packed(member) then return false end
-  local runs = cmsgpack.unpack(member)
-  if int(runs[1]) ~= t then return false end
-  for r = 2, #runs do
-    local i = seq - runs[r][1] + 2
-    if i >= 2 and i <= #runs[r] then return chunk_text(data, seq, runs[1]) == runs[r][i] end
+  local p = cmsgpack.unpack(member)
+  if not canonical(data, seq, p[1]) then return false end
+  local r0 = first_run(p)
+  if r0 == 4 then
+    local answer = answer_of(p)
+    if not answer then return false end
+    p = standalone(p, answer)
+  end
+  for r = 2, #p do
+    local i = seq - p[r][1] + 2
+    if i >= 2 and i <= #p[r] then return decoded(data).text == p[r][i] end
   end
   return false
 end
@@ -365,8 +411,7 @@ local function stored_as(seq, data)
 end
 for i = 0, n - 1 do
   local seq, data = tonumber(ARGV[5 + 2 * i]), ARGV[6 + 2 * i]
-  local ok, frame = pcall(cjson.decode, data)
-  local turn = ok and type(frame) == 'table' and tonumber(frame.turn) or 0
+  local turn = tonumber(decoded(data).turn) or 0
   if live and turn == active then
     count = count + redis.call('ZADD', log, seq, data)
     if seq > hwm then hwm = seq end
@@ -391,43 +436,65 @@ if ARGV[rest] then
       status = 0
     else
       status = 1
-      -- The turn's chunks become one packed member: msgpack {turn, {first
-      -- seq, text, text, ...}, ...}, a run per stretch of consecutive seqs
-      -- (a forced end may leave gaps), scored by its last seq.
-      local parts, runs, loose, last = {}, {turn}, {}, nil
+      -- The turn's chunks become one packed member scored by its last seq.
+      -- A turn with any other frame keeps them all loose (never seen: the
+      -- worker encodes every chunk with protocol.encode).
+      local parts, runs, loose, last = {}, {}, {}, nil
       for i = 1, #rows, 2 do
         local data, seq = rows[i], tonumber(rows[i + 1])
-        local ok, frame = pcall(cjson.decode, data)
-        if ok and type(frame) == 'table' and frame.type == 'chunk' and frame.turn == turn then
+        local frame = decoded(data)
+        if frame.type == 'chunk' and frame.turn == turn and type(frame.text) == 'string' then
           parts[#parts + 1] = frame.text
-        end
-        local raw = seq ~= last and chunk_text(data, seq, turn)
-        if raw then
-          if seq ~= (last or -1) + 1 then runs[#runs + 1] = {seq} end
-          runs[#runs][#runs[#runs] + 1] = raw
-          loose[#loose + 1], last = data, seq
+          if seq ~= last and canonical(data, seq, turn) then
+            if seq ~= (last or -1) + 1 then runs[#runs + 1] = {seq} end
+            runs[#runs][#runs[#runs] + 1] = frame.text
+            loose[#loose + 1], last = data, seq
+          end
         end
       end
-      if last then
+      local entries = redis.call('RPUSH', hist, cjson.encode({turn = turn, prompt = redis.call('HGET', meta, 'prompt') or '',
+        answer = table.concat(parts), reason = ARGV[rest + 3], last_seq = done_seq}))
+      -- Packed only if every frame in its range is (a member's range holds
+      -- no other): the answer is then its texts, and it keeps their lengths.
+      if last and #loose == #rows / 2 then
+        local packed = {turn, hbase() + entries - 1, 0}
+        for _, run in ipairs(runs) do
+          for j = 2, #run do run[j] = #run[j] end
+          packed[#packed + 1] = run
+        end
         for i = 1, #loose, 1000 do redis.call('ZREM', log, unpack(loose, i, math.min(i + 999, #loose))) end
-        redis.call('ZADD', log, last, cmsgpack.pack(runs))
+        redis.call('ZADD', log, last, cmsgpack.pack(packed))
         if #loose > 9 * redis.call('ZCARD', log) then
           -- Redis shrinks the hash table sized for the loose chunks only step
           -- by step as the key is used: rebuild the few members left instead
           -- (at most a ninth of the work done packing).
-          local rows = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
+          local all = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
           redis.call('DEL', log)
-          for i = 1, #rows, 1000 do
+          for i = 1, #all, 1000 do
             local args = {}
-            for j = i, math.min(i + 998, #rows - 1), 2 do args[#args + 1], args[#args + 2] = rows[j + 1], rows[j] end
+            for j = i, math.min(i + 998, #all - 1), 2 do args[#args + 1], args[#args + 2] = all[j + 1], all[j] end
             redis.call('ZADD', log, unpack(args))
           end
         end
       end
-      redis.call('RPUSH', hist, cjson.encode({turn = turn, prompt = redis.call('HGET', meta, 'prompt') or '',
-        answer = table.concat(parts), reason = ARGV[rest + 3], last_seq = done_seq}))
-      redis.call('LTRIM', hist, -max_turns, -1)
-      redis.call('EXPIRE', hist, ttl)
+      if entries > max_turns then
+        -- The oldest entries go: their turns' packed members take their texts back.
+        local first = hbase()
+        for i, entry in ipairs(redis.call('LRANGE', hist, 0, entries - max_turns - 1)) do
+          local e = decoded(entry)
+          local row = redis.call('ZREVRANGEBYSCORE', log, '(' .. (tonumber(e.last_seq) or 0), '-inf',
+                                 'WITHSCORES', 'LIMIT', 0, 1)
+          if row[1] and is_packed(row[1]) then
+            local p = cmsgpack.unpack(row[1])
+            if first_run(p) == 4 and p[1] == e.turn and p[2] == first + i - 1 and type(e.answer) == 'string' then
+              redis.call('ZREM', log, row[1])
+              redis.call('ZADD', log, row[2], cmsgpack.pack(standalone(p, e.answer)))
+            end
+          end
+        end
+        redis.call('LTRIM', hist, -max_turns, -1)
+        redis.call('HSET', meta, 'hbase', first + entries - max_turns)
+      end
       count = count + redis.call('ZADD', log, done_seq, done)
       if done_seq > hwm then hwm = done_seq end
       if tonumber(redis.call('HGET', meta, 'seq') or '0') < done_seq then
@@ -447,34 +514,38 @@ if count > cap then
   -- Trim the oldest seqs past the cap, from inside a packed member if need
   -- be. Remember the highest trimmed seq: replays below it report the loss,
   -- while a lower seq merely not stored yet (another buffer) is waited for.
-  local excess, floor, drop = count - cap, 0, {}
+  local excess, floor, writes = count - cap, 0, {}
   local rows = redis.call('ZRANGE', log, 0, excess - 1, 'WITHSCORES')
   for i = 1, #rows, 2 do
     if excess == 0 then break end
     local data, score = rows[i], tonumber(rows[i + 1])
-    drop[#drop + 1] = data
+    writes[#writes + 1] = data
     if not is_packed(data) then
       excess, floor = excess - 1, score
     else
-      local runs = cmsgpack.unpack(data)
-      local kept = {runs[1]}
-      for r = 2, #runs do
-        local run, k = runs[r], #runs[r] - 1
-        if excess >= k then
-          excess, floor = excess - k, run[1] + k - 1
-        elseif excess > 0 then
-          local rest = {run[1] + excess}
-          for j = excess + 2, #run do rest[#rest + 1] = run[j] end
-          kept[#kept + 1], floor, excess = rest, run[1] + excess - 1, 0
-        else
-          kept[#kept + 1] = run
+      local p = cmsgpack.unpack(data)
+      local r0 = first_run(p)
+      local kept = {unpack(p, 1, r0 - 1)}
+      for r = r0, #p do
+        local run, k = p[r], #p[r] - 1
+        local cut = math.min(excess, k)
+        if cut > 0 then
+          if r0 == 4 then
+            for j = 2, cut + 1 do kept[3] = kept[3] + run[j] end  -- skip the trimmed texts' bytes
+          end
+          excess, floor = excess - cut, run[1] + cut - 1
+        end
+        if cut < k then
+          local left = {run[1] + cut}
+          for j = cut + 2, #run do left[#left + 1] = run[j] end
+          kept[#kept + 1] = left
         end
       end
-      if #kept > 1 then drop[#drop + 1] = {score, cmsgpack.pack(kept)} end
+      if #kept >= r0 then writes[#writes + 1] = {score, cmsgpack.pack(kept)} end
     end
   end
-  for _, data in ipairs(drop) do
-    if type(data) == 'table' then redis.call('ZADD', log, data[1], data[2]) else redis.call('ZREM', log, data) end
+  for _, w in ipairs(writes) do
+    if type(w) == 'table' then redis.call('ZADD', log, w[1], w[2]) else redis.call('ZREM', log, w) end
   end
   count = cap + excess
   if floor > tonumber(redis.call('HGET', meta, 'floor') or '0') then
@@ -482,10 +553,30 @@ if count > cap then
   end
 end
 if hwm > stored_hwm or count ~= stored_count then redis.call('HSET', meta, 'hwm', hwm, 'frames', count) end
--- meta and log (which the ZADD may have created); history's TTL is set where
--- it is written, and a generating turn's renewals refresh all three.
-touch(ttl, 2)
+-- All three: a packed turn may read its texts from its history entry.
+touch(ttl)
 return {status, freed, user, unpack(refused)}
+"""
+
+# Frames with seq > after: up to ``limit`` members of the log with their
+# scores, each packed one whose texts are its history entry's answer followed
+# by that entry ('' for any other member), after the floor and hwm.
+# KEYS: meta, log, history. ARGV: after, limit.
+_READ_FRAMES = """
+local state = redis.call('HMGET', KEYS[1], 'floor', 'hwm', 'hbase')
+local rows = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+local out = {state[1] or '0', state[2] or '0'}
+for i = 1, #rows, 2 do
+  local entry = ''
+  if string.byte(rows[i], 1) ~= 123 then
+    local p = cmsgpack.unpack(rows[i])
+    if type(p[2]) == 'number' then
+      entry = redis.call('LINDEX', KEYS[3], p[2] - tonumber(state[3] or '0')) or ''
+    end
+  end
+  out[#out + 1], out[#out + 2], out[#out + 3] = rows[i], rows[i + 1], entry
+end
+return out
 """
 
 # ``pcid`` is drawn per call: a re-run of the call that changed the flag
@@ -650,16 +741,27 @@ class HistoryTurn(msgspec.Struct, frozen=True):
 _history_decoder = msgspec.json.Decoder(HistoryTurn)
 
 
-def _unpack_chunks(data: bytes) -> list[tuple[int, bytes]]:
-    """(seq, chunk frame) of a packed member of the log, in seq order: the
-    bytes protocol.encode wrote, rebuilt from each chunk's text as JSON (the
-    store packs only frames of exactly this form). Raises msgspec.DecodeError
-    on anything else."""
-    turn, *runs = msgspec.msgpack.decode(data)
-    return [
-        (first + i, b'{"type":"chunk","seq":%d,"turn":%d,"text":"%b"}' % (first + i, turn, text.encode()))
-        for first, *texts in runs for i, text in enumerate(texts)
-    ]
+def _unpack_chunks(session: str, data: bytes, entry: bytes) -> list[tuple[int, bytes]]:
+    """(seq, chunk frame) of a packed turn of the log (_STORE_FRAMES), in seq
+    order, encoded as the worker encoded them; ``entry`` is the turn's history
+    entry when the member holds only the texts' lengths (b'' otherwise).
+    Raises msgspec.DecodeError on a member of no known form."""
+    packed = msgspec.msgpack.decode(data)
+    turn = packed[0]
+    if not isinstance(packed[1], int):
+        return [(first + i, encode(Chunk(seq=first + i, turn=turn, text=text)))
+                for first, *texts in packed[1:] for i, text in enumerate(texts)]
+    held = _history_decoder.decode(entry) if entry else None
+    if held is None or held.turn != turn:  # the TTLs keep them together: not seen
+        log.error("a packed turn's history entry is gone: its chunks are lost", extra={"session": session})
+        return []
+    answer, frames, offset = held.answer.encode(), [], packed[2]
+    for first, *lengths in packed[3:]:
+        for i, length in enumerate(lengths):
+            text = answer[offset:offset + length].decode()
+            frames.append((first + i, encode(Chunk(seq=first + i, turn=turn, text=text))))
+            offset += length
+    return frames
 
 
 @contextmanager
@@ -737,6 +839,7 @@ class SessionStore:
         self._store = redis.register_script(_STORE_FRAMES)
         self._pause = redis.register_script(_SET_PAUSED)
         self._stop = redis.register_script(_REQUEST_STOP)
+        self._read = redis.register_script(_READ_FRAMES)
 
     @staticmethod
     def _keys(session: str) -> list[str]:
@@ -1060,22 +1163,22 @@ class SessionStore:
     async def read_frames(self, session: str, *, after: int, limit: int) -> tuple[list[tuple[int, bytes]], int, int]:
         """Return (frames with seq > after, lowest seq still deliverable, hwm), one round trip.
 
-        The lowest deliverable seq is one above the highest seq trimmed by the
-        cap: a lower seq that is merely not stored yet does not count as lost.
+        Frames are (seq, the client frame's bytes), at most ``limit``, in seq
+        order; a finished turn's packed chunks are encoded again exactly as
+        stored. The lowest deliverable seq is one above the highest seq
+        trimmed by the cap: a lower seq that is merely not stored yet does not
+        count as lost.
         """
-        key = log_key(session)
         with _redis_errors():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zrangebyscore(key, f"({after}", "+inf", start=0, num=limit, withscores=True)
-                pipe.hmget(session_key(session), ["floor", "hwm"])
-                rows, (floor, hwm) = await pipe.execute()
+            floor, hwm, *rows = await self._run(self._read, session, [after, limit])
         frames: list[tuple[int, bytes]] = []
-        for data, score in rows:
+        for i in range(0, len(rows), 3):
+            data, score, entry = rows[i:i + 3]
             if data[:1] == b"{":
                 frames.append((int(score), data))
-            else:  # a finished turn's packed chunks: each member holds at least one seq > after
-                frames += [frame for frame in _unpack_chunks(data) if frame[0] > after]
-        return frames[:limit], (_int(floor) or 0) + 1, _int(hwm) or 0
+            else:  # a packed turn: each member holds at least one seq > after
+                frames += [frame for frame in _unpack_chunks(session, data, entry) if frame[0] > after]
+        return frames[:limit], int(floor) + 1, int(hwm)
 
     async def history(self, session: str, *, last: int | None = None) -> list[HistoryTurn]:
         """The session's finished turns, oldest first (the last ``last`` of them)."""

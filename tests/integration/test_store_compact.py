@@ -12,7 +12,7 @@ from devstack.servers import Server
 from shared.protocol import Chunk, Done, encode
 from shared.settings import RetentionSettings
 from shared.store import Segment, SegmentEnd, SessionStore
-from shared.subjects import log_key, session_key
+from shared.subjects import history_key, log_key, retired_key, session_key
 from tests.integration.test_store import session_store
 from tests.integration.test_store_retries import rerun
 from tests.stack import new_session
@@ -131,11 +131,13 @@ async def test_a_store_rerun_after_packing_answers_as_the_first_run(store: Sessi
     assert await replay_all(store, session) == [*frames, end_frame]
 
 
-@pytest.mark.parametrize("cap", [1, 4, 10, 13])
-async def test_the_cap_trims_packed_turns_seq_by_seq(redis_server: Server, cap: int) -> None:
+@pytest.mark.parametrize("cap", [1, 4, 10, 13, 100])
+@pytest.mark.parametrize("turns_kept", [1, 2, 20])
+async def test_the_cap_trims_packed_turns_seq_by_seq(redis_server: Server, cap: int, turns_kept: int) -> None:
     """The cap counts seqs, not members: past it the oldest seqs go, from inside a packed turn
-    if need be, and replay reports exactly those as lost (first = highest trimmed + 1)."""
-    retention = RetentionSettings(retention_s=600, max_frames_per_session=cap, max_history_turns=20)
+    if need be, and replay reports exactly those as lost (first = highest trimmed + 1). A packed
+    turn whose history entry is trimmed (it held its texts) still replays."""
+    retention = RetentionSettings(retention_s=600, max_frames_per_session=cap, max_history_turns=turns_kept)
     async with session_store(redis_server.url, retention) as store:
         session, rng = new_session(), random.Random(cap)
         stored: list[tuple[int, bytes]] = []
@@ -151,4 +153,35 @@ async def test_the_cap_trims_packed_turns_seq_by_seq(redis_server: Server, cap: 
             assert (await store.store_segments([Segment(session, [], end=end)]))[0].end == "stored"
             stored.append(end_frame)
             await assert_replays(store, session, stored[-cap:], first=stored[-cap:][0][0])
-        assert int(await store.redis.hget(session_key(session), "frames") or 0) == cap
+        assert int(await store.redis.hget(session_key(session), "frames") or 0) == min(cap, len(stored))
+        assert [t.turn for t in await store.history(session)] == [1, 2, 3, 4, 5][-turns_kept:]
+
+
+async def test_a_turn_with_a_chunk_of_another_form_stays_loose(store: SessionStore) -> None:
+    """A chunk frame not exactly as protocol.encode writes it cannot be encoded again from its
+    text: its turn is not packed, and replays as stored."""
+    session = new_session()
+    await store.start_turn(session, "p")
+    odd = (2, b'{"type":"chunk","turn":1,"seq":2,"text":" odd"}')
+    frames = [chunk(1, 1, " first"), odd, chunk(3, 1, " 東京\n")]
+    end_frame, end = done(4, 1)
+    assert (await store.store_segments([Segment(session, frames, end=end)]))[0].end == "stored"
+    assert await store.redis.zcard(log_key(session)) == 4
+    await assert_replays(store, session, [*frames, end_frame], first=1)
+    assert (await store.history(session))[0].answer == " first odd 東京\n"
+    assert (await store.store_segments([Segment(session, frames)]))[0].refused == frozenset()
+
+
+async def test_five_turns_take_at_most_three_times_their_text(store: SessionStore) -> None:
+    """5 turns of 300 tokens: the session's keys (MEMORY USAGE, every element counted)
+    take at most 3x the answers' characters."""
+    session, rng = new_session(), random.Random(5)
+    text = 0
+    for _ in range(5):
+        texts = tokens(300, rng)
+        text += len("".join(texts))
+        await run_turn(store, session, texts, batch=8)
+    keys = (session_key(session), log_key(session), history_key(session), retired_key(session))
+    used = sum([await store.redis.memory_usage(key, samples=0) or 0 for key in keys])
+    print(f"memory: {used} bytes for {text} characters of answer = {used / text:.2f}x")
+    assert used <= 3 * text
