@@ -441,44 +441,56 @@ async def scenario_ttft(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 async def scenario_redis_memory(spec: dict[str, Any]) -> dict[str, Any]:
-    """One session, ``turns`` answers of ``tokens`` prose tokens: Redis ``MEMORY
-    USAGE`` (bytes) of the session's keys against the answers' UTF-8 bytes."""
+    """``sessions`` sessions side by side, each ``turns`` answers of ``tokens`` prose
+    tokens at ``rate``: Redis ``MEMORY USAGE`` (bytes) of a session's keys against
+    its answers' UTF-8 bytes; the figures of the session with the median ratio."""
     import redis.asyncio as aioredis
 
     from shared.subjects import history_key, log_key, retired_key, session_key
 
     host, port = spec["host"], spec["port"]
-    session = "b" + uuid.uuid4().hex[:20]
-    stream = Stream(Tally(), words=True)
-    await stream.open(host, port, ws_path(spec, session))
-    for _ in range(spec["turns"]):
-        done = stream.wait_for("done")
-        stream.chat(spec["rate"], spec["tokens"])
-        await asyncio.wait_for(done, 60)
-    assert stream.ws is not None
-    await stream.ws.close()
-    async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as http:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # the last turn's history entry may trail its done
-            if len((await http.get(f"/api/sessions/{session}/history")).json()["turns"]) >= spec["turns"]:
-                break
-            await asyncio.sleep(0.05)
     client = aioredis.from_url(spec["redis_url"])
-    try:
+
+    async def one() -> dict[str, Any]:
+        session = "b" + uuid.uuid4().hex[:20]
+        stream = Stream(Tally(), words=True)
+        await stream.open(host, port, ws_path(spec, session))
+        for _ in range(spec["turns"]):
+            done = stream.wait_for("done")
+            stream.chat(spec["rate"], spec["tokens"])
+            await asyncio.wait_for(done, spec["tokens"] / spec["rate"] + 60)
+        assert stream.ws is not None
+        await stream.ws.close()
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as http:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # the last turn's history entry may trail its done
+                if len((await http.get(f"/api/sessions/{session}/history")).json()["turns"]) >= spec["turns"]:
+                    break
+                await asyncio.sleep(0.05)
         keys = {name: key(session) for name, key in
                 (("meta", session_key), ("log", log_key), ("history", history_key), ("retired", retired_key))}
         usage = {name: await client.memory_usage(key, samples=0) or 0 for name, key in keys.items()}
+        total = sum(usage.values())
+        return {
+            "answer_bytes": stream.text_bytes,
+            "redis_bytes": usage,
+            "redis_bytes_total": total,
+            "ratio": total / max(1, stream.text_bytes),
+            "check": {"gaps": stream.tally.gaps, "duplicates": stream.tally.duplicates},
+        }
+
+    try:
+        sessions = await asyncio.gather(*(one() for _ in range(spec["sessions"])))
     finally:
         await client.aclose()
-    total = sum(usage.values())
+    median = sorted(sessions, key=lambda s: s["ratio"])[len(sessions) // 2]
     return {
+        "sessions": spec["sessions"],
         "turns": spec["turns"],
         "tokens_per_turn": spec["tokens"],
-        "answer_bytes": stream.text_bytes,
-        "redis_bytes": usage,
-        "redis_bytes_total": total,
-        "ratio": total / max(1, stream.text_bytes),
-        "check": {"gaps": stream.tally.gaps, "duplicates": stream.tally.duplicates},
+        "rate": spec["rate"],
+        **median,
+        "check": {k: sum(s["check"][k] for s in sessions) for k in median["check"]},
     }
 
 

@@ -263,7 +263,8 @@ def markdown(results: dict[str, Any], *, full: bool = True) -> str:
         lines += [
             "## Redis memory per session",
             "",
-            f"One session, {redis['turns']:.0f} turns of {redis['tokens_per_turn']:.0f} tokens of English word pieces: "
+            f"A session of {redis['turns']:.0f} turns of {redis['tokens_per_turn']:.0f} tokens of English word pieces at "
+            f"{redis['rate']:g} tokens/s (the median of {redis['sessions']:.0f} sessions run side by side): "
             f"`MEMORY USAGE` of its keys ({by_key} bytes) is **{redis['redis_bytes_total']:,.0f} bytes** for "
             f"{redis['answer_bytes']:,.0f} bytes of answer text (UTF-8): **{redis['ratio']:.1f}×**.",
             "",
