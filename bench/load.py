@@ -92,6 +92,8 @@ class Stream:
         self.words = words  # chunks carry prose, not stamps: count its bytes
         self.text_bytes = 0
         self.frames = 0
+        self.turn_firsts: list[tuple[int, int]] = []  # each turn's first chunk: (received, its first token's stamp), µs
+        self.new_turn = False
         self.ready = asyncio.get_running_loop().create_future()
         self.done = asyncio.get_running_loop().create_future()
         self.waiters: list[tuple[str, asyncio.Future[float]]] = []
@@ -114,6 +116,9 @@ class Stream:
                 self.text_bytes += len(frame["text"].encode())
             elif kind == "chunk":
                 received, latency = self.tally.received_us, self.tally.latency_ms
+                if self.new_turn:
+                    self.new_turn = False
+                    self.turn_firsts.append((now, int(frame["text"].split()[0])))
                 for token in frame["text"].split():
                     received.append(now)
                     latency.append((now - int(token)) / 1000)
@@ -146,6 +151,7 @@ class Stream:
 
     def chat(self, rate: float, tokens: int) -> None:
         prompt = f"bench rate={rate} tokens={tokens}" + (" text=words" if self.words else "")
+        self.new_turn = True
         self.send({"type": "chat", "prompt": prompt, "id": uuid.uuid4().hex})
 
 
@@ -420,15 +426,19 @@ async def scenario_ttft(spec: dict[str, Any]) -> dict[str, Any]:
     tally = Tally()
     streams = await open_streams(spec, tally, spec["chats"])
     ttft: list[float] = []
+    to_source: list[float] = []  # chat sent → the source emitting the first token
     for _ in range(spec["bursts"]):
         firsts = [s.wait_for("chunk") for s in streams]
         dones = [s.wait_for("done") for s in streams]
         sent = []
         for stream in streams:
-            sent.append(time.perf_counter())
+            sent.append(time.time_ns() // 1000)
             stream.chat(spec["rate"], spec["tokens"])
-        arrived = await asyncio.wait_for(asyncio.gather(*firsts), 30)
-        ttft += [(at - t) * 1000 for at, t in zip(arrived, sent, strict=True)]
+        await asyncio.wait_for(asyncio.gather(*firsts), 30)
+        for stream, at in zip(streams, sent, strict=True):
+            received, stamped = stream.turn_firsts[-1]
+            ttft.append((received - at) / 1000)
+            to_source.append((stamped - at) / 1000)
         await asyncio.wait_for(asyncio.gather(*dones), 30)
         await asyncio.sleep(spec["gap_s"])
     await close_streams(streams)
@@ -436,6 +446,8 @@ async def scenario_ttft(spec: dict[str, Any]) -> dict[str, Any]:
         "chats": spec["chats"],
         "bursts": spec["bursts"],
         "ttft_ms": latency_summary(ttft),
+        "to_source_ms": latency_summary(to_source),
+        "from_source_ms": latency_summary([t - s for t, s in zip(ttft, to_source, strict=True)]),
         "check": check(tally, expected_tokens=spec["chats"] * spec["bursts"] * spec["tokens"]),
     }
 

@@ -253,8 +253,14 @@ def markdown(results: dict[str, Any], *, full: bool = True) -> str:
             "request arrives, so all of this is the stack's: the gateway, the request stream, the worker's start and "
             "HTTP request, and the frame's way back.",
             "",
-            f"p50 **{ttft['ttft_ms']['p50_ms']:.1f} ms**, p99 **{ttft['ttft_ms']['p99_ms']:.1f} ms**, "
-            f"p99.9 {ttft['ttft_ms']['p999_ms']:.1f} ms, max {ttft['ttft_ms']['max_ms']:.1f} ms.",
+            "| Part | p50 ms | p99 ms | max ms |",
+            "|---|---|---|---|",
+            *[f"| {part} | {ttft[key]['p50_ms']:.1f} | {ttft[key]['p99_ms']:.1f} | {ttft[key]['max_ms']:.1f} |" for part, key in (
+                ("`chat` sent → first chunk read (the target's figure)", "ttft_ms"),
+                ("`chat` sent → the source emitting the first token", "to_source_ms"),
+                ("the first token's way from the source to the client", "from_source_ms"))],
+            "",
+            "The parts' percentiles are each taken on their own, so they need not add up.",
             "",
         ]
     if "redis" in results:
