@@ -495,6 +495,7 @@ if ARGV[rest] then
         redis.call('LTRIM', hist, -max_turns, -1)
         redis.call('HSET', meta, 'hbase', first + entries - max_turns)
       end
+      redis.call('EXPIRE', hist, ttl)
       count = count + redis.call('ZADD', log, done_seq, done)
       if done_seq > hwm then hwm = done_seq end
       if tonumber(redis.call('HGET', meta, 'seq') or '0') < done_seq then
@@ -553,8 +554,11 @@ if count > cap then
   end
 end
 if hwm > stored_hwm or count ~= stored_count then redis.call('HSET', meta, 'hwm', hwm, 'frames', count) end
--- All three: a packed turn may read its texts from its history entry.
-touch(ttl)
+-- meta and log (which the ZADD may have created); history's TTL is set where
+-- it is written, and a generating turn's renewals refresh all three. A packed
+-- turn reads its texts from its entry, so history must not expire first: a
+-- batch after its turn's end (a late frame, refused) refreshes it too.
+touch(ttl, live and 2 or 3)
 return {status, freed, user, unpack(refused)}
 """
 
