@@ -281,7 +281,7 @@ def metered() -> Iterator[tuple[Stack, LocalRedis]]:
     streaming at a model's pace: every token its own frame."""
     own = LocalRedis()
     own.start()
-    env = {"CHAT_DEMO_TOKENS_PER_S": "200", "CHAT_DEMO_ANSWER_TOKENS": str(METERED_TOKENS)}
+    env = {"CHAT_DEMO_TOKENS_PER_S": "200", "CHAT_DEMO_ANSWER_TOKENS": str(METERED_TOKENS), "CHAT_FRAME_INTERVAL_MS": "0"}
     try:
         with isolated_stack(own.url, env) as stack:
             yield stack, own

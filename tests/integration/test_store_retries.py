@@ -374,12 +374,12 @@ async def test_the_buffer_publishes_no_refused_frame(store: SessionStore) -> Non
     done1 = encode(TurnEnd(done=Done(seq=2, turn=1, reason="stop")))
     first = [FakeMsg(session, chunk(1)[1]), FakeMsg(session, done1)]
     await buffer.handle_batch(first)  # type: ignore[arg-type]
-    assert nc.published == [chunk(1)[1], end(2).frame]
+    assert nc.published == [chunk(1)[1] + b"\n" + end(2).frame]  # one message per session per batch
     nc.published.clear()
     late = [FakeMsg(session, chunk(3)[1]), FakeMsg(session, encode(TurnEnd(done=Done(seq=4, turn=1, reason="error"))))]
     redelivered = [FakeMsg(session, chunk(1)[1]), FakeMsg(session, done1)]
     await buffer.handle_batch(late + redelivered)  # type: ignore[arg-type]
-    assert nc.published == [chunk(1)[1], end(2).frame]
+    assert nc.published == [chunk(1)[1] + b"\n" + end(2).frame]
     assert all(msg.acked for msg in late + redelivered)
     assert await log_dones(store, session) == [(2, 1)]
 
