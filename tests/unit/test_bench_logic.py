@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from bench.__main__ import keeps_up, median_of
+from bench.report import _row, targets
 from bench.upstream import parse_stream_spec
 from bench.wsclient import WsConnection, _frame
 
@@ -96,3 +97,29 @@ def test_a_point_keeps_up_only_when_fast_complete_and_intact() -> None:
     assert not keeps_up({**good, "latency": {"p99_ms": 51.0}})
     assert not keeps_up({**good, "delivered_tokens_per_s": 900.0})
     assert not keeps_up({**good, "check": {"gaps": 1}})
+
+
+def _point(cpu_total: float, p99: float, streams: int = 50, rate: float = 50) -> dict[str, object]:
+    return {"streams": streams, "rate": rate, "latency": {"p99_ms": p99}, "cpu_s_per_1k_tokens": {"total": cpu_total},
+            "check": {"gaps": 0}}
+
+
+def test_target_rows_say_met_and_by_how_much() -> None:
+    assert _row("t", 2.0, 2.5, "2.0×") == ("t", "≤ 2.5", "2.0×", True, "20% below the goal")
+    assert _row("t", 30.0, 25.0, "30 ms")[3:] == (False, "20% above the goal")
+    assert _row("t", 12_000, 10_000, "x", at_least=True)[3:] == (True, "20% above the goal")
+    assert _row("t", 5_000, 10_000, "x", at_least=True)[3:] == (False, "50% below the goal")
+
+
+def test_targets_compare_each_point_with_its_relay_and_flag_any_loss() -> None:
+    results = {
+        "settings": {"frame_interval_ms": 40.0},
+        "points": {"50x50": {"cap": _point(0.2, 30.0), "relay": _point(0.1, 1.0)},
+                   "20x500": {"cap": _point(0.3, 10.0, 20, 500), "relay": {**_point(0.1, 1.0, 20, 500), "check": {"gaps": 2}}}},
+    }
+    rows = {row[0]: row for row in targets(results)}
+    assert rows["CPU per token vs the bare relay, 50 streams × 50 tokens/s (cap 40 ms)"][2:4] == ("2.00×", True)
+    assert rows["p99 added latency, 50 streams × 50 tokens/s (cap 40 ms)"][2:4] == ("30.0 ms", False)  # goal 25 ms
+    assert rows["CPU per token vs the bare relay, 20 streams × 500 tokens/s (cap 40 ms)"][2:4] == ("3.00×", False)  # goal 1.5×
+    assert rows["p99 added latency, 20 streams × 500 tokens/s (cap 40 ms)"][3] is True  # goal 40 ms
+    assert rows["Loss, duplication, reordering (every point)"][2:4] == ('{"gaps": 2}', False)
