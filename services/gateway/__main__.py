@@ -19,9 +19,12 @@ from shared.runner import Startup, listen_error
 from .app import create_app
 from .errors import error_response
 from .settings import Settings
+from .websocket import websocket_endpoint
 
 # What the gateway answers while it waits for its brokers.
 STARTUP_PATHS = frozenset({"/healthz", "/readyz"})
+# The WebSocket endpoint's paths (app.py routes them too).
+WEBSOCKET_PATHS = frozenset({"/", "/ws"})
 
 
 def listening_socket(settings: Settings) -> socket.socket:
@@ -56,7 +59,14 @@ class StartupGate:
     """Until the gateway's brokers answer, only /healthz (200), /readyz (503,
     saying what is awaited) and the page reach the app; other requests, WebSocket upgrades
     included, get 503 ``unavailable`` with ``Retry-After`` instead of failing on
-    connections that do not exist yet."""
+    connections that do not exist yet.
+
+    Once they answer, a WebSocket on /ws (or /) goes straight to its endpoint:
+    Starlette's middleware and router add nothing to it (CORS and their error
+    pages are HTTP's; the endpoint checks the origin and answers its own
+    errors), and each of their frames would stay suspended for the
+    connection's life (5 KiB per idle connection).
+    """
 
     def __init__(self, app: Starlette) -> None:
         self.app = app
@@ -73,6 +83,10 @@ class StartupGate:
                 else:
                     await refusal(scope, receive, send)
                 return
+        if scope["type"] == "websocket" and scope["path"] in WEBSOCKET_PATHS:
+            scope["app"] = self.app  # as Starlette sets it: the endpoint reads app.state
+            await websocket_endpoint(WebSocket(scope, receive, send))
+            return
         await self.app(scope, receive, send)
 
 

@@ -27,6 +27,7 @@ from .feed import SessionFeed
 from .metrics import GatewayMetrics
 from .outbox import Outbox
 from .settings import Settings
+from .subscriptions import SessionSubscriptions
 
 __all__ = ["Gateway", "ConnectionLimits"]
 
@@ -85,10 +86,13 @@ class Gateway:
     feeds: set[SessionFeed] = field(default_factory=set)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     connections: ConnectionLimits = field(init=False)
+    subscriptions: SessionSubscriptions = field(init=False)
 
     def __post_init__(self) -> None:
         limits = self.settings.limits
         self.connections = ConnectionLimits(limits.max_connections, limits.max_connections_per_user)
+        self.subscriptions = SessionSubscriptions(self.nc)
+        self.metrics.sessions.set_function(lambda: len(self.subscriptions.sessions))
 
     async def authorize(self, session: str, principal: Principal) -> None:
         """Let ``principal`` use the session, claiming it if nobody owns it yet.
@@ -116,6 +120,7 @@ class Gateway:
         )
         return SessionFeed(
             nc=self.nc,
+            subscriptions=self.subscriptions,
             session=session,
             delivery=delivery,
             emit=emit,

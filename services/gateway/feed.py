@@ -1,9 +1,17 @@
 """Runs one connection's :class:`~shared.session.Delivery` against NATS.
 
-The feed subscribes to the session's delivery and control subjects, asks a
-buffer for replays, and hands each ``Send`` to the connection's outbox. All
-decisions are taken by the pure state machine, in one task, so events are
-applied one at a time in arrival order.
+The feed joins its session's subscription (one per session per process,
+:mod:`.subscriptions`), asks a buffer for replays, and hands each ``Send`` to
+the connection's outbox. All decisions are taken by the pure state machine,
+which never awaits: every event (a live frame, a control, a replay batch, the
+client's pause, a gap timeout) is applied where it arrives, one at a time, in
+arrival order. An idle feed therefore holds no task: only a replay in flight
+has one, and a gap being waited for a timer.
+
+Ordering at the start: the feed joins the subscription before it asks for its
+first replay, and a buffer publishes a frame only after storing it, so every
+frame is either in the replay (stored before the request was read) or
+delivered live (published after the subscription was in place).
 """
 
 from __future__ import annotations
@@ -12,16 +20,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-import msgspec
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
-from shared.messages import (
-    REPLAY_FIRST_HEADER,
-    REPLAY_MORE_HEADER,
-    ReplayRequest,
-    decode_control,
-)
+from shared.messages import REPLAY_FIRST_HEADER, REPLAY_MORE_HEADER, Control, ReplayRequest
 from shared.protocol import encode, frame_seq
 from shared.session import (
     Action,
@@ -35,9 +36,10 @@ from shared.session import (
     RequestReplay,
     Send,
 )
-from shared.subjects import SUBJECT_REPLAY, control_subject, delivery_subject, session_wildcard
+from shared.subjects import SUBJECT_REPLAY
 
 from .metrics import GatewayMetrics
+from .subscriptions import SessionSubscriptions
 
 __all__ = ["SessionFeed", "resync"]
 
@@ -51,19 +53,27 @@ class SessionFeed:
     """Feeds one connection in seq order.
 
     Args:
+        subscriptions: the process's session subscriptions, joined by :meth:`open`.
         emit: called with each frame to send, in order; it must not block.
-        registry: the set of open feeds this feed joins while it runs.
+        registry: the set of open feeds this feed joins while it is open.
         room: waits for space in the connection's send queue and returns it;
             replays are sized to fit.
         pause_state: reads the session's (paused, version) from the record.
-        inbox_frames: live frames held before the feed stops taking them and
-            catches up by replay instead (memory stays bounded).
+        inbox_frames: events held while the feed opens (before its first
+            replay request); frames past it are dropped, and come by that replay.
     """
+
+    __slots__ = (
+        "nc", "subscriptions", "session", "delivery", "emit", "inbox_frames", "gap_timeout_s", "replay_timeout_s",
+        "registry", "metrics", "room", "pause_state", "started", "closed", "_early", "_replay_task", "_gap_timer",
+        "_background",
+    )  # fmt: skip
 
     def __init__(
         self,
         *,
         nc: NATS,
+        subscriptions: SessionSubscriptions,
         session: str,
         delivery: Delivery,
         emit: Callable[[Send], None],
@@ -76,32 +86,85 @@ class SessionFeed:
         pause_state: Callable[[], Awaitable[tuple[bool, int]]] | None = None,
     ) -> None:
         self.nc = nc
+        self.subscriptions = subscriptions
         self.session = session
         self.delivery = delivery
         self.emit = emit
-        # None only wakes run() to re-arm the gap timer (see _on_frame).
-        self.inbox: asyncio.Queue[Event | None] = asyncio.Queue()
-        self.started = False
-        self.frames_subject = delivery_subject(session)
-        self.controls_subject = control_subject(session)
         self.inbox_frames = inbox_frames
         self.gap_timeout_s = gap_timeout_s
         self.replay_timeout_s = replay_timeout_s
-        self.overflowed = False
         self.registry: set[SessionFeed] = registry if registry is not None else set()
         self.metrics = metrics or GatewayMetrics()
         self.room = room
         self.pause_state = pause_state
+        self.started = False
+        self.closed = False
+        self._early: list[Event] | None = None  # events that came while opening
         self._replay_task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._gap_timer: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] | None = None
+
+    async def open(self) -> None:
+        """Join the session's subscription, then start delivering (a replay
+        from the cursor unless paused). Pair with :meth:`close`.
+
+        Raises:
+            Exception: from nats-py, when the subscription cannot be made.
+        """
+        await self.subscriptions.join(self.session, self)
+        if self.closed:  # closed while joining
+            self.subscriptions.leave(self.session, self)
+            return
+        self.registry.add(self)
+        self._execute(self.delivery.start())
+        self.started = True
+        early, self._early = self._early, None
+        for event in early or ():
+            self.submit(event)
+        self._arm_gap_timer()
+
+    def close(self) -> None:
+        """Leave the subscription and stop everything this feed started; idempotent."""
+        self.closed = True
+        self.registry.discard(self)
+        self.subscriptions.leave(self.session, self)
+        if self._gap_timer is not None:
+            self._gap_timer.cancel()
+            self._gap_timer = None
+        for task in (self._replay_task, *(self._background or ())):
+            if task is not None:
+                task.cancel()
 
     def submit(self, event: Event) -> None:
-        """Queue an event from the connection (the client's pause or resume)."""
-        self.inbox.put_nowait(event)
+        """Apply an event: the client's pause or resume, or any other, in the order submitted."""
+        if self.closed:
+            return
+        if not self.started:
+            if self._early is None:
+                self._early = []
+            if len(self._early) < self.inbox_frames or not isinstance(event, LiveFrame):
+                self._early.append(event)
+            return
+        self._execute(self.delivery.handle(event))
+        self._arm_gap_timer()
+
+    def on_frames(self, frames: list[tuple[int, bytes]]) -> None:
+        """Frames of one delivery message (the subscription calls this), in order."""
+        for seq, data in frames:
+            self.submit(LiveFrame(seq, data))
+
+    def on_control(self, control: Control) -> None:
+        """A control broadcast (the subscription calls this); pause and resume apply here."""
+        if control.action == "pause":
+            self.submit(RemotePause(control.version))
+        elif control.action == "resume":
+            self.submit(RemoteResume(control.version))
 
     def resync(self) -> None:
         """Catch up after a NATS reconnect: live frames and pause broadcasts may
         have been missed, so re-read the pause flag and replay from the log."""
+        if self._background is None:
+            self._background = set()
         task = asyncio.create_task(self._resync())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -113,46 +176,26 @@ class SessionFeed:
             except Exception as exc:  # Redis down too: the replay below still runs
                 log.warning("resync could not read the pause flag: %s", exc, extra={"session": self.session})
             else:
-                self.inbox.put_nowait(RemotePause(version) if paused else RemoteResume(version))
-        self.inbox.put_nowait(GapTimeout())
-
-    async def run(self) -> None:
-        # One subscription for frames and controls: a subscription costs a
-        # task and a queue per connection (memory per idle connection).
-        subs = [await self.nc.subscribe(session_wildcard(self.session), cb=self._on_message)]
-        self.registry.add(self)
-        try:
-            self._execute(self.delivery.start())
-            self.started = True
-            while True:
-                try:
-                    event = await asyncio.wait_for(
-                        self.inbox.get(), self.gap_timeout_s if self._waiting_for_gap() else None
-                    )
-                except TimeoutError:
-                    if not self._waiting_for_gap():
-                        continue  # a frame taken in _on_frame filled the gap meanwhile
-                    event = GapTimeout()
-                if event is None:
-                    continue
-                self._execute(self.delivery.handle(event))
-                if self.overflowed and not self.delivery.replaying:
-                    # Live frames were dropped: catch up from the log instead.
-                    self.overflowed = False
-                    self._execute(self.delivery.handle(GapTimeout()))
-        finally:
-            self.registry.discard(self)
-            for sub in subs:
-                try:
-                    await sub.unsubscribe()
-                except Exception:  # connection closed or reconnecting
-                    pass
-            if self._replay_task is not None:
-                self._replay_task.cancel()
+                self.submit(RemotePause(version) if paused else RemoteResume(version))
+        self.submit(GapTimeout())
 
     def _waiting_for_gap(self) -> bool:
         delivery = self.delivery
         return bool(delivery.pending) and not delivery.replaying and not delivery.paused
+
+    def _arm_gap_timer(self) -> None:
+        """Time the wait for frames missing ahead of held ones (a timer only while waiting)."""
+        if self._waiting_for_gap():
+            if self._gap_timer is None:
+                self._gap_timer = asyncio.get_running_loop().call_later(self.gap_timeout_s, self._gap_timeout)
+        elif self._gap_timer is not None:
+            self._gap_timer.cancel()
+            self._gap_timer = None
+
+    def _gap_timeout(self) -> None:
+        self._gap_timer = None
+        if self._waiting_for_gap():  # else a frame filled the gap meanwhile
+            self.submit(GapTimeout())
 
     def _execute(self, actions: list[Action]) -> None:
         for action in actions:
@@ -162,55 +205,16 @@ class SessionFeed:
                 self.emit(action)
             elif isinstance(action, RequestReplay):
                 self._replay_task = asyncio.create_task(self._replay(action.after))
-            # WaitForGap: run() arms the gap timer from the delivery's state.
-
-    async def _on_message(self, msg: Msg) -> None:
-        if msg.subject == self.frames_subject:
-            self._on_frames(msg.data)
-        elif msg.subject == self.controls_subject:
-            await self._on_control(msg)
-
-    def _on_frames(self, data: bytes) -> None:
-        """Apply a delivery message: one frame, or several joined by ``b"\\n"``
-        in seq order (a buffer's batch), each as if it had come alone."""
-        direct = False
-        for frame in data.split(b"\n"):
-            if frame:
-                direct = self._on_frame(frame) or direct
-        if direct and self._waiting_for_gap():
-            self.inbox.put_nowait(None)  # run() arms the gap timer
-
-    def _on_frame(self, data: bytes) -> bool:
-        """Apply or queue one frame; True if it was applied here, not queued."""
-        if self.inbox.qsize() >= self.inbox_frames:
-            self.overflowed = True
-            return False
-        try:
-            seq = frame_seq(data)
-        except msgspec.DecodeError:
-            log.error("dropping malformed delivery", extra={"session": self.session})
-            return False
-        event = LiveFrame(seq, data)
-        if not self.started or not self.inbox.empty():
-            self.inbox.put_nowait(event)  # behind other events: keep arrival order
-            return False
-        # The common case, taken here: no queue hop and no task switch per
-        # frame. Safe because handle() never awaits, so events still apply one
-        # at a time in arrival order.
-        self._execute(self.delivery.handle(event))
-        return True
-
-    async def _on_control(self, msg: Msg) -> None:
-        try:
-            control = decode_control(msg.data)
-        except msgspec.DecodeError:
-            return
-        if control.action == "pause":
-            self.inbox.put_nowait(RemotePause(control.version))
-        elif control.action == "resume":
-            self.inbox.put_nowait(RemoteResume(control.version))
+            # WaitForGap: _arm_gap_timer arms the timer from the delivery's state.
 
     async def _replay(self, after: int) -> None:
+        try:
+            batch = await self._fetch(after)
+        finally:
+            self._replay_task = None
+        self.submit(batch)
+
+    async def _fetch(self, after: int) -> ReplayBatch:
         limit = REPLAY_LIMIT
         if self.room is not None:
             # Leave space for the frames held ahead of a gap, released after the batch.
@@ -223,17 +227,14 @@ class SessionFeed:
         except Exception as exc:  # timeout, no buffer running, reconnecting
             log.warning("replay failed: %s", exc, extra={"session": self.session, "event": "replay_failed"})
             await asyncio.sleep(REPLAY_RETRY_S)
-            self.inbox.put_nowait(ReplayBatch(frames=[], first=1, more=True))
-            return
+            return ReplayBatch(frames=[], first=1, more=True)
         headers = reply.headers or {}
         frames = [(frame_seq(data), data) for data in reply.data.split(b"\n") if data]
         self.metrics.replayed_frames.inc(len(frames))
-        self.inbox.put_nowait(
-            ReplayBatch(
-                frames=frames,
-                first=int(headers.get(REPLAY_FIRST_HEADER, "1")),
-                more=headers.get(REPLAY_MORE_HEADER) == "1",
-            )
+        return ReplayBatch(
+            frames=frames,
+            first=int(headers.get(REPLAY_FIRST_HEADER, "1")),
+            more=headers.get(REPLAY_MORE_HEADER) == "1",
         )
 
 

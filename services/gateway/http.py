@@ -114,11 +114,11 @@ def _stream(
 
     async def body() -> AsyncIterator[bytes]:
         gateway.connections.take(principal.user)
-        task = asyncio.create_task(feed.run())
         kind = "text" if plain else "sse"
         gateway.metrics.connections_total.labels(kind).inc()
         gateway.metrics.connections.labels(kind).inc()
         try:
+            await feed.open()
             if not plain:
                 yield b"retry: 1000\n\n"
                 if meta.paused:  # SSE has no ready: say the stream starts paused, as ready.paused does
@@ -127,8 +127,6 @@ def _stream(
                 try:
                     send = await asyncio.wait_for(outbox.get(), settings.timeouts.sse_keepalive_s)
                 except TimeoutError:
-                    if task.done():
-                        return
                     if not plain:
                         yield b": keep-alive\n\n"
                     continue
@@ -143,7 +141,7 @@ def _stream(
                 if turn is not None and isinstance(frame, Done) and frame.turn == turn:
                     return
         finally:
-            task.cancel()
+            feed.close()
             gateway.metrics.connections.labels(kind).dec()
             gateway.connections.release(principal.user)
 

@@ -31,6 +31,8 @@ class GatewayMetrics:
         # Tasks alive in the gateway's event loop, read at scrape time: a leak shows as growth.
         self.tasks = Gauge("chat_gateway_tasks", "asyncio tasks alive in the gateway.", registry=r)
         self.tasks.set_function(lambda: len(asyncio.all_tasks()))
+        # Set to the subscriptions' count by the gateway: one per session with connections here.
+        self.sessions = Gauge("chat_gateway_subscribed_sessions", "Sessions this gateway is subscribed to.", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,6 +5,7 @@ subprotocol (docs/protocol.md, compatibility)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -47,6 +48,8 @@ from .outbox import Outbox
 __all__ = ["websocket_endpoint", "parse_cursor", "token_from"]
 
 log = logging.getLogger(__name__)
+
+CLOSE_FLUSH_S = 1.0  # at most this long to send what is queued before a close frame
 
 def parse_cursor(raw: str | None) -> int:
     """Parse ``last_seq`` / ``Last-Event-ID``: a non-negative integer, default 0."""
@@ -129,7 +132,16 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 
 
 class Connection:
-    """One accepted WebSocket: a reader, a writer and the session feed."""
+    """One accepted WebSocket, served by the endpoint's own task: it reads the
+    client's frames; the feed's frames are pushed to the outbox as they come,
+    and a writer task exists only while the outbox holds frames. A slow
+    reader's overflow or an expired token stops the read by cancelling it
+    (:meth:`_end`), so an idle connection holds one task."""
+
+    __slots__ = (
+        "gateway", "websocket", "session", "compat", "principal", "bucket", "over_limit", "close_with", "held",
+        "outbox", "feed", "task", "writer", "expiry", "ended",
+    )  # fmt: skip
 
     def __init__(
         self, gateway: Gateway, websocket: WebSocket, handshake: Handshake, meta: SessionMeta, principal: Principal
@@ -139,16 +151,21 @@ class Connection:
         self.session = handshake.session
         self.compat = handshake.compat
         self.principal = principal
-        self.renewed = asyncio.Event()
         limits = gateway.settings.limits
         self.bucket = TokenBucket(rate_per_s=limits.frames_per_s, burst=limits.frame_burst)
         self.over_limit = 0
-        self.close_with: tuple[int, str] | None = None  # set by a task that ends the connection
+        self.close_with: tuple[int, str] | None = None  # set by whatever ends the connection
         self.held: list[Send] | None = None  # the feed's frames held while a chat is being answered
-        self.outbox: Outbox[str] = Outbox(gateway.settings.limits.send_queue_frames)
+        self.outbox: Outbox[str] = Outbox(
+            limits.send_queue_frames, on_ready=self._start_writer, on_overflow=self._slow_reader
+        )
         # The original client tracks no seq: it gets what is generated from now on.
         cursor = meta.hwm if handshake.compat else handshake.last_seq
         self.feed = gateway.open_feed(self.session, cursor, meta, self.emit, self.outbox)
+        self.task: asyncio.Task[None] | None = None  # the endpoint's task, serving this connection
+        self.writer: asyncio.Task[None] | None = None
+        self.expiry: asyncio.TimerHandle | None = None
+        self.ended = False
 
     def send(self, frame: protocol.ServerFrame) -> None:
         self.outbox.put(encode(frame).decode())
@@ -171,58 +188,70 @@ class Connection:
                 self.outbox.put(frame.text)
 
     async def serve(self) -> None:
+        """Serve the connection until the client leaves or :meth:`_end` ends it."""
         kind = "compat" if self.compat else "ws"
         metrics = self.gateway.metrics
         metrics.connections_total.labels(kind).inc()
         metrics.connections.labels(kind).inc()
         if self.feed.delivery.delivered > 0 and not self.compat:
             metrics.reconnects.inc()
+        self.task = asyncio.current_task()
         try:
-            await self._serve()
+            self._arm_expiry()
+            await self.feed.open()
+            await self._read()
+        except asyncio.CancelledError:
+            # Cancelled by _end (close_with set), unless the server is stopping too.
+            assert self.task is not None
+            if self.close_with is None or self.task.uncancel() > 0:
+                raise
+        except WebSocketDisconnect:
+            pass
+        except Exception:
+            log.exception("connection failed", extra={"session": self.session})
+            self.close_with = (protocol.CLOSE_1011_INTERNAL, "internal error")
         finally:
+            self.task, self.ended = None, True  # nothing cancels this task, or starts a writer, any more
+            self.feed.close()
+            if self.expiry is not None:
+                self.expiry.cancel()
+            # What is queued (an error saying why, say) goes out before a close frame;
+            # not to a client that is gone, or reads too slowly to wait for.
+            flush = self.close_with is not None and not self.outbox.overflowed
+            if self.writer is not None and not flush:
+                self.writer.cancel()
             metrics.connections.labels(kind).dec()
-
-    async def _serve(self) -> None:
-        tasks = [
-            asyncio.create_task(self._write()),
-            asyncio.create_task(self.feed.run()),
-            asyncio.create_task(self._read()),
-            # The writer may be stuck sending to a slow reader: end on overflow at once.
-            asyncio.create_task(self.outbox.overflowed.wait()),
-        ]
-        if self.principal.exp is not None:  # an anonymous connection never expires: no task for it
-            tasks.append(asyncio.create_task(self._expire()))
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        if self.outbox.overflowed.is_set():
-            self.gateway.metrics.slow_readers.inc()
-            log.info("closing slow reader", extra={"session": self.session, "event": "slow_reader"})
-            self.close_with = (CLOSE_1013_TRY_AGAIN_LATER, "send queue full; reconnect with last_seq")
-        for task in done:
-            if not task.cancelled() and task.exception() is not None and not isinstance(
-                task.exception(), WebSocketDisconnect
-            ):
-                log.error("connection failed", exc_info=task.exception(), extra={"session": self.session})
-                self.close_with = (protocol.CLOSE_1011_INTERNAL, "internal error")
         if self.close_with is not None:
+            if flush and self.writer is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.writer, CLOSE_FLUSH_S)
             await self._close(*self.close_with)
 
-    async def _expire(self) -> None:
-        """Close with 4001 when the token expires and is not renewed within the grace."""
-        grace = self.gateway.settings.auth.grace_s
-        while True:
-            self.renewed.clear()
-            assert self.principal.exp is not None  # a renewal keeps an expiry (_renew)
-            remaining = self.principal.exp + grace - time.time()
-            try:
-                await asyncio.wait_for(self.renewed.wait(), max(0.0, remaining))
-            except TimeoutError:
-                self.close_with = (CLOSE_4001_TOKEN_EXPIRED, "token expired")
-                return
+    def _end(self, code: int, reason: str) -> None:
+        """End the connection with ``code``: stop the read wherever it waits
+        (the read itself sees ``close_with`` after the frame it is handling)."""
+        if self.close_with is None:
+            self.close_with = (code, reason)
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+
+    def _slow_reader(self) -> None:
+        # The writer may be stuck sending to a slow reader: end at once.
+        self.gateway.metrics.slow_readers.inc()
+        log.info("closing slow reader", extra={"session": self.session, "event": "slow_reader"})
+        self._end(CLOSE_1013_TRY_AGAIN_LATER, "send queue full; reconnect with last_seq")
+
+    def _arm_expiry(self) -> None:
+        """Close with 4001 when the token expires and is not renewed within the
+        grace (an anonymous connection never expires: no timer)."""
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        if self.principal.exp is not None:
+            remaining = self.principal.exp + self.gateway.settings.auth.grace_s - time.time()
+            self.expiry = asyncio.get_running_loop().call_later(
+                max(0.0, remaining), self._end, CLOSE_4001_TOKEN_EXPIRED, "token expired"
+            )
 
     def _renew(self, token: str) -> None:
         """The auth frame: replace the connection's token with a fresh one for the same user."""
@@ -237,7 +266,7 @@ class Connection:
             self.close_with = (CLOSE_4003_FORBIDDEN, "token of another user")
             raise ProtocolError("the token is for another user", code="forbidden")
         self.principal = principal
-        self.renewed.set()
+        self._arm_expiry()
         assert principal.exp is not None
         self.send(AuthOk(exp=principal.exp))
 
@@ -247,9 +276,22 @@ class Connection:
         except Exception:  # already closed
             pass
 
+    def _start_writer(self) -> None:
+        if self.writer is None and not self.ended:
+            self.writer = asyncio.create_task(self._write())
+
     async def _write(self) -> None:
-        while (text := await self.outbox.get()) is not None:
-            await self.websocket.send_text(text)
+        """Send what the outbox holds, then end (the next frame starts a writer again)."""
+        try:
+            while (text := self.outbox.pop()) is not None:
+                await self.websocket.send_text(text)
+        except WebSocketDisconnect:
+            pass  # the client is gone: the read sees it too
+        except Exception:
+            log.exception("connection failed", extra={"session": self.session})
+            self._end(protocol.CLOSE_1011_INTERNAL, "internal error")
+        finally:
+            self.writer = None
 
     async def _read(self) -> None:
         while True:
