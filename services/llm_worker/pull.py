@@ -16,6 +16,15 @@ arrives while no pull is waiting, or past the room asked for, is handed back
 at once (``nak``) for another worker to take. The pull request
 fields are JetStream's ``CONSUMER.MSG.NEXT`` API (nats-server's
 ``consumer.go``, ``processNextMsgRequest``).
+
+A waiting pull asks the server for a heartbeat (status 100) every
+:data:`PULL_HEARTBEAT_S` while it waits, and one not heard from for
+:data:`PULL_LOST_S` is taken as gone and ended here, so the caller asks
+again. The server can lose a waiting pull without a word: seen with
+nats-server 2.9.10 with both cores busy, 3 pulls in about 600, no 408 and no
+delivery, and a burst of requests then waited out the pull's whole expiry
+(1 s) plus the grace for its missing end, 0.5-1 s past arrival, on a worker
+with free slots.
 """
 
 from __future__ import annotations
@@ -37,12 +46,15 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT = "100"  # a status that does not end a pull request
 PULL_GRACE_S = 1.0  # past its expiry, the server's end of a pull is taken as lost
+PULL_HEARTBEAT_S = 0.05  # a waiting pull's heartbeat interval (nats-server wants at most half the expiry)
+PULL_LOST_S = 3 * PULL_HEARTBEAT_S  # a waiting pull not heard from for this long is gone
 
 
 @dataclass
 class _Pull:
     reply: str
     room: int
+    heard: float  # loop time the server last showed it holds this pull (sent, heartbeat, delivery)
     msgs: list[Msg] = field(default_factory=list)
     over: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -82,19 +94,32 @@ class RequestPuller:
         return await self._request(1, expires_s=wait_s)
 
     async def _request(self, batch: int, *, expires_s: float | None = None) -> list[Msg]:
-        """One pull request, over when this returns: ``no_wait`` without ``expires_s``."""
+        """One pull request, over when this returns: ``no_wait`` without ``expires_s``;
+        with it, also over once the server's heartbeats stop (:data:`PULL_LOST_S`)."""
         body: dict[str, object] = {"batch": batch}
+        beating = expires_s is not None and expires_s >= 2 * PULL_HEARTBEAT_S
         if expires_s is None:
             body["no_wait"] = True
         else:
             body["expires"] = int(expires_s * 1e9)  # nanoseconds
+        if beating:
+            body["idle_heartbeat"] = int(PULL_HEARTBEAT_S * 1e9)
+        loop = asyncio.get_running_loop()
         self._serial += 1
-        pull = self._pull = _Pull(reply=f"{self._inbox}.{self._serial}", room=batch)
+        pull = self._pull = _Pull(reply=f"{self._inbox}.{self._serial}", room=batch, heard=loop.time())
+        deadline = pull.heard + (expires_s or 0.0) + PULL_GRACE_S
         try:
             await self.nc.publish(self.api_subject, json.dumps(body).encode(), reply=pull.reply)
-            await asyncio.wait_for(pull.over.wait(), (expires_s or 0.0) + PULL_GRACE_S)
-        except TimeoutError:
-            pass  # the server's answer was lost (a reconnect): whatever it sends later is handed back
+            while not pull.over.is_set():
+                timeout = min(deadline, pull.heard + PULL_LOST_S) if beating else deadline
+                if timeout <= loop.time():
+                    if beating and loop.time() < deadline:
+                        log.info("a waiting pull went unheard: asking again", extra={"event": "pull_lost"})
+                    break  # whatever the server sends this pull later is handed back
+                try:
+                    await asyncio.wait_for(pull.over.wait(), timeout - loop.time())
+                except TimeoutError:
+                    pass  # a heartbeat may have moved pull.heard: look again
         finally:
             self._pull = None
         return pull.msgs
@@ -105,8 +130,10 @@ class RequestPuller:
         status = JetStreamContext.is_status_msg(msg)
         pull = self._pull
         if status is not None:
-            if pull is not None and msg.subject == pull.reply and status != HEARTBEAT:
-                pull.over.set()  # 404 no messages, 408 expired or requests pending, 409: this pull is over
+            if pull is not None and msg.subject == pull.reply:
+                pull.heard = asyncio.get_running_loop().time()
+                if status != HEARTBEAT:
+                    pull.over.set()  # 404 no messages, 408 expired or requests pending, 409: this pull is over
             return
         if pull is None or len(pull.msgs) >= pull.room:
             await self._hand_back(msg)

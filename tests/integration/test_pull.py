@@ -100,3 +100,33 @@ async def test_a_delivery_for_a_pull_that_is_over_is_handed_back(jetstream: tupl
     assert [m.data for m in msgs] == [b"orphan"]
     await busy.close()
     await idle.close()
+
+
+async def test_a_waiting_pull_the_server_lost_is_asked_again_at_once(
+    jetstream: tuple[NATS, str, ConsumerConfig],
+) -> None:
+    """The server can lose a waiting pull without a word (nats-server 2.9.10 under load: no 408, no delivery).
+    A request published then is taken within moments (the heartbeats stop), not after the pull's expiry."""
+    nc, stream, config = jetstream
+    requests = await puller(nc, stream, config)
+    lost = asyncio.Event()
+    send = requests.nc.publish
+
+    async def losing(subject: str, payload: bytes = b"", reply: str = "", headers: dict[str, str] | None = None) -> None:
+        if b'"expires"' in payload and not lost.is_set():
+            lost.set()  # the first waiting pull never reaches the server, as if it had dropped it
+            return
+        await send(subject, payload, reply, headers)
+
+    requests.nc.publish = losing  # type: ignore[method-assign]
+    wait_s = 6 * WAIT_S  # a pull's expiry, far past the bound below
+    pulling = asyncio.create_task(requests.pull(4, wait_s=wait_s))
+    await lost.wait()
+    await nc.jetstream().publish(f"{stream}.requests", b"meanwhile")
+    msgs: list[Msg] = []
+    async with asyncio.timeout(WAIT_S):
+        msgs = await pulling
+        while not msgs:
+            msgs = await requests.pull(4, wait_s=wait_s)
+    assert [m.data for m in msgs] == [b"meanwhile"]
+    await requests.close()
