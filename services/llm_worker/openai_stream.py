@@ -178,9 +178,13 @@ class ChatStream:
                 raise TypeError("choices is not a list")
             if not choices:
                 return "", None  # Azure's prompt-filter chunk, a usage-only chunk
-            if not all(isinstance(c, dict) for c in choices):
+            first = choices[0]
+            if len(choices) == 1 and isinstance(first, dict) and first.get("index", 0) == 0:
+                choice: dict[str, Any] | None = first  # the usual chunk: one choice, the answer's
+            elif not all(isinstance(c, dict) for c in choices):
                 raise TypeError("choice is not an object")
-            choice = next((c for c in choices if c.get("index", 0) == 0), None)
+            else:
+                choice = next((c for c in choices if c.get("index", 0) == 0), None)
             if choice is None:
                 return "", None  # another choice's chunk (n > 1): never part of this answer
             text = self._text(choice)
@@ -196,6 +200,9 @@ class ChatStream:
             delta = choice.get("message") or {}  # a whole completion, from a server that did not stream
         if not isinstance(delta, dict):
             raise TypeError("delta is not an object")
+        content = delta.get("content")
+        if content and isinstance(content, str) and delta.keys() <= _PLAIN_DELTA:
+            return content  # the usual token: nothing else to look at (a saving per token)
         for name in ("reasoning_content", "reasoning"):
             if isinstance(delta.get(name), str):
                 self.reasoning_chars += len(delta[name])
@@ -279,6 +286,8 @@ class ChatStream:
             reasoning_chars=self.reasoning_chars,
         )
 
+
+_PLAIN_DELTA = frozenset({"role", "content"})  # a delta of only these, with text, is plain text
 
 _NO_ANSWER = (
     "The model API ended the stream without an answer (a prompt over the model's context size does this "
