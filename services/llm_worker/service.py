@@ -124,6 +124,7 @@ class InFlight(NamedTuple):
     seq: int
     payload: bytes
     ack: asyncio.Future[Any] | None  # None: the publish itself failed; send it again
+    sent_at: float = 0.0  # monotonic; the ack is taken as lost PUBLISH_ACK_TIMEOUT_S after it
 
 
 @dataclass
@@ -625,7 +626,7 @@ class Worker:
         turn.seq = frame.seq
         turn.in_flight.append(InFlight(frame.seq, payload, None))  # cut off before its ack is known: sent again
         await self._within_lease(turn)
-        turn.in_flight[-1] = InFlight(frame.seq, payload, await self._send(turn, frame.seq, payload))
+        turn.in_flight[-1] = InFlight(frame.seq, payload, await self._send(turn, frame.seq, payload), time.monotonic())
         turn.chunks += 1
         self.metrics.chunks.inc()
         await self._settle(turn, keep=PUBLISH_WINDOW - 1)
@@ -657,11 +658,13 @@ class Worker:
         """
         in_flight = turn.in_flight
         while in_flight:
-            seq, payload, ack = in_flight[0]
+            seq, payload, ack, sent_at = in_flight[0]
             if ack is not None and not ack.done():
                 if len(in_flight) <= keep:
                     return  # the window has room: the rest is read later
-                await asyncio.wait((ack,), timeout=PUBLISH_ACK_TIMEOUT_S)
+                # Counted from its own send: acks lost together (a broker gone)
+                # are overdue together, not one timeout after another.
+                await asyncio.wait((ack,), timeout=max(0.0, sent_at + PUBLISH_ACK_TIMEOUT_S - time.monotonic()))
             if ack is not None and ack.done() and not ack.cancelled() and ack.exception() is None:
                 in_flight.popleft()
                 continue

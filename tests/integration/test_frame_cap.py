@@ -236,12 +236,6 @@ async def freeze_until_an_ack_is_overdue(nats: LocalNats, worker: ServiceProcess
         raise
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker bug: Worker._settle (services/llm_worker/service.py) gives each in-flight frame its own "
-    "PUBLISH_ACK_TIMEOUT_S, counted when it reaches the head, so N acks lost with the server stall the turn "
-    "N x 5 s (here 63 frames: over 5 minutes)",
-)
 async def test_a_nats_restart_with_the_window_full(restartable: tuple[LocalNats, Stack, Clients]) -> None:
     """NATS dies (frozen, then killed) with a full window of frames unacknowledged: their acks are lost
     for good. The worker sends them all again, and the turn delivers every seq once, in order, with
