@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT = "100"  # a status that does not end a pull request
 PULL_GRACE_S = 1.0  # past its expiry, the server's end of a pull is taken as lost
-PULL_HEARTBEAT_S = 0.05  # a waiting pull's heartbeat interval (nats-server wants at most half the expiry)
+PULL_HEARTBEAT_S = 0.1  # a waiting pull's heartbeat interval: an idle worker spends ~0.4 ms CPU on each
 PULL_LOST_S = 3 * PULL_HEARTBEAT_S  # a waiting pull not heard from for this long is gone
 
 
