@@ -122,7 +122,7 @@ class WaitForGap:
 Action = Send | RequestReplay | WaitForGap
 
 
-@dataclass
+@dataclass(slots=True)  # one per connection: no instance dict
 class Delivery:
     """The cursor and pause state of one connection.
 

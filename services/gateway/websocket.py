@@ -117,18 +117,22 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.accept(subprotocol=handshake.subprotocol)
         connection = Connection(gateway, websocket, handshake, meta, principal)
         if not handshake.compat:
-            last_chat = None
-            if meta.last_chat_id is not None and meta.last_chat_turn is not None:
-                last_chat = LastChat(id=meta.last_chat_id, turn=meta.last_chat_turn)
-            limits = gateway.settings.limits
-            ready = Ready(
-                session=handshake.session, last_seq=meta.hwm, paused=meta.paused, exp=principal.exp, last_chat=last_chat,
-                max_frame_bytes=limits.max_frame_bytes, max_prompt_chars=limits.max_prompt_chars,
-            )
-            connection.send(ready)
+            connection.send(ready_frame(gateway, handshake.session, meta, principal))
+        del handshake, meta  # this frame lasts as long as the connection: hold no more than it needs
         await connection.serve()
     finally:
         gateway.connections.release(principal.user)
+
+
+def ready_frame(gateway: Gateway, session: str, meta: SessionMeta, principal: Principal) -> Ready:
+    last_chat = None
+    if meta.last_chat_id is not None and meta.last_chat_turn is not None:
+        last_chat = LastChat(id=meta.last_chat_id, turn=meta.last_chat_turn)
+    limits = gateway.settings.limits
+    return Ready(
+        session=session, last_seq=meta.hwm, paused=meta.paused, exp=principal.exp, last_chat=last_chat,
+        max_frame_bytes=limits.max_frame_bytes, max_prompt_chars=limits.max_prompt_chars,
+    )
 
 
 class Connection:
