@@ -295,7 +295,8 @@ class Bus:
         self.nc = await nats.connect(self.url)
 
         async def on_frame(msg: Msg) -> None:
-            self.frames.put_nowait(json.loads(msg.data))
+            for line in msg.data.split(b"\n"):  # the buffer publishes a batch's frames as one message
+                self.frames.put_nowait(json.loads(line))
 
         async def on_control(msg: Msg) -> None:
             self.controls.put_nowait(json.loads(msg.data))
