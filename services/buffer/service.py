@@ -23,7 +23,6 @@ from typing import NamedTuple
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
@@ -39,6 +38,7 @@ from shared.messages import (
     decode_generated,
     decode_replay_request,
 )
+from shared.pull import Puller
 from shared.store import Lease, Segment, SegmentEnd, SessionMeta, SessionStore
 from shared.subjects import (
     CONSUMER_BUFFERS,
@@ -156,11 +156,11 @@ class Buffer:
 
     async def run(self) -> None:
         replay_sub = await self.nc.subscribe(SUBJECT_REPLAY, queue="buffers", cb=self.on_replay)
-        # Created, or an existing consumer's settings brought up to date
-        # (pull_subscribe alone would keep an older ack_wait).
-        await self.js.add_consumer(
-            STREAM_GENERATED,
-            ConsumerConfig(
+        frames = Puller(
+            self.nc,
+            self.js,
+            stream=STREAM_GENERATED,
+            config=ConsumerConfig(
                 durable_name=CONSUMER_BUFFERS,
                 filter_subject=generated_wildcard(),
                 ack_policy=AckPolicy.EXPLICIT,
@@ -168,7 +168,7 @@ class Buffer:
                 max_ack_pending=-1,
             ),
         )
-        psub = await self.js.pull_subscribe(generated_wildcard(), durable=CONSUMER_BUFFERS, stream=STREAM_GENERATED)
+        await frames.start()  # creates the consumer, or brings an existing one's settings up to date
         reaper = asyncio.create_task(self.reap())
         log.info("buffer ready", extra={"event": "ready"})
         try:
@@ -177,22 +177,21 @@ class Buffer:
                 if linger:
                     await asyncio.sleep(self.settings.linger_s)
                 try:
-                    msgs = await psub.fetch(self.settings.batch_size, timeout=1.0)
-                except (TimeoutError, NatsTimeoutError):
-                    linger = False
-                    continue
+                    msgs = await frames.pull(self.settings.batch_size, wait_s=1.0)
                 except Exception as exc:  # broker restart: wait it out
-                    log.warning("fetch failed: %s", exc, extra={"event": "fetch_failed"})
+                    log.warning("pull failed: %s", exc, extra={"event": "pull_failed"})
                     await asyncio.sleep(RETRY_S)
                     continue
-                await self.handle_batch(msgs)
-                # A full batch means more is waiting: fetch it at once.
-                linger = self.settings.linger_s > 0 and len(msgs) < self.settings.batch_size
+                if msgs:
+                    await self.handle_batch(msgs)
+                # After frames, more are likely on their way: wait a moment for
+                # a fuller batch (a full one means more is waiting: pull at once).
+                linger = self.settings.linger_s > 0 and 0 < len(msgs) < self.settings.batch_size
         finally:
             # Finish what we hold: the current batch is done; stop answering.
             reaper.cancel()
             await replay_sub.unsubscribe()
-            await psub.unsubscribe()
+            await frames.close()
 
     async def reap(self) -> None:
         """End turns whose lease ran out: never claimed by a worker in time,

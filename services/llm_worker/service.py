@@ -56,6 +56,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from shared import protocol
 from shared.errors import BrokerUnavailable, UpstreamError
 from shared.messages import TRACE_HEADER, TurnEnd, TurnRequest, decode_control, decode_request
+from shared.pull import Puller
 from shared.store import SessionStore
 from shared.subjects import (
     CONSUMER_WORKERS,
@@ -69,7 +70,6 @@ from shared.text import SurrogateJoiner, scrub, split_utf8, truncate_utf8
 
 from .metrics import WorkerMetrics
 from .providers import Delta, Message, Provider
-from .pull import RequestPuller
 from .retry import retry_delay
 from .settings import Settings
 
@@ -227,7 +227,7 @@ class Worker:
 
     async def run(self) -> None:
         """Pull requests until :meth:`stop`; then wait for running turns (bounded)."""
-        requests = RequestPuller(
+        requests = Puller(
             self.nc,
             self.js,
             stream=STREAM_REQUESTS,

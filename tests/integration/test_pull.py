@@ -1,4 +1,4 @@
-"""The worker's request puller against a real nats-server: never more than the room asked for,
+"""The request puller (shared/pull.py) against a real nats-server: never more than the room asked for,
 and a delivery nobody asked for is handed back at once."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from devstack.servers import Server
-from services.llm_worker.pull import RequestPuller
+from shared.pull import Puller
 from tests.stack import TIMEOUT_FACTOR, WAIT_S
 
 # Far above every wait of these tests, so a request back within WAIT_S was handed back, not redelivered.
@@ -47,8 +47,8 @@ async def jetstream(nats_server: Server) -> AsyncIterator[tuple[NATS, str, Consu
         await nc.close()
 
 
-async def puller(nc: NATS, stream: str, config: ConsumerConfig) -> RequestPuller:
-    pulling = RequestPuller(nc, nc.jetstream(), stream=stream, config=config)
+async def puller(nc: NATS, stream: str, config: ConsumerConfig) -> Puller:
+    pulling = Puller(nc, nc.jetstream(), stream=stream, config=config)
     await pulling.start()
     return pulling
 

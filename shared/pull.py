@@ -1,6 +1,11 @@
-"""Pulling turn requests from JetStream without ever holding one there is no room for.
+"""Pulling from a JetStream pull consumer: no more than asked for, and never
+waiting for a fuller batch than is there.
 
-nats-py's ``fetch(n)`` can return while its pull request still lingers on the
+Workers pull turn requests (never one there is no room for), buffers pull
+generated frames (whatever is there, up to a batch). nats-py's ``fetch(n)``
+fits neither: once it has waited for a first message it goes on waiting, up
+to its timeout, for the rest of ``n``, so a batch's first frame can wait for
+frames that have not been generated yet. And it can return while its pull request still lingers on the
 server (a status message meant for an earlier request ends the wait early),
 and the messages that request goes on delivering wait in the subscription
 until the next fetch, which takes all of them, however many slots are free.
@@ -8,7 +13,7 @@ A worker that fills up meanwhile sits on requests it cannot start while
 another worker idles, until their claim deadline ends them with "no model
 worker was free" (seen with 32 slow turns on two workers of 16 slots).
 
-Here a pull is over before :meth:`RequestPuller.pull` returns: it asks for
+Here a pull is over before :meth:`Puller.pull` returns: it asks for
 what is there without waiting (``no_wait``), and only if nothing is, waits
 for exactly one. Every pull request has a reply subject of its own, so a
 status that ends an earlier one cannot end the current one. A message that
@@ -40,7 +45,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 
-__all__ = ["RequestPuller"]
+__all__ = ["Puller"]
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +64,11 @@ class _Pull:
     over: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class RequestPuller:
-    """Pulls messages of one durable pull consumer, at most as many as the caller has room for."""
+class Puller:
+    """Pulls messages of one durable pull consumer, at most as many as the caller has room for.
+
+    Used by the worker (turn requests) and the buffer (generated frames).
+    """
 
     def __init__(self, nc: NATS, js: JetStreamContext, *, stream: str, config: ConsumerConfig) -> None:
         assert config.durable_name is not None
