@@ -16,7 +16,7 @@ class Settings:
     # After a fetch that brought frames, wait this long before the next one, so
     # it finds a fuller batch (one Redis round trip and one publish per session
     # for all of it); after an empty one, fetch at once. 0: never wait.
-    linger_s: float = 0.005
+    linger_s: float = 0.002
     replay_max_frames: int = 1000
     replay_max_bytes: int = 512 * 1024
     reap_interval_s: float = 1.0

@@ -75,7 +75,7 @@ class Settings:
     # The frame-rate cap per stream: text arriving sooner than this after the
     # turn's last frame waits for the window's end and goes out with what else
     # arrived (0: every model event is its own frame). docs/benchmarks.md.
-    frame_interval_s: float = 0.04
+    frame_interval_s: float = 0.02
     health: HealthSettings = field(default_factory=HealthSettings)
     log_level: str = "INFO"
 
