@@ -77,6 +77,24 @@ FORCE_END_AFTER_DELIVERIES = 100
 GENERATED_ACK_WAIT_S = 5.0
 
 
+def delivery_messages(frames: list[bytes], max_bytes: int) -> list[bytes]:
+    """``frames`` joined by ``b"\\n"``, in order, into as few messages as keep each within
+    ``max_bytes`` (NATS refuses a larger payload and nats-py raises MaxPayloadError); a frame
+    longer than ``max_bytes`` on its own (none is: chunks are at most 16 KiB) is its own message."""
+    messages: list[bytes] = []
+    run: list[bytes] = []
+    size = -1  # the run's joined length: its frames plus a newline between each two
+    for frame in frames:
+        if run and size + 1 + len(frame) > max_bytes:
+            messages.append(b"\n".join(run))
+            run, size = [], -1
+        run.append(frame)
+        size += 1 + len(frame)
+    if run:
+        messages.append(b"\n".join(run))
+    return messages
+
+
 class Generated(NamedTuple):
     """One message of the generated stream, as the batch handler sees it."""
 
@@ -278,7 +296,9 @@ class Buffer:
             if frames:
                 # One message per session per batch, its frames in stream order, one
                 # per line (a frame's JSON holds no raw newline); gateways split it.
-                await self.nc.publish(delivery_subject(segment.session), b"\n".join(frames))
+                # More than one only past NATS's max_payload (a backlog of 16 KiB chunks).
+                for message in delivery_messages(frames, self.nc.max_payload):
+                    await self.nc.publish(delivery_subject(segment.session), message)
                 published += len(frames)
         for index, msg in enumerate(msgs):
             if index in waiting:
