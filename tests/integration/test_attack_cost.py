@@ -1,0 +1,327 @@
+"""Attacks on the cost-per-token paths (frame-rate cap, async publish window, the buffer's one
+message per session per batch, the gateway's shared subscription, packed turns in Redis), from
+outside: the protocol, NATS, Redis and process signals, on real servers. Every frame goes through
+the strict wire checker, which compares each seq's frame byte for byte across connections and
+replays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import httpx
+import nats
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from devstack.processes import ServiceProcess
+from devstack.servers import Server
+from shared.messages import TurnEnd, decode_generated
+from shared.subjects import generated_subject
+from tests.fake_openai import FakeOpenAI, _delta, _event, serve_in_thread
+from tests.integration.test_gateway_delivery import gauge, until_gauge
+from tests.sse_stream import SseStream
+from tests.stack import WAIT_S, Clients, Stack, history, isolated_stack, new_session, openai_env
+
+FINISH = _event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+DONE = b"data: [DONE]\n\n"
+# Texts whose JSON needs escapes, and 2-, 3- and 4-byte characters: a packed turn re-encodes them.
+ODD_TEXTS = ['"q"', "back\\slash", "\n\r\t", "\u0000\u001f", "\u2028\u2029", " café", " 東京", " 😀", "</script>", "\x7f"]
+
+
+class AttackModel(FakeOpenAI):
+    """FakeOpenAI plus: ``[huge:N]`` one delta of N ASCII bytes, then the finish; ``[empties:N]``
+    N empty-content deltas between two words, then the finish; ``[odd]`` ``ODD_TEXTS``, 5 ms
+    apart; ``[many:N]`` N one-byte deltas in
+    one write, then the finish."""
+
+    async def _stream(self, prompt: str) -> AsyncIterator[bytes]:
+        if huge := re.search(r"\[huge:(\d+)\]", prompt):
+            yield _delta("x" * int(huge.group(1)))
+            yield FINISH + DONE
+            return
+        if empties := re.search(r"\[empties:(\d+)\]", prompt):
+            yield _delta("a ")
+            yield _delta("") * int(empties.group(1))
+            yield _delta("b")
+            yield FINISH + DONE
+            return
+        if "[odd]" in prompt:
+            for text in ODD_TEXTS:
+                yield _delta(text)
+                await asyncio.sleep(0.005)
+            yield FINISH + DONE
+            return
+        if many := re.search(r"\[many:(\d+)\]", prompt):
+            yield b"".join(_delta(chr(ord("a") + i % 26)) for i in range(int(many.group(1)))) + FINISH + DONE
+            return
+        async for piece in super()._stream(prompt):
+            yield piece
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[str]:
+    with serve_in_thread(AttackModel().app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def attack_stack(model: str, redis_server: Server) -> Iterator[Stack]:
+    """One gateway, worker and buffer on a NATS of their own; the default frame cap (20 ms)."""
+    # A small kernel send buffer, so a client that stops reading is soon a slow reader to the gateway.
+    env = openai_env(model, CHAT_MAX_ANSWER_BYTES=str(4 * 1024 * 1024), CHAT_SEND_BUFFER_BYTES="8192")
+    with isolated_stack(redis_server.url, env) as stack:
+        yield stack
+
+
+@pytest.fixture
+async def aclients(attack_stack: Stack) -> AsyncIterator[Clients]:
+    async with Clients(attack_stack) as opened:
+        yield opened
+
+
+async def test_a_huge_delta_reaches_the_client_whole(attack_stack: Stack, aclients: Clients) -> None:
+    """1.5 MB of 1,000-byte deltas in one write: the cap coalesces them, the worker splits the
+    text into 16 KiB chunks published back to back, the
+    buffer pulls them in one batch and joins them into one delivery message, which must stay
+    under NATS's 1 MiB max_payload. The whole text and the done arrive; history agrees."""
+    session = new_session()
+    client, _ = await aclients.open(session)
+    turn, text, done = await client.turn("[burst:1500000]", wait_s=3 * WAIT_S)
+    assert done["reason"] == "stop", done
+    assert len(text) == len("first") + 1_500_000
+    aclients.wire.assert_history(session, await history(attack_stack, session))
+
+
+async def test_empty_and_many_tiny_deltas(attack_stack: Stack, aclients: Clients) -> None:
+    """Empty deltas under the cap make no empty chunk and hold nothing back; 5,000 one-byte deltas
+    in one write coalesce into few chunks carrying exactly their text."""
+    session = new_session()
+    client, _ = await aclients.open(session)
+    _, text, done = await client.turn("[empties:500]")
+    assert (text, done["reason"]) == ("a b", "stop")
+    assert all(f["text"] for f in client.frames if f["type"] == "chunk"), "an empty chunk"
+    _, text, done = await client.turn("[many:5000]")
+    assert text == "".join(chr(ord("a") + i % 26) for i in range(5000)) and done["reason"] == "stop"
+    chunks = [f for f in client.frames if f["type"] == "chunk" and f["turn"] == done["turn"]]
+    assert len(chunks) < 50, len(chunks)
+    aclients.wire.assert_history(session, await history(attack_stack, session))
+
+
+@asynccontextmanager
+async def generated_end(stack: Stack, session: str) -> AsyncIterator[asyncio.Event]:
+    """An event set once the worker has published the session's turn end to JetStream."""
+    ended = asyncio.Event()
+    nc = await nats.connect(stack.env["CHAT_NATS_URL"])
+
+    async def on_generated(msg: nats.aio.msg.Msg) -> None:
+        if isinstance(decode_generated(msg.data), TurnEnd):
+            ended.set()
+
+    try:
+        await nc.subscribe(generated_subject(session), cb=on_generated)
+        await nc.flush()
+        yield ended
+    finally:
+        await nc.close()
+
+
+async def test_a_backlog_of_big_chunks_is_delivered_after_a_buffer_pause(attack_stack: Stack, aclients: Clients) -> None:
+    """The buffer is frozen (SIGSTOP: a long GC pause, a slow host) while the worker publishes 1.5 MB
+    (~92 chunks of 16 KiB) and the turn's end; thawed, it pulls them in one batch of up to 256
+    and must not join one session's frames into a message over NATS's 1 MiB max_payload. The
+    client gets the whole text and the done."""
+    session = new_session()
+    client, _ = await aclients.open(session)
+    buffer = next(p for p in attack_stack.processes if p.name == "buffer")
+    assert buffer.process is not None
+    async with generated_end(attack_stack, session) as ended:
+        buffer.process.send_signal(signal.SIGSTOP)
+        try:
+            await client.send({"type": "chat", "prompt": "[burst:1500000]"})
+            await asyncio.wait_for(ended.wait(), WAIT_S)
+        finally:
+            buffer.process.send_signal(signal.SIGCONT)
+    done = await client.until("done", wait_s=3 * WAIT_S)
+    assert done["reason"] == "stop", done
+    assert len(client.texts()) == len("first") + 1_500_000
+    aclients.wire.assert_history(session, await history(attack_stack, session))
+
+
+@pytest.fixture(scope="module")
+def trimmed_stack(model: str, redis_server: Server) -> Iterator[Stack]:
+    """Every delta its own frame, 20 frames and 2 turns of history kept: packed turns trimmed inside."""
+    env = openai_env(model, CHAT_FRAME_INTERVAL_MS="0", CHAT_MAX_FRAMES_PER_SESSION="20", CHAT_MAX_HISTORY_TURNS="2")
+    with isolated_stack(redis_server.url, env) as stack:
+        yield stack
+
+
+async def replay_ws(clients: Clients, session: str, after: int, hwm: int) -> None:
+    """A WebSocket from cursor ``after`` reads up to ``hwm``; the checker compares every seq."""
+    client, ready = await clients.open(session, last_seq=after)
+    assert ready["last_seq"] == hwm
+    while client.last_seq < hwm:
+        await client.recv()
+    await client.ws.close()
+
+
+async def replay_sse(clients: Clients, http: httpx.AsyncClient, session: str, after: int, hwm: int, *, header: bool) -> None:
+    """An SSE stream from ``after`` (Last-Event-ID, or ?last_seq=) reads up to ``hwm``."""
+    path, headers = f"/api/sessions/{session}/events", {}
+    if header:
+        headers["Last-Event-ID"] = str(after)
+    else:
+        path += f"?last_seq={after}"
+    async with http.stream("GET", path, headers=headers) as response:
+        assert response.status_code == 200
+        events = SseStream(response, clients.wire.sse(session, after))
+        while (events.wire.cursor or 0) < hwm:
+            await events.recv()
+
+
+async def test_replay_from_every_cursor_after_packing_and_trimming(trimmed_stack: Stack) -> None:
+    """Four turns (plain, escapes and multi-byte characters, stopped mid-stream, plain) past a
+    20-frame cap and a 2-turn history: the oldest packed turn is trimmed inside and has lost its
+    history entry (its texts moved into the member). Replay from every cursor 0..hwm over WebSocket
+    last_seq, SSE Last-Event-ID and ?last_seq= gives frames byte-identical to the live ones (the
+    checker compares per seq), frames past the cap reported as past retention."""
+    session = new_session()
+    async with Clients(trimmed_stack) as clients, httpx.AsyncClient(base_url=trimmed_stack.http_url, timeout=WAIT_S) as http:
+        live, _ = await clients.open(session)
+        await live.turn("hello")
+        _, text, done = await live.turn("[odd]")
+        assert (text, done["reason"]) == ("".join(ODD_TEXTS), "stop")
+        await live.send({"type": "chat", "prompt": "[long]"})
+        for _ in range(8):
+            await live.until("chunk")
+        await live.send({"type": "stop"})
+        assert (await live.until("done"))["reason"] == "stopped"
+        await live.turn("again")
+        hwm = live.last_seq
+        assert hwm > 20, hwm  # the oldest frames are trimmed (~25: inside the first turn)
+        # The history of two turns: the last two, as delivered.
+        turns = (await history(trimmed_stack, session))["turns"]
+        assert [t["turn"] for t in turns] == [3, 4]
+        for after in range(0, hwm + 1):
+            await replay_ws(clients, session, after, hwm)
+            await replay_sse(clients, http, session, after, hwm, header=True)
+            await replay_sse(clients, http, session, after, hwm, header=False)
+
+
+async def websockets_connect(url: str) -> ClientConnection:
+    """A chat.v1 WebSocket that reads at most one message ahead: unread, the socket's buffers fill
+    and the gateway sees a slow reader."""
+    return await connect(url, subprotocols=["chat.v1"], max_queue=1)  # type: ignore[list-item]
+
+
+async def test_connections_churning_on_one_session_mid_turn(attack_stack: Stack, aclients: Clients) -> None:
+    """While a turn streams (a token per 20 ms): 40 WebSockets join from cursor 0, read a chunk and
+    leave, 5 at a time, with an SSE stream of the session open throughout and a client that stops
+    reading; a fast reader keeps every frame, in order, once. Then 1.5 MB arrives at once: the fast
+    reader and the SSE stream get it all, the unread client notwithstanding. After
+    all leave, the gateway's subscriptions, connections and tasks are back to their baseline."""
+    stack, session = attack_stack, new_session()
+    async with httpx.AsyncClient(base_url=stack.http_url, timeout=WAIT_S) as http:
+        await until_gauge(http, "chat_gateway_open_connections", 0)
+        baseline_tasks = await gauge(http, "chat_gateway_tasks")
+        fast, _ = await aclients.open(session)
+        slow_ws = await websockets_connect(stack.ws_url("/ws", session=session))
+        async with http.stream("GET", f"/api/sessions/{session}/events?last_seq=0") as response:
+            events = SseStream(response, aclients.wire.sse(session, 0))
+            await fast.send({"type": "chat", "prompt": "[long]"})
+            await fast.until("chunk")
+
+            async def churn() -> None:
+                client, _ = await aclients.open(session)
+                await client.until("chunk")
+                await client.ws.close()
+
+            for _ in range(8):
+                await asyncio.gather(*(churn() for _ in range(5)))
+            assert await gauge(http, "chat_gateway_subscribed_sessions") == 1
+            await fast.send({"type": "stop"})
+            assert (await fast.until("done"))["reason"] == "stopped"
+            _, text, done = await fast.turn("[burst:1500000]", wait_s=3 * WAIT_S)
+            assert done["reason"] == "stop" and len(text) == len("first") + 1_500_000
+            while (events.wire.cursor or 0) < done["seq"]:
+                await events.recv()
+        await slow_ws.close()
+        await fast.ws.close()
+        for client in aclients.opened:
+            await client.ws.close()
+        await until_gauge(http, "chat_gateway_open_connections", 0)
+        await until_gauge(http, "chat_gateway_subscribed_sessions", 0)
+        await until_gauge(http, "chat_gateway_tasks", baseline_tasks)
+    aclients.wire.assert_history(session, await history(stack, session))
+
+
+@pytest.fixture(scope="module")
+def fault_stack(model: str, redis_server: Server) -> Iterator[Stack]:
+    """Two buffers, one worker whose lease runs out 2 s after it dies, and a 1 s drain."""
+    env = openai_env(model, CHAT_LEASE_S="2", CHAT_DRAIN_TIMEOUT_S="1", CHAT_REAP_INTERVAL_S="0.2")
+    with isolated_stack(redis_server.url, env) as stack:
+        stack.start_buffer()
+        yield stack
+
+
+@pytest.fixture
+async def fclients(fault_stack: Stack) -> AsyncIterator[Clients]:
+    async with Clients(fault_stack) as opened:
+        yield opened
+
+
+def service(stack: Stack, name: str) -> ServiceProcess:
+    return next(p for p in stack.processes if p.name == name and p.alive)
+
+
+async def test_a_buffer_killed_mid_stream(fault_stack: Stack, fclients: Clients) -> None:
+    """One of two buffers is SIGKILLed while a turn streams (frames it pulled may be stored and
+    unpublished, or unstored and unacked: redelivered to the other after the 5 s ack wait). The
+    client still gets every seq once, in order; the stop ends the turn; history agrees."""
+    session = new_session()
+    client, _ = await fclients.open(session)
+    await client.send({"type": "chat", "prompt": "[long]"})
+    for _ in range(5):
+        await client.until("chunk")
+    victim = service(fault_stack, "buffer")
+    victim.kill()
+    try:
+        # Frames of the next 6 s: past the ack wait, so redelivered ones have come back.
+        deadline = asyncio.get_running_loop().time() + 6
+        while asyncio.get_running_loop().time() < deadline:
+            await client.until("chunk")
+        await client.send({"type": "stop"})
+        assert (await client.until("done", wait_s=2 * WAIT_S))["reason"] == "stopped"
+    finally:
+        victim.start()
+    _, _, done = await client.turn("hello")
+    assert done["reason"] == "stop"
+    fclients.wire.assert_history(session, await history(fault_stack, session))
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+async def test_the_worker_dies_mid_window(fault_stack: Stack, fclients: Clients, how: signal.Signals) -> None:
+    """The worker is SIGKILLed (its lease runs out: a buffer ends the turn after the last frame it
+    published) or SIGTERMed (its 1 s drain ends the turn) while it streams, frames in its publish
+    window: the turn ends with one done, error, after contiguous chunks and nothing after it; a
+    worker started again runs the next turn."""
+    session = new_session()
+    client, _ = await fclients.open(session)
+    await client.send({"type": "chat", "prompt": "[long]"})
+    for _ in range(5):
+        await client.until("chunk")
+    victim = service(fault_stack, "llm_worker")
+    try:
+        victim.signal(how)
+        done = await client.until("done", wait_s=2 * WAIT_S)
+        assert done["reason"] == "error" and done["message"], done
+        await asyncio.to_thread(victim.process.wait, WAIT_S)  # type: ignore[union-attr]
+    finally:
+        victim.start()
+    _, text, again = await client.turn("hello")
+    assert again["reason"] == "stop" and text == "Hello from the fake model."
+    fclients.wire.assert_history(session, await history(fault_stack, session))
