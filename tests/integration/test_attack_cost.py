@@ -72,9 +72,12 @@ def model() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def attack_stack(model: str, redis_server: Server) -> Iterator[Stack]:
-    """One gateway, worker and buffer on a NATS of their own; the default frame cap (20 ms)."""
-    # A small kernel send buffer, so a client that stops reading is soon a slow reader to the gateway.
-    env = openai_env(model, CHAT_MAX_ANSWER_BYTES=str(4 * 1024 * 1024), CHAT_SEND_BUFFER_BYTES="8192")
+    """One gateway, worker and buffer on a NATS of their own; the default frame cap (20 ms).
+    A small kernel send buffer, so a client that stops reading is soon a slow reader to the gateway."""
+    env = openai_env(
+        model, CHAT_MAX_ANSWER_BYTES=str(4 * 1024 * 1024), CHAT_SEND_BUFFER_BYTES="8192",
+        CHAT_MAX_TURNS_PER_USER="100", CHAT_MAX_CONNECTIONS_PER_USER="200",  # anonymous clients are one user
+    )
     with isolated_stack(redis_server.url, env) as stack:
         yield stack
 
@@ -152,6 +155,44 @@ async def test_a_backlog_of_big_chunks_is_delivered_after_a_buffer_pause(attack_
     assert len(client.texts()) == len("first") + 1_500_000
     aclients.wire.assert_history(session, await history(attack_stack, session))
 
+
+
+async def test_many_sessions_in_one_batch(attack_stack: Stack, aclients: Clients) -> None:
+    """40 sessions' turns at once, each 2,000 one-byte deltas (the buffer's batches hold frames of
+    many sessions, one message per session): every client gets exactly its own answer, no frame of
+    another session, and history agrees."""
+    sessions = [new_session() for _ in range(40)]
+    opened = [(await aclients.open(session))[0] for session in sessions]
+    results = await asyncio.gather(*(client.turn("[many:2000]", wait_s=3 * WAIT_S) for client in opened))
+    expected = "".join(chr(ord("a") + i % 26) for i in range(2000))
+    for (_, text, done) in results:
+        assert (text, done["reason"]) == (expected, "stop")
+    for session in sessions:
+        aclients.wire.assert_history(session, await history(attack_stack, session))
+
+
+async def test_pause_resume_on_ws_and_sse_during_a_burst(attack_stack: Stack, aclients: Clients) -> None:
+    """A WebSocket and an SSE stream on one session while 1.5 MB streams: a pause over HTTP lands
+    mid-burst on both (no frame after paused), a resume brings the rest from the paused seq,
+    each seq once, byte-identical on both."""
+    session = new_session()
+    async with httpx.AsyncClient(base_url=attack_stack.http_url, timeout=WAIT_S) as http:
+        client, _ = await aclients.open(session)
+        async with http.stream("GET", f"/api/sessions/{session}/events?last_seq=0") as response:
+            events = SseStream(response, aclients.wire.sse(session, 0))
+            await client.send({"type": "chat", "prompt": "[burst:1500000]"})
+            await client.until("chunk")
+            assert (await http.post(f"/api/sessions/{session}/pause")).status_code < 300
+            await client.until("paused")
+            await events.until("paused")
+            assert (await http.post(f"/api/sessions/{session}/resume")).status_code < 300
+            await client.until("resumed")
+            done = await client.until("done", wait_s=3 * WAIT_S)
+            assert done["reason"] == "stop"
+            while (events.wire.cursor or 0) < done["seq"]:
+                await events.recv(3 * WAIT_S)
+    assert len(client.texts()) == len("first") + 1_500_000
+    aclients.wire.assert_history(session, await history(attack_stack, session))
 
 @pytest.fixture(scope="module")
 def trimmed_stack(model: str, redis_server: Server) -> Iterator[Stack]:
@@ -403,3 +444,70 @@ async def test_nats_frozen_past_the_ack_timeout_mid_turn(frozen_nats_stack: Stac
         _, _, again = await client.turn("hello")
         assert again["reason"] == "stop"
         clients.wire.assert_history(session, await history(stack, session))
+
+
+async def test_a_gateway_subscription_survives_a_nats_restart(frozen_nats_stack: Stack, own_nats: LocalNats) -> None:
+    """Two WebSockets and an SSE stream share the gateway's one subscription to a session; nats-server
+    restarts between turns (the client reconnects and resubscribes its subscriptions, whose message
+    queue this gateway replaced). The next turn is delivered live to all three, every seq once."""
+    stack, session = frozen_nats_stack, new_session()
+    async with Clients(stack) as clients, httpx.AsyncClient(base_url=stack.http_url, timeout=WAIT_S) as http:
+        first, _ = await clients.open(session)
+        second, _ = await clients.open(session)
+        await first.turn("hello")
+        async with http.stream("GET", f"/api/sessions/{session}/events?last_seq={first.last_seq}") as response:
+            events = SseStream(response, clients.wire.sse(session, first.last_seq))
+            own_nats.stop()
+            own_nats.start()
+            await until_gauge(http, "chat_gateway_subscribed_sessions", 1)
+            # The gateway's NATS client reconnects in the background: a chat before that is refused, not lost.
+            async with asyncio.timeout(3 * WAIT_S):
+                while True:
+                    await first.send({"type": "chat", "prompt": "[many:300]"})
+                    answer = await first.recv()
+                    while answer["type"] not in ("accepted", "error"):
+                        answer = await first.recv()
+                    if answer["type"] == "accepted":
+                        break
+                    assert answer["code"] == "unavailable", answer
+                    await asyncio.sleep(0.2)  # the gateway's reconnect offers no event to wait on
+            done = await first.until("done", wait_s=3 * WAIT_S)
+            assert done["reason"] == "stop"
+            for reader in (second, events):
+                while (reader.wire.cursor or 0) < done["seq"]:
+                    await reader.recv(3 * WAIT_S)
+        clients.wire.assert_history(session, await history(stack, session))
+
+
+@pytest.fixture(scope="module")
+def long_cap_stack(model: str, redis_server: Server) -> Iterator[Stack]:
+    """A 1,000 ms frame cap: text waits up to a second in the worker."""
+    with isolated_stack(redis_server.url, openai_env(model, CHAT_FRAME_INTERVAL_MS="1000")) as stack:
+        yield stack
+
+
+async def test_reconnects_and_a_stop_during_cap_waits(long_cap_stack: Stack) -> None:
+    """Under a 1 s cap, while ``[long]`` sends a word every 20 ms: a client leaves right after each
+    chunk (its next text still waiting in the worker's window) and comes back from its last seq,
+    three times; then a stop lands mid-window. The text delivered is the words in order with none
+    missing or repeated, the turn ends stopped, and history holds exactly what was delivered."""
+    stack, session = long_cap_stack, new_session()
+    async with Clients(stack) as clients:
+        client, _ = await clients.open(session)
+        await client.send({"type": "chat", "prompt": "[long]"})
+        await client.until("chunk")
+        text = client.texts()
+        for _ in range(3):
+            await client.ws.close()
+            client, _ = await clients.open(session, last_seq=client.last_seq)
+            text += (await client.until("chunk"))["text"]
+        await client.send({"type": "stop"})
+        while (frame := await client.recv())["type"] != "done":
+            if frame["type"] == "chunk":
+                text += frame["text"]
+        assert frame["reason"] == "stopped"
+        words = text.split()
+        assert words == [f"w{i}" for i in range(len(words))] and len(words) > 3, text[:200]
+        stored = await history(stack, session)
+        assert stored["turns"][-1]["answer"] == text
+        clients.wire.assert_history(session, stored)
