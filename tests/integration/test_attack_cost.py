@@ -19,7 +19,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from devstack.processes import ServiceProcess
-from devstack.servers import LocalNats, Server
+from devstack.servers import LocalNats, LocalRedis, Server
 from services.llm_worker.service import PUBLISH_ACK_TIMEOUT_S
 from shared.messages import TurnEnd, decode_generated
 from shared.subjects import generated_subject
@@ -511,3 +511,63 @@ async def test_reconnects_and_a_stop_during_cap_waits(long_cap_stack: Stack) -> 
         stored = await history(stack, session)
         assert stored["turns"][-1]["answer"] == text
         clients.wire.assert_history(session, stored)
+
+
+async def test_connections_closing_during_a_burst_leave_no_task(attack_stack: Stack, aclients: Clients) -> None:
+    """Ten WebSockets on one session close after the first chunk of a 1.5 MB burst, their writers
+    mid-send (frames queued, some on unread sockets); one stays to the done. The gateway's
+    connections, subscriptions and tasks return to their baseline."""
+    stack, session = attack_stack, new_session()
+    async with httpx.AsyncClient(base_url=stack.http_url, timeout=WAIT_S) as http:
+        await until_gauge(http, "chat_gateway_open_connections", 0)
+        baseline_tasks = await gauge(http, "chat_gateway_tasks")
+        stayer, _ = await aclients.open(session)
+        leavers = [(await aclients.open(session))[0] for _ in range(5)]
+        unread = [await websockets_connect(stack.ws_url("/ws", session=session)) for _ in range(5)]
+        await stayer.send({"type": "chat", "prompt": "[burst:1500000]"})
+        await asyncio.gather(*(leaver.until("chunk") for leaver in leavers))
+        await asyncio.gather(*(leaver.ws.close() for leaver in leavers), *(ws.close() for ws in unread))
+        done = await stayer.until("done", wait_s=3 * WAIT_S)
+        assert done["reason"] == "stop" and len(stayer.texts()) == len("first") + 1_500_000
+        await stayer.ws.close()
+        await until_gauge(http, "chat_gateway_open_connections", 0)
+        await until_gauge(http, "chat_gateway_subscribed_sessions", 0)
+        await until_gauge(http, "chat_gateway_tasks", baseline_tasks)
+
+
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[LocalRedis]:
+    server = LocalRedis()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def restarted_redis_stack(model: str, own_redis: LocalRedis) -> Iterator[Stack]:
+    with isolated_stack(own_redis.url, openai_env(model)) as stack:
+        yield stack
+
+
+async def test_redis_restart_mid_turn(restarted_redis_stack: Stack, own_redis: LocalRedis) -> None:
+    """redis-server restarts (SIGTERM, AOF kept) while a turn streams: the buffer's batches fail and
+    are redelivered, the worker's lease renewals fail meanwhile. The client gets every seq once,
+    in order; the stop ends the turn; the packed turn replays from 0 byte for byte; history agrees."""
+    stack, session = restarted_redis_stack, new_session()
+    async with Clients(stack) as clients:
+        client, _ = await clients.open(session)
+        await client.send({"type": "chat", "prompt": "[long]"})
+        for _ in range(5):
+            await client.until("chunk")
+        own_redis.stop()
+        own_redis.start()
+        seen = client.last_seq
+        while client.last_seq < seen + 20:
+            await client.until("chunk", wait_s=3 * WAIT_S)
+        await client.send({"type": "stop"})
+        done = await client.until("done", wait_s=2 * WAIT_S)
+        assert done["reason"] in ("stopped", "error"), done
+        await replay_ws(clients, session, 0, done["seq"])
+        clients.wire.assert_history(session, await history(stack, session))
