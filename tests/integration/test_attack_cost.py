@@ -37,7 +37,7 @@ ODD_TEXTS = ['"q"', "back\\slash", "\n\r\t", "\u0000\u001f", "\u2028\u2029", " c
 class AttackModel(FakeOpenAI):
     """FakeOpenAI plus: ``[huge:N]`` one delta of N ASCII bytes, then the finish; ``[empties:N]``
     N empty-content deltas between two words, then the finish; ``[odd]`` ``ODD_TEXTS``, 5 ms
-    apart; ``[many:N]`` N one-byte deltas in
+    apart; ``[nothing]`` the finish alone; ``[many:N]`` N one-byte deltas in
     one write, then the finish."""
 
     async def _stream(self, prompt: str) -> AsyncIterator[bytes]:
@@ -55,6 +55,9 @@ class AttackModel(FakeOpenAI):
             for text in ODD_TEXTS:
                 yield _delta(text)
                 await asyncio.sleep(0.005)
+            yield FINISH + DONE
+            return
+        if "[nothing]" in prompt:
             yield FINISH + DONE
             return
         if many := re.search(r"\[many:(\d+)\]", prompt):
@@ -300,6 +303,24 @@ async def test_connections_churning_on_one_session_mid_turn(attack_stack: Stack,
         await until_gauge(http, "chat_gateway_tasks", baseline_tasks)
     aclients.wire.assert_history(session, await history(stack, session))
 
+
+
+async def test_a_huge_packed_turn_replays_in_pieces(attack_stack: Stack, aclients: Clients) -> None:
+    """A turn with no text, then a 1.5 MB one, both packed: replays from 0, from inside the big turn and
+    from its last chunk (each reply at most 512 KiB, so the packed member is served in pieces) over
+    WebSocket and SSE give every frame byte-identical to the live one."""
+    session = new_session()
+    async with httpx.AsyncClient(base_url=attack_stack.http_url, timeout=3 * WAIT_S) as http:
+        client, _ = await aclients.open(session)
+        _, text, done = await client.turn("[nothing]")  # an empty answer is an error, never a silent stop
+        assert (text, done["reason"]) == ("", "error") and done["message"]
+        _, text, done = await client.turn("[burst:1500000]", wait_s=3 * WAIT_S)
+        assert done["reason"] == "stop" and len(text) == len("first") + 1_500_000
+        hwm = done["seq"]
+        for after in (0, 1, 2, hwm // 2, hwm - 2, hwm - 1):
+            await replay_ws(aclients, session, after, hwm, wait_s=3 * WAIT_S)
+            await replay_sse(aclients, http, session, after, hwm, header=after % 2 == 0)
+    aclients.wire.assert_history(session, await history(attack_stack, session))
 
 @pytest.fixture(scope="module")
 def fault_stack(model: str, redis_server: Server) -> Iterator[Stack]:
