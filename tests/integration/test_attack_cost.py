@@ -592,3 +592,39 @@ async def test_redis_restart_mid_turn(restarted_redis_stack: Stack, own_redis: L
         assert done["reason"] in ("stopped", "error"), done
         await replay_ws(clients, session, 0, done["seq"])
         clients.wire.assert_history(session, await history(stack, session))
+
+
+async def test_the_last_connection_leaving_and_joining_in_a_storm(attack_stack: Stack, aclients: Clients) -> None:
+    """While a turn streams with no reader left, 60 connections open and close at once, 20 at a
+    time, some before their ready is read (the subscription made, torn down and made again under
+    them). A connection opened afterwards gets live frames past its ready's last_seq, and once
+    all leave the gateway holds no subscription and no extra task."""
+    stack, session = attack_stack, new_session()
+    async with httpx.AsyncClient(base_url=stack.http_url, timeout=WAIT_S) as http:
+        await until_gauge(http, "chat_gateway_open_connections", 0)
+        baseline_tasks = await gauge(http, "chat_gateway_tasks")
+        starter, _ = await aclients.open(session)
+        await starter.send({"type": "chat", "prompt": "[long]"})
+        await starter.until("chunk")
+        await starter.ws.close()
+
+        async def blink(read_ready: bool) -> None:
+            if read_ready:
+                client, _ = await aclients.open(session)
+                await client.ws.close()
+            else:
+                ws = await connect(stack.ws_url("/ws", session=session), subprotocols=["chat.v1"])  # type: ignore[list-item]
+                await ws.close()
+
+        for _ in range(3):
+            await asyncio.gather(*(blink(i % 2 == 0) for i in range(20)))
+        late, ready = await aclients.open(session, last_seq=None)
+        while late.last_seq <= ready["last_seq"] + 5:  # live frames, not only the replay
+            await late.until("chunk")
+        await late.send({"type": "stop"})
+        assert (await late.until("done"))["reason"] == "stopped"
+        await late.ws.close()
+        await until_gauge(http, "chat_gateway_open_connections", 0)
+        await until_gauge(http, "chat_gateway_subscribed_sessions", 0)
+        await until_gauge(http, "chat_gateway_tasks", baseline_tasks)
+    aclients.wire.assert_history(session, await history(stack, session))
