@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 import httpx
 import nats
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from devstack.processes import ServiceProcess
 from devstack.servers import LocalNats, LocalRedis, Server
@@ -258,9 +261,14 @@ async def test_replay_from_every_cursor_after_packing_and_trimming(trimmed_stack
 
 
 async def websockets_connect(url: str) -> ClientConnection:
-    """A chat.v1 WebSocket that reads at most one message ahead: unread, the socket's buffers fill
-    and the gateway sees a slow reader."""
-    return await connect(url, subprotocols=["chat.v1"], max_queue=1)  # type: ignore[list-item]
+    """A chat.v1 WebSocket that reads at most one message ahead, over a socket with a 4 KiB
+    receive buffer: unread, the buffers soon fill and the gateway sees a slow reader."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window is set then
+    sock.setblocking(False)
+    parts = urlsplit(url)
+    await asyncio.get_running_loop().sock_connect(sock, (parts.hostname, parts.port))
+    return await connect(url, sock=sock, subprotocols=["chat.v1"], max_queue=1)  # type: ignore[list-item]
 
 
 async def test_connections_churning_on_one_session_mid_turn(attack_stack: Stack, aclients: Clients) -> None:
@@ -628,3 +636,41 @@ async def test_the_last_connection_leaving_and_joining_in_a_storm(attack_stack: 
         await until_gauge(http, "chat_gateway_subscribed_sessions", 0)
         await until_gauge(http, "chat_gateway_tasks", baseline_tasks)
     aclients.wire.assert_history(session, await history(stack, session))
+
+
+@pytest.fixture(scope="module")
+def uncapped_small_queue_stack(model: str, redis_server: Server) -> Iterator[Stack]:
+    """No frame cap; 128 frames queued per client at most (a 1.5 MB burst, ~92 frames arriving
+    at once, fits), 4 KiB kernel send buffers."""
+    env = openai_env(model, CHAT_FRAME_INTERVAL_MS="0", CHAT_SEND_QUEUE_FRAMES="128", CHAT_SEND_BUFFER_BYTES="4096")
+    with isolated_stack(redis_server.url, env) as stack:
+        yield stack
+
+
+async def test_a_slow_reader_among_fast_ones(uncapped_small_queue_stack: Stack) -> None:
+    """Two turns of 1.5 MB at once (~92 chunks of 16 KiB each; 184 frames, more than a 128-frame
+    queue) to four connections of one session, one of which never reads: it is closed as a slow
+    reader (1013) and the three others get every frame, in order, once; afterwards no connection,
+    subscription or extra task is left."""
+    stack, session = uncapped_small_queue_stack, new_session()
+    async with Clients(stack) as clients, httpx.AsyncClient(base_url=stack.http_url, timeout=WAIT_S) as http:
+        await until_gauge(http, "chat_gateway_open_connections", 0)
+        baseline_tasks = await gauge(http, "chat_gateway_tasks")
+        fast = [(await clients.open(session))[0] for _ in range(3)]
+        slow = await websockets_connect(stack.ws_url("/ws", session=session))
+        for _ in range(2):
+            results = await asyncio.gather(fast[0].turn("[burst:1500000]", wait_s=3 * WAIT_S),
+                                           *(f.until("done", wait_s=3 * WAIT_S) for f in fast[1:]))
+            assert len(results[0][1]) == len("first") + 1_500_000
+        assert all(f.texts() == fast[0].texts() for f in fast)
+        await until_gauge(http, "chat_gateway_slow_readers_total", 1)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(slow.recv(), WAIT_S)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+        for client in fast:
+            await client.ws.close()
+        await until_gauge(http, "chat_gateway_open_connections", 0)
+        await until_gauge(http, "chat_gateway_subscribed_sessions", 0)
+        await until_gauge(http, "chat_gateway_tasks", baseline_tasks)
+        clients.wire.assert_history(session, await history(stack, session))
