@@ -42,6 +42,8 @@ class SSEEvent:
 class SSEDecoder:
     """Feed bytes in, get complete events out."""
 
+    _lf_paths = True  # False sends every read through the general loop (tests compare the two)
+
     def __init__(self, *, max_line_bytes: int = 1 << 20) -> None:
         self._head = b""  # the first bytes, while a BOM may still be arriving
         self._partial: list[bytes] = []  # an incomplete line's pieces, joined once its end arrives
@@ -72,11 +74,51 @@ class SSEDecoder:
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # the LF of a CRLF split across reads
         self._pending_cr = False
-        if b"\n" not in chunk and b"\r" not in chunk:
+        if b"\r" in chunk or not self._lf_paths:
+            return self._feed_any_line_ends(chunk)
+        if b"\n" not in chunk:
             # Still inside a line: keep the piece, without copying what came before
             # (a long line in small reads would otherwise cost quadratic time).
             self._keep_partial(chunk)
             return []
+        if (
+            # The common read: one whole "data: ...\n\n" event and nothing pending. Decoding the
+            # value alone equals decoding the line and cutting "data:" off (ASCII never joins a
+            # UTF-8 sequence); a chunk within max_line_bytes cannot exceed the data bound.
+            chunk.endswith(b"\n\n")
+            and chunk.startswith(b"data:")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and not self._partial
+            and not self._data
+            and self._error is None
+            and not self._event
+            and len(chunk) <= self._max_line_bytes
+        ):
+            value = chunk[6:-2] if chunk.startswith(b" ", 5) else chunk[5:-2]
+            retry, self._retry = self._retry, None  # a retry field holds for one event (_dispatch)
+            return [SSEEvent(value.decode("utf-8", "replace"), "message", self._id, retry)]
+        # LF line ends only: split on bytes and match "data:" without decoding the field name.
+        if self._partial:
+            chunk = b"".join(self._partial) + chunk
+            self._partial, self._partial_bytes = [], 0
+        lines = chunk.split(b"\n")
+        rest = lines.pop()  # after the last LF: an incomplete line, or b""
+        events: list[SSEEvent] = []
+        for line in lines:
+            if not line:
+                event = self._dispatch()
+                if event is not None:
+                    events.append(event)
+            elif line.startswith(b"data:"):
+                self._data_value((line[6:] if line.startswith(b" ", 5) else line[5:]).decode("utf-8", "replace"))
+            else:
+                self._line(line.decode("utf-8", "replace"))
+        if rest:
+            self._keep_partial(rest)
+        return events
+
+    def _feed_any_line_ends(self, chunk: bytes) -> list[SSEEvent]:
+        """The general loop, for reads holding a CR: CRLF, CR and LF line ends alike."""
         buffered = b"".join(self._partial) + chunk
         self._partial, self._partial_bytes = [], 0
         events: list[SSEEvent] = []
@@ -115,10 +157,7 @@ class SSEDecoder:
         if value.startswith(" "):
             value = value[1:]
         if field == "data":
-            self._data_chars += len(value) + 1
-            if self._data_chars > self._max_line_bytes:
-                raise ValueError(f"event-stream event of over {self._max_line_bytes} characters of data")
-            self._data.append(value)
+            self._data_value(value)
         elif field == "event":
             self._event = value
         elif field == "id" and "\0" not in value:
@@ -128,6 +167,12 @@ class SSEDecoder:
         elif field == "error":
             self._error = value  # llama.cpp's server (module docstring)
         return None
+
+    def _data_value(self, value: str) -> None:
+        self._data_chars += len(value) + 1
+        if self._data_chars > self._max_line_bytes:
+            raise ValueError(f"event-stream event of over {self._max_line_bytes} characters of data")
+        self._data.append(value)
 
     def _dispatch(self) -> SSEEvent | None:
         if not self._data and self._error is None:

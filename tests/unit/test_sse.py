@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared.sse import SSEDecoder, SSEEvent, encode_event
 
@@ -224,3 +226,75 @@ def test_a_body_of_only_a_bom_or_blanks_is_not_cut() -> None:
     assert blanks.feed(b"data: x\n\n") == [SSEEvent(data="x")]
     assert blanks.feed(b" ") == [] and blanks.feed(b" ") == []
     assert blanks.close() == [] and not blanks.truncated
+
+
+class GeneralLoopDecoder(SSEDecoder):
+    """The decoder with its LF-only paths off: every read goes through the general loop."""
+
+    _lf_paths = False
+
+
+_FIELDS = [b"data", b"data", b"data", b"event", b"id", b"retry", b"error", b"foo", b"", b":"]
+_VALUES = st.one_of(
+    st.sampled_from([b"", b" ", b"[DONE]", b"12", b"a\0b", b'{"choices":[{"delta":{"content":"h\xc3\xa9"}}]}']),
+    st.text(max_size=12).map(lambda text: text.replace("\n", "").replace("\r", "").encode()),
+    st.binary(max_size=6).map(lambda raw: raw.replace(b"\n", b"").replace(b"\r", b"")),
+)
+
+
+@st.composite
+def event_streams(draw: st.DrawFn) -> bytes:
+    """A stream of SSE blocks: mostly LF-ended "data:" fields, with CR/CRLF ends, other fields,
+    comments, extra blank lines, a BOM, non-UTF-8 bytes and a cut last line mixed in."""
+    ends = [b"\n"] if draw(st.booleans()) else [b"\n", b"\n", b"\r\n", b"\r"]
+    parts = [b"\xef\xbb\xbf"] if draw(st.integers(0, 4)) == 0 else []
+    for _ in range(draw(st.integers(0, 8))):
+        for _ in range(draw(st.integers(0, 3))):
+            field = draw(st.sampled_from(_FIELDS))
+            separator = draw(st.sampled_from([b": ", b": ", b":", b"", b":  "]))
+            value = draw(st.sampled_from([b"5", b"12"]) if field == b"retry" and draw(st.booleans()) else _VALUES)
+            parts.append(field + separator + value + draw(st.sampled_from(ends)))
+        parts.append(draw(st.sampled_from(ends)))  # the blank line that dispatches the block
+    if draw(st.booleans()):
+        parts.append(b"data: " + draw(_VALUES))  # the body may end inside a line
+    return b"".join(parts)
+
+
+def _run(decoder: SSEDecoder, stream: bytes, cuts: list[int]) -> tuple[list[SSEEvent], str, list[SSEEvent], bool]:
+    """Events fed read by read, the error raised (if any), then close()'s events and truncated."""
+    events: list[SSEEvent] = []
+    bounds = [0, *sorted(set(cuts)), len(stream)]
+    try:
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            events += decoder.feed(stream[start:end])
+    except ValueError as error:
+        return events, str(error), [], False
+    return events, "", decoder.close(), decoder.truncated
+
+
+@settings(max_examples=1000, deadline=None)
+@given(stream=event_streams(), data=st.data(), max_line_bytes=st.sampled_from([12, 40, 1 << 20]))
+def test_the_lf_paths_decode_as_the_general_loop(stream: bytes, data: st.DataObject, max_line_bytes: int) -> None:
+    """Random streams cut at random offsets (inside CRLF and UTF-8 characters too) give the same events,
+    errors and end state through the LF-only paths as through the general loop."""
+    line_ends = [index + 1 for index, byte in enumerate(stream) if byte in b"\r\n"]
+    at_line_ends = data.draw(st.lists(st.booleans(), min_size=len(line_ends), max_size=len(line_ends)))
+    cuts = [end for end, cut in zip(line_ends, at_line_ends, strict=True) if cut]  # reads of whole lines, often
+    cuts += data.draw(st.lists(st.integers(0, len(stream)), max_size=6))
+    expected = _run(GeneralLoopDecoder(max_line_bytes=max_line_bytes), stream, cuts)
+    assert _run(SSEDecoder(max_line_bytes=max_line_bytes), stream, cuts) == expected
+
+
+@pytest.mark.parametrize("before", [b"id: 9\nretry: 5\n", b"event: add\n", b"data: a\n", b"error: e\n", b"data: cut"])
+@pytest.mark.parametrize(
+    "read",
+    [b"data: x\n\n", b"data:x\n\n", b"data:\n\n", b"data: \n\n", b"data:  x\n\n", b"data: \xc3\n\n", b"data: a\n\n" * 2],
+)
+def test_one_whole_event_per_read_after_other_lines(before: bytes, read: bytes) -> None:
+    """A read of one whole event, after a read that left fields, data or part of a line pending, decodes
+    as through the general loop: id kept, retry for one event only, the pending lines joined in."""
+    fast, general = SSEDecoder(), GeneralLoopDecoder()
+    assert fast.feed(before) == general.feed(before) == []
+    for _ in range(2):
+        assert fast.feed(read) == general.feed(read)
+    assert fast.feed(b"\n") == general.feed(b"\n")  # nothing of the earlier lines is left to dispatch
