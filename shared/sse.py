@@ -75,7 +75,21 @@ class SSEDecoder:
             chunk = chunk[1:]  # the LF of a CRLF split across reads
         self._pending_cr = False
         if b"\r" in chunk or not self._lf_paths:
-            return self._feed_any_line_ends(chunk)
+            # The general loop, for reads holding a CR: CRLF, CR and LF line ends alike.
+            buffered = b"".join(self._partial) + chunk
+            self._partial, self._partial_bytes = [], 0
+            events: list[SSEEvent] = []
+            lines = buffered.splitlines(keepends=True)
+            for index, line in enumerate(lines):
+                if not line.endswith((b"\n", b"\r")):
+                    self._keep_partial(line)  # incomplete: wait for more
+                    break
+                if line.endswith(b"\r") and index == len(lines) - 1:
+                    self._pending_cr = True
+                event = self._line(line.rstrip(b"\r\n").decode("utf-8", errors="replace"))
+                if event is not None:
+                    events.append(event)
+            return events
         if b"\n" not in chunk:
             # Still inside a line: keep the piece, without copying what came before
             # (a long line in small reads would otherwise cost quadratic time).
@@ -103,7 +117,7 @@ class SSEDecoder:
             self._partial, self._partial_bytes = [], 0
         lines = chunk.split(b"\n")
         rest = lines.pop()  # after the last LF: an incomplete line, or b""
-        events: list[SSEEvent] = []
+        events = []
         for line in lines:
             if not line:
                 event = self._dispatch()
@@ -115,23 +129,6 @@ class SSEDecoder:
                 self._line(line.decode("utf-8", "replace"))
         if rest:
             self._keep_partial(rest)
-        return events
-
-    def _feed_any_line_ends(self, chunk: bytes) -> list[SSEEvent]:
-        """The general loop, for reads holding a CR: CRLF, CR and LF line ends alike."""
-        buffered = b"".join(self._partial) + chunk
-        self._partial, self._partial_bytes = [], 0
-        events: list[SSEEvent] = []
-        lines = buffered.splitlines(keepends=True)
-        for index, line in enumerate(lines):
-            if not line.endswith((b"\n", b"\r")):
-                self._keep_partial(line)  # incomplete: wait for more
-                break
-            if line.endswith(b"\r") and index == len(lines) - 1:
-                self._pending_cr = True
-            event = self._line(line.rstrip(b"\r\n").decode("utf-8", errors="replace"))
-            if event is not None:
-                events.append(event)
         return events
 
     def _keep_partial(self, piece: bytes) -> None:
