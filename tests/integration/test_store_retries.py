@@ -357,6 +357,8 @@ class FakeMsg:
 
 
 class FakeNC:
+    max_payload = 1024 * 1024  # nats-server's default, which the buffer splits deliveries under
+
     def __init__(self) -> None:
         self.published: list[bytes] = []
 
