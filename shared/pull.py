@@ -30,6 +30,12 @@ nats-server 2.9.10 with both cores busy, 3 pulls in about 600, no 408 and no
 delivery, and a burst of requests then waited out the pull's whole expiry
 (1 s) plus the grace for its missing end, 0.5-1 s past arrival, on a worker
 with free slots.
+
+A pull answered "no responders" (status 503) found no consumer: its stream
+was deleted, as a nats-server restart does to a memory-storage stream. The
+pull raises :class:`ConsumerLost` instead of returning at once, empty, in a
+loop; the next pull creates the consumer again, once the stream is back
+(services recreate the streams when they reconnect: shared/runner.py).
 """
 
 from __future__ import annotations
@@ -45,14 +51,19 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 
-__all__ = ["Puller"]
+__all__ = ["ConsumerLost", "Puller"]
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT = "100"  # a status that does not end a pull request
+NO_RESPONDERS = "503"  # nobody serves the pull's subject: the consumer (or its stream) is gone
 PULL_GRACE_S = 1.0  # past its expiry, the server's end of a pull is taken as lost
 PULL_HEARTBEAT_S = 0.1  # a waiting pull's heartbeat interval: an idle worker spends ~0.4 ms CPU on each
 PULL_LOST_S = 3 * PULL_HEARTBEAT_S  # a waiting pull not heard from for this long is gone
+
+
+class ConsumerLost(Exception):
+    """The consumer is gone (its stream deleted or recreated); the next pull creates it again."""
 
 
 @dataclass
@@ -60,6 +71,7 @@ class _Pull:
     reply: str
     room: int
     heard: float  # loop time the server last showed it holds this pull (sent, heartbeat, delivery)
+    lost: bool = False  # answered "no responders"
     msgs: list[Msg] = field(default_factory=list)
     over: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -81,6 +93,7 @@ class Puller:
         self._sub: Subscription | None = None
         self._pull: _Pull | None = None
         self._serial = 0
+        self._lost = False
 
     async def start(self) -> None:
         """Create the durable consumer, or bring an existing one's settings
@@ -95,7 +108,16 @@ class Puller:
 
     async def pull(self, room: int, *, wait_s: float) -> list[Msg]:
         """Return up to ``room`` messages: what is waiting, else the first to
-        arrive within ``wait_s``, else none."""
+        arrive within ``wait_s``, else none.
+
+        Raises :class:`ConsumerLost` if the consumer is gone, and whatever
+        nats-py raises for the JetStream API if it cannot be created again
+        (its stream is not back yet): the caller waits a moment and pulls again.
+        """
+        if self._lost:
+            await self.js.add_consumer(self.stream, self.config)
+            self._lost = False
+            log.info("consumer created again", extra={"event": "consumer_restored", "consumer": self.config.durable_name})
         msgs = await self._request(room)
         if msgs:
             return msgs
@@ -130,6 +152,9 @@ class Puller:
                     pass  # a heartbeat may have moved pull.heard: look again
         finally:
             self._pull = None
+        if pull.lost:
+            self._lost = True
+            raise ConsumerLost(f"no consumer {self.config.durable_name} on stream {self.stream}")
         return pull.msgs
 
     async def _on_msg(self, msg: Msg) -> None:
@@ -140,6 +165,8 @@ class Puller:
         if status is not None:
             if pull is not None and msg.subject == pull.reply:
                 pull.heard = asyncio.get_running_loop().time()
+                if status == NO_RESPONDERS:
+                    pull.lost = True
                 if status != HEARTBEAT:
                     pull.over.set()  # 404 no messages, 408 expired or requests pending, 409: this pull is over
             return

@@ -170,9 +170,20 @@ async def _wait_for_nats(
     url = broker.nats_url
     where = masked_url(url)
     report = _Reporter("nats", where, startup)
+    restoring: set[asyncio.Task[None]] = set()
+
+    def reconnected() -> None:
+        # A restarted nats-server may have lost the streams (memory storage
+        # always does; file storage if its store was not kept): make them again.
+        task = asyncio.get_running_loop().create_task(_restore_streams(js, broker, where))
+        restoring.add(task)
+        task.add_done_callback(restoring.discard)
+        if on_reconnect is not None:
+            on_reconnect()
+
     while True:
         try:
-            nc = await connect_nats(url, name=name, on_reconnect=on_reconnect)
+            nc = await connect_nats(url, name=name, on_reconnect=reconnected)
         except NatsUnreachable as exc:
             if exc.auth_failed:
                 raise StartupFailed(
@@ -206,6 +217,22 @@ async def _wait_for_nats(
         raise
     report.succeeded()
     return nc, js
+
+
+async def _restore_streams(js: JetStreamContext, broker: BrokerSettings, where: str) -> None:
+    """Create the streams again after a reconnect, if they are gone (retrying while
+    JetStream is not ready yet); a failure is logged, and the pullers retry meanwhile."""
+    for attempt in range(8):  # 0.5, 1, 2, then 3 s apart: about 20 s in all
+        try:
+            await ensure_streams(js, generated_storage=broker.generated_storage)
+            return
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            cause = describe_error(exc)
+            await asyncio.sleep(_RETRY.ceiling(attempt))
+    log.warning(
+        "could not check the streams on nats at %s after a reconnect: %s", where, cause,
+        extra={"event": "streams_not_restored", "nats": where, "cause": cause},
+    )
 
 
 def _redis_refusal(exc: RedisError) -> str | None:

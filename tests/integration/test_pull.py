@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from devstack.servers import Server
-from shared.pull import Puller
+from shared.pull import ConsumerLost, Puller
 from tests.stack import TIMEOUT_FACTOR, WAIT_S
 
 # Far above every wait of these tests, so a request back within WAIT_S was handed back, not redelivered.
@@ -129,4 +129,20 @@ async def test_a_waiting_pull_the_server_lost_is_asked_again_at_once(
         while not msgs:
             msgs = await requests.pull(4, wait_s=wait_s)
     assert [m.data for m in msgs] == [b"meanwhile"]
+    await requests.close()
+
+
+async def test_a_deleted_consumer_raises_once_then_is_created_again(
+    jetstream: tuple[NATS, str, ConsumerConfig],
+) -> None:
+    """A pull whose consumer is gone raises ConsumerLost at once (no empty pulls in a
+    loop); the next pull makes the consumer again and takes what is waiting."""
+    nc, stream, config = jetstream
+    requests = await puller(nc, stream, config)
+    await nc.jetstream().delete_consumer(stream, "workers")
+    with pytest.raises(ConsumerLost):
+        await asyncio.wait_for(requests.pull(2, wait_s=3 * WAIT_S), WAIT_S)
+    await nc.jetstream().publish(f"{stream}.requests", b"after")
+    msgs = await requests.pull(2, wait_s=WAIT_S)
+    assert [msg.data for msg in msgs] == [b"after"]
     await requests.close()
