@@ -94,7 +94,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import secrets
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -133,12 +135,22 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# How long past a lease's end a session's record is kept at least: time for a
+# reaper (every few seconds, retried every REAP_RETRY_S) to end the turn.
+LEASE_TTL_MARGIN_S = 60
+
 # Every write refreshes the session's keys' TTL (docs/architecture.md): a
-# turn generating longer than the retention must not lose its record.
+# turn generating longer than the retention must not lose its record. A TTL
+# is shortened only as a turn ends (``exact``): until then a lease's TTL
+# (SessionStore._ttl_past) outlasts a short retention. EXPIRE's GT option
+# would not do: it leaves a key without a TTL (a new one) without one.
 # Scripts using it name meta, log and history as KEYS[1..3].
 _TOUCH = """
-local function touch(ttl, keys)
-  for i = 1, keys or 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+local function touch(ttl, exact)
+  ttl = tonumber(ttl)
+  for i = 1, 3 do
+    if exact or redis.call('TTL', KEYS[i]) < ttl then redis.call('EXPIRE', KEYS[i], ttl) end
+  end
 end
 """
 
@@ -317,7 +329,7 @@ if redis.call('HGET', KEYS[1], 'active') == ARGV[1] then
     redis.call('SADD', KEYS[4], lid)
     redis.call('EXPIRE', KEYS[4], ARGV[2])
   end
-  touch(ARGV[2])
+  touch(ARGV[2], true)
   if redis.call('HGET', KEYS[1], 'cturn') == ARGV[1] then redis.call('HDEL', KEYS[1], 'cid', 'cdigest', 'cturn') end
   return {lid, user}
 end
@@ -554,11 +566,9 @@ if count > cap then
   end
 end
 if hwm > stored_hwm or count ~= stored_count then redis.call('HSET', meta, 'hwm', hwm, 'frames', count) end
--- meta and log (which the ZADD may have created); history's TTL is set where
--- it is written, and a generating turn's renewals refresh all three. A packed
--- turn reads its texts from its entry, so history must not expire first: a
--- batch after its turn's end (a late frame, refused) refreshes it too.
-touch(ttl, live and 2 or 3)
+-- All three, live turn or not: a packed turn reads its texts from its history
+-- entry, so history must never expire before the log member that needs it.
+touch(ttl, status == 1)
 return {status, freed, user, unpack(refused)}
 """
 
@@ -917,7 +927,7 @@ class SessionStore:
         lid: str, deadline: float, may_start: bool,
     ) -> tuple[int, int, int]:
         args: list[Any] = [
-            prompt, self.retention.retention_s, client_id or "", digest, user or "", lid, deadline,
+            prompt, self._ttl_past(deadline), client_id or "", digest, user or "", lid, deadline,
             "1" if may_start else "0",
         ]
         with _redis_errors():
@@ -988,6 +998,13 @@ class SessionStore:
         except (RedisError, OSError) as exc:
             log.warning("could not move a lease's index entry: %s", exc, extra={"session": session})
 
+    def _ttl_past(self, deadline: float) -> int:
+        """The session's TTL (s) while a turn is leased until ``deadline`` (epoch s): the
+        retention, but never ending before the lease does (plus :data:`LEASE_TTL_MARGIN_S`
+        for a reaper to end it), so a retention shorter than a silent model's pause
+        between lease renewals cannot delete a generating turn's record."""
+        return max(self.retention.retention_s, math.ceil(deadline - time.time()) + LEASE_TTL_MARGIN_S)
+
     async def check_owner(self, session: str, user: str | None) -> bool:
         """Whether ``user`` may use the session; the first user to use it owns it."""
         return bool(await self._run(self._owner, session, [user or "", self.retention.retention_s]))
@@ -995,7 +1012,7 @@ class SessionStore:
     async def claim_turn(self, session: str, turn: int, worker: str, *, lease_until: float) -> Claim:
         """Claim the active turn for one worker, leased until ``lease_until``;
         any later claim of it is refused."""
-        args: list[Any] = [turn, worker, lease_until, secrets.token_hex(8), self.retention.retention_s]
+        args: list[Any] = [turn, worker, lease_until, secrets.token_hex(8), self._ttl_past(lease_until)]
         with _redis_errors():
             status, stop, lid = await self._claim(keys=self._keys(session), args=args)
         if int(status) == 1 and lid:
@@ -1008,7 +1025,7 @@ class SessionStore:
         Only the record changes: the index entry, now early, is moved by the reaper."""
         with _redis_errors():
             renewed = await self._renew(
-                keys=self._keys(session), args=[turn, worker, lease_until, self.retention.retention_s]
+                keys=self._keys(session), args=[turn, worker, lease_until, self._ttl_past(lease_until)]
             )
         return Renewal(ours=bool(renewed), stop_requested=int(renewed) == 2)
 

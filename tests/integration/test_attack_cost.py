@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import httpx
 import nats
 import pytest
+import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -25,7 +26,7 @@ from devstack.processes import ServiceProcess
 from devstack.servers import LocalNats, LocalRedis, Server
 from services.llm_worker.service import PUBLISH_ACK_TIMEOUT_S
 from shared.messages import TurnEnd, decode_generated
-from shared.subjects import generated_subject
+from shared.subjects import generated_subject, session_key
 from tests.fake_openai import FakeOpenAI, _delta, _event, serve_in_thread
 from tests.integration.test_gateway_delivery import gauge, until_gauge
 from tests.sse_stream import SseStream
@@ -405,12 +406,6 @@ def short_retention_stack(model: str, redis_server: Server) -> Iterator[Stack]:
         yield stack
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shared/store.py: a live turn's batches refresh only meta and log (touch(ttl, live and 2 or 3)); "
-    "history is refreshed by the worker's lease renewals, every CHAT_LEASE_S/3 = 3.3 s, so with "
-    "CHAT_RETENTION_S below that the packed turn's history entry (its texts) expires first; "
-    "_unpack_chunks then returns [] ('its chunks are lost') without raising the floor, and a replay "
-    "from before them waits for a gap no buffer fills, with no error"))
 async def test_a_packed_turn_outlives_a_long_next_turn(short_retention_stack: Stack) -> None:
     """Turn 1 ends and is packed (its texts held in its history entry); turn 2 then streams for 4 s,
     twice the retention, its batches keeping the log alive. Replay from 0 during turn 2 and after it
@@ -431,6 +426,28 @@ async def test_a_packed_turn_outlives_a_long_next_turn(short_retention_stack: St
         await replay_ws(clients, session, 0, live.last_seq)
         assert clients.opened[-1].texts(1) == first
         clients.wire.assert_history(session, await history(stack, session))
+
+
+async def test_a_silent_model_outlives_a_short_retention(short_retention_stack: Stack) -> None:
+    """A model silent for twice the retention (and past a lease renewal): the generating
+    turn's record must not expire under it. The stop then ends the turn, its history kept;
+    once ended, the record's TTL is the retention again."""
+    stack, session = short_retention_stack, new_session()
+    async with Clients(stack) as clients:
+        live, _ = await clients.open(session)
+        await live.send({"type": "chat", "prompt": "[stall]"})
+        await live.until("accepted")
+        await asyncio.sleep(4)  # the condition under test is time passing with no write but renewals
+        await live.send({"type": "stop"})
+        assert (await live.until("done"))["reason"] == "stopped"
+        record = await history(stack, session)
+        assert [turn["reason"] for turn in record["turns"]] == ["stopped"]
+        clients.wire.assert_history(session, record)
+        redis = aioredis.Redis.from_url(stack.env["CHAT_REDIS_URL"])
+        try:
+            assert 0 < await redis.ttl(session_key(session)) <= 2
+        finally:
+            await redis.aclose()
 
 
 @pytest.fixture(scope="module")
