@@ -206,8 +206,15 @@ async def _wait_for_nats(
                         "(or enable jetstream in its config)"
                     ) from None
                 if isinstance(exc, APIError) and exc.code not in (None, 503):
+                    hint = ""
+                    if "storage" in str(exc.description or ""):
+                        hint = (
+                            f": CHAT_JS_STORAGE={broker.generated_storage} differs from the existing "
+                            "CHAT_GENERATED stream's storage; set it alike on every service, or see "
+                            "docs/configuration.md to change it"
+                        )
                     raise StartupFailed(
-                        f"nats at {where} refused the streams' setup: {exc.description or exc}"
+                        f"nats at {where} refused the streams' setup: {exc.description or exc}{hint}"
                     ) from None
                 await asyncio.sleep(report.failed(f"waiting for JetStream on nats at {where}", describe_error(exc)))
             except (nats.errors.Error, OSError) as exc:

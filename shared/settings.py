@@ -7,6 +7,7 @@ A bad value is rejected at start-up naming the variable and the value.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -95,7 +96,11 @@ def env_port(environ: Mapping[str, str], name: str, default: int) -> int:
     return env_int(environ, name, default, minimum=0, maximum=65535)
 
 
-def env_float(environ: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+def env_float(
+    environ: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0, maximum: float | None = None
+) -> float:
+    """``name`` as a finite number in [``minimum``, ``maximum``], else ``default`` if unset;
+    raises ConfigError naming the setting ("inf" and "nan" parse as floats but are refused)."""
     raw = environ.get(name)
     if raw is None:
         return default
@@ -103,8 +108,12 @@ def env_float(environ: Mapping[str, str], name: str, default: float, *, minimum:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"Config '{name}' has value '{raw}'. Not a valid float.") from None
-    if not value >= minimum:  # also rejects nan
-        raise ConfigError(f"Config '{name}' has value '{raw}'. Must be at least {minimum}.")
+    if not math.isfinite(value):
+        raise ConfigError(f"Config '{name}' has value '{raw}'. Must be a finite number.")
+    if value < minimum:
+        raise ConfigError(f"Config '{name}' has value '{raw}'. Must be at least {minimum:g}.")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"Config '{name}' has value '{raw}'. Must be at most {maximum:g}.")
     return value
 
 

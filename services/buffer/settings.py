@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 from shared.settings import BrokerSettings, HealthSettings, RetentionSettings, env_float, env_int, env_log_level
 
+# A frame waits at most the linger: past this it is latency, not batching.
+MAX_LINGER_MS = 100.0
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -29,7 +32,7 @@ class Settings:
             broker=BrokerSettings.from_env(environ),
             retention=RetentionSettings.from_env(environ),
             batch_size=env_int(environ, "CHAT_BUFFER_BATCH", 256, minimum=1),
-            linger_s=env_float(environ, "CHAT_BUFFER_LINGER_MS", cls.linger_s * 1000) / 1000,
+            linger_s=env_float(environ, "CHAT_BUFFER_LINGER_MS", cls.linger_s * 1000, maximum=MAX_LINGER_MS) / 1000,
             replay_max_frames=env_int(environ, "CHAT_REPLAY_MAX_FRAMES", 1000, minimum=1),
             replay_max_bytes=env_int(environ, "CHAT_REPLAY_MAX_BYTES", 512 * 1024, minimum=1024),
             reap_interval_s=env_float(environ, "CHAT_REAP_INTERVAL_S", 1.0, minimum=0.05),

@@ -245,7 +245,10 @@ class Worker:
         await requests.start()
         log.info(
             "worker ready",
-            extra={"event": "ready", "concurrency": self.settings.concurrency, **self.settings.describe_model()},
+            extra={
+                "event": "ready", "concurrency": self.settings.concurrency,
+                "frame_interval_ms": round(self.settings.frame_interval_s * 1000, 3), **self.settings.describe_model(),
+            },
         )
         try:
             while not self.stopping.is_set():

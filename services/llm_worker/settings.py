@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-from shared.errors import ConfigError
 from shared.settings import (
     BrokerSettings,
     HealthSettings,
@@ -54,10 +53,7 @@ MAX_FRAME_INTERVAL_MS = 1000.0  # beyond, a stream would read as stalled, not sm
 
 def frame_interval_s(environ: Mapping[str, str]) -> float:
     """``CHAT_FRAME_INTERVAL_MS`` in seconds (0 to 1,000 ms)."""
-    ms = env_float(environ, "CHAT_FRAME_INTERVAL_MS", Settings.frame_interval_s * 1000)
-    if ms > MAX_FRAME_INTERVAL_MS:
-        raise ConfigError(f"Config 'CHAT_FRAME_INTERVAL_MS' has value '{ms:g}'. Must be at most {MAX_FRAME_INTERVAL_MS:g}.")
-    return ms / 1000
+    return env_float(environ, "CHAT_FRAME_INTERVAL_MS", Settings.frame_interval_s * 1000, maximum=MAX_FRAME_INTERVAL_MS) / 1000
 
 
 @dataclass(frozen=True)

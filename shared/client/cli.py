@@ -21,6 +21,7 @@ import asyncio
 import codecs
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -422,7 +423,7 @@ def _env_float(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if value < 0:
+    if not 0 <= value < math.inf:  # also nan
         print(f"chatrelay: error: {name}={raw!r} must be a number of seconds, 0 or more", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     return value

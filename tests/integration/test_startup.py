@@ -309,6 +309,20 @@ def test_nats_without_jetstream_is_one_clear_line(
     assert "description=" not in started.process.output()
 
 
+def test_a_storage_unlike_the_streams_is_one_clear_line(services: Services, redis_server: Server) -> None:
+    """The generated stream exists in file storage; a buffer set to memory says which setting differs."""
+    nats = LocalNats()
+    nats.start()
+    try:
+        env = {"CHAT_NATS_URL": nats.url, "CHAT_REDIS_URL": redis_server.url}
+        first = services.start("buffer", env)  # creates the streams, file storage
+        asyncio.run(wait_status(first.url, "/readyz", 200))
+        last = failed_with(services.start("buffer", {**env, "CHAT_JS_STORAGE": "memory"}).process, "buffer")
+        assert "CHAT_JS_STORAGE=memory differs from the existing CHAT_GENERATED stream's storage" in last, last
+    finally:
+        nats.stop()
+
+
 @pytest.mark.parametrize(
     ("kind", "setting", "advice"),
     [("gateway", "CHAT_PORT", "CHAT_PORT (and CHAT_HOST)"), ("buffer", "CHAT_HEALTH_PORT", "CHAT_HEALTH_PORT (and CHAT_HEALTH_HOST)")],

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from services.buffer.settings import Settings as BufferSettings
@@ -9,6 +13,8 @@ from services.gateway.settings import Settings as GatewaySettings
 from services.llm_worker.settings import Settings as WorkerSettings
 from shared.errors import ConfigError
 from shared.settings import BrokerSettings, Secret
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_serve_make_run() -> None:
@@ -38,6 +44,30 @@ def test_bad_values_name_variable_and_value(env: dict[str, str], message: str) -
     """A bad value fails at start-up with the variable's name and value."""
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         GatewaySettings.from_env({"CHAT_AUTH_MODE": "dev", **env})
+
+
+def _float_settings() -> list[tuple[str, object]]:
+    """Every number setting read with env_float, with the settings class of the service that reads it."""
+    found = []
+    for service, settings in (("gateway", GatewaySettings), ("llm_worker", WorkerSettings), ("buffer", BufferSettings)):
+        source = (ROOT / "services" / service / "settings.py").read_text()
+        found += [(name, settings) for name in re.findall(r'env_float\(\s*environ,\s*"([A-Z_]+)"', source)]
+    return found
+
+
+@pytest.mark.parametrize(("name", "settings"), _float_settings())
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
+def test_no_number_setting_takes_infinity_or_nan(name: str, settings: Any, value: str) -> None:
+    """float() parses these, but no timeout, interval or rate means anything at them."""
+    with pytest.raises(ConfigError, match=rf"^Config '{name}' has value '{re.escape(value)}'\. Must be a finite number"):
+        settings.from_env({"CHAT_AUTH_MODE": "dev", name: value})
+
+
+def test_the_buffer_linger_is_bounded() -> None:
+    """Each frame waits up to the linger: past 100 ms that is latency, not batching."""
+    assert BufferSettings.from_env({"CHAT_BUFFER_LINGER_MS": "100"}).linger_s == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match=r"^Config 'CHAT_BUFFER_LINGER_MS' has value '101'\. Must be at most 100"):
+        BufferSettings.from_env({"CHAT_BUFFER_LINGER_MS": "101"})
 
 
 def test_gateway_requires_a_secret_by_default() -> None:

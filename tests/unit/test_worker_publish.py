@@ -23,8 +23,8 @@ def test_the_cap_is_read_in_milliseconds(value: str | None, seconds: float) -> N
         ("-1", "has value '-1'. Must be at least 0"),
         ("abc", "has value 'abc'. Not a valid float"),
         ("1001", "has value '1001'. Must be at most 1000"),
-        ("nan", "has value 'nan'. Must be at least 0"),
-        ("inf", "has value 'inf'. Must be at most 1000"),
+        ("nan", "has value 'nan'. Must be a finite number"),
+        ("inf", "has value 'inf'. Must be a finite number"),
     ],
 )
 def test_a_bad_cap_stops_the_worker_with_a_clear_message(value: str, message: str) -> None:

@@ -1,8 +1,13 @@
-"""Grouping generated messages into per-session store segments."""
+"""Grouping generated messages into per-session store segments, and a batch into delivery messages."""
 
 from __future__ import annotations
 
-from services.buffer.service import FORCE_END_AFTER_DELIVERIES, Generated, segments_of
+import itertools
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.buffer.service import FORCE_END_AFTER_DELIVERIES, Generated, delivery_messages, segments_of
 from shared.messages import TurnEnd
 from shared.protocol import Chunk, Done, encode
 from shared.store import SegmentEnd
@@ -51,3 +56,25 @@ def test_malformed_messages_are_skipped() -> None:
     """Bad subjects and payloads are dropped without losing the good ones."""
     batch = segments_of([Generated("chat.gen.a.b", chunk(1)), Generated("chat.gen.a", b"{junk"), Generated("chat.gen.a", chunk(1))])
     assert [(s.session, len(s.frames)) for s, _ in batch] == [("a", 1)]
+
+
+@given(
+    frames=st.lists(st.binary(min_size=1, max_size=40).map(lambda b: b.replace(b"\n", b"x")), max_size=30),
+    max_bytes=st.integers(min_value=1, max_value=120),
+)
+def test_delivery_messages_keep_every_frame_in_order_within_the_limit(frames: list[bytes], max_bytes: int) -> None:
+    """Split back on newlines (as the gateway does), the messages give the frames in order; each
+    message is within ``max_bytes`` unless it is one frame longer than that on its own; and
+    two neighbours could not have been one message."""
+    messages = delivery_messages(frames, max_bytes)
+    assert [frame for message in messages for frame in message.split(b"\n")] == frames
+    for message in messages:
+        assert len(message) <= max_bytes or b"\n" not in message
+    for first, second in itertools.pairwise(messages):
+        assert len(first) + 1 + len(second.split(b"\n")[0]) > max_bytes
+
+
+def test_delivery_messages_one_message_per_batch_under_the_limit() -> None:
+    assert delivery_messages([b"a", b"bb", b"c"], 1024) == [b"a\nbb\nc"]
+    assert delivery_messages([b"a", b"bb", b"c"], 4) == [b"a\nbb", b"c"]
+    assert delivery_messages([], 1024) == []
