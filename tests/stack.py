@@ -7,8 +7,8 @@ import json
 import os
 import secrets
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -268,6 +268,20 @@ class Clients:
     async def close(self) -> None:
         for client in self.opened:
             await client.ws.close()
+
+
+@asynccontextmanager
+async def restartable_stack(redis_url: str, env: Mapping[str, str]) -> AsyncIterator[tuple[LocalNats, Stack, Clients]]:
+    """An isolated stack on a NATS of its own that a test may stop and start again (it keeps its
+    port and store across ``stop()`` and ``start()``: the services reconnect to the same URL)."""
+    own = LocalNats()
+    own.start()
+    try:
+        with isolated_stack(redis_url, env, nats=own) as stack:
+            async with Clients(stack) as clients:
+                yield own, stack, clients
+    finally:
+        own.stop()
 
 
 async def history(stack: Stack, session: str, *, gateway: int | None = None, token: str | None = None) -> dict[str, Any]:

@@ -9,40 +9,40 @@ from __future__ import annotations
 
 import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 
 from devstack.servers import LocalNats, Server
-from tests.stack import WAIT_S, Bus, Clients, Stack, history, isolated_stack, new_session
+from tests.stack import WAIT_S, Bus, Clients, Stack, history, new_session, restartable_stack
+
+DEMO = {"CHAT_DEMO_TOKENS_PER_S": "100", "CHAT_DEMO_ANSWER_TOKENS": "150"}
 
 
 @pytest.fixture
 async def restartable(redis_server: Server) -> AsyncIterator[tuple[LocalNats, Stack, Clients]]:
-    # LocalNats keeps its port and store across stop() and start(): the services reconnect to the same URL.
-    nats = LocalNats()
-    nats.start()
-    env = {"CHAT_DEMO_TOKENS_PER_S": "100", "CHAT_DEMO_ANSWER_TOKENS": "150"}
-    try:
-        with isolated_stack(redis_server.url, env, nats=nats) as stack:
-            async with Clients(stack) as clients:
-                yield nats, stack, clients
-    finally:
-        nats.stop()
+    async with restartable_stack(redis_server.url, DEMO) as running:
+        yield running
 
 
-async def test_nats_restart_mid_stream(restartable: tuple[LocalNats, Stack, Clients]) -> None:
-    """Every seq arrives once, in order, and the turn ends, across a NATS restart."""
-    nats, stack, clients = restartable
+async def restart_mid_turn(nats: LocalNats, clients: Clients, *, wait_s: float) -> tuple[str, dict[str, Any]]:
+    """Start a turn on a new session, restart NATS after its 10th chunk; the session and the turn's done."""
     session = new_session()
     client, _ = await clients.open(session)
-    await client.send({"type": "chat", "prompt": "survive a broker restart"})
+    await client.send({"type": "chat", "prompt": "generate through a broker restart"})
     await client.until("accepted")
     for _ in range(10):
         await client.until("chunk")
     nats.stop()
     nats.start()
-    done = await client.until("done", wait_s=3 * WAIT_S)  # Client.recv checks every seq
+    return session, await client.until("done", wait_s=wait_s)  # Client.recv checks every seq
+
+
+async def test_nats_restart_mid_stream(restartable: tuple[LocalNats, Stack, Clients]) -> None:
+    """Every seq arrives once, in order, and the turn ends, across a NATS restart."""
+    nats, stack, clients = restartable
+    session, done = await restart_mid_turn(nats, clients, wait_s=3 * WAIT_S)
     assert done["reason"] == "length"
     clients.wire.assert_history(session, await history(stack, session))
 
@@ -102,15 +102,8 @@ async def test_resume_missed_during_reconnect_is_recovered(restartable: tuple[Lo
 @pytest.fixture
 async def memory_storage(redis_server: Server) -> AsyncIterator[tuple[LocalNats, Stack, Clients]]:
     """As ``restartable``, with the generated stream in memory: a restart deletes it."""
-    nats = LocalNats()
-    nats.start()
-    env = {"CHAT_DEMO_TOKENS_PER_S": "100", "CHAT_DEMO_ANSWER_TOKENS": "150", "CHAT_JS_STORAGE": "memory"}
-    try:
-        with isolated_stack(redis_server.url, env, nats=nats) as stack:
-            async with Clients(stack) as clients:
-                yield nats, stack, clients
-    finally:
-        nats.stop()
+    async with restartable_stack(redis_server.url, {**DEMO, "CHAT_JS_STORAGE": "memory"}) as running:
+        yield running
 
 
 async def test_memory_storage_streams_come_back_after_a_nats_restart(
@@ -140,13 +133,5 @@ async def test_memory_storage_turn_across_a_nats_restart_ends(
     """Frames the stream held at the restart are lost (memory storage's documented cost),
     but the turn still ends with one done, and what the client saw is what the record holds."""
     nats, stack, clients = memory_storage
-    session = new_session()
-    client, _ = await clients.open(session)
-    await client.send({"type": "chat", "prompt": "generate through a restart"})
-    await client.until("accepted")
-    for _ in range(10):
-        await client.until("chunk")
-    nats.stop()
-    nats.start()
-    await client.until("done", wait_s=6 * WAIT_S)
+    session, _ = await restart_mid_turn(nats, clients, wait_s=6 * WAIT_S)
     clients.wire.assert_history(session, await history(stack, session))

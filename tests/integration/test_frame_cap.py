@@ -24,7 +24,17 @@ from devstack.processes import ServiceProcess
 from devstack.servers import LocalNats, Server
 from services.llm_worker.service import PUBLISH_ACK_TIMEOUT_S
 from tests.fake_openai import FakeOpenAI, _delta, _event, serve_in_thread
-from tests.stack import WAIT_S, Client, Clients, Stack, history, isolated_stack, new_session, openai_env
+from tests.stack import (
+    WAIT_S,
+    Client,
+    Clients,
+    Stack,
+    history,
+    isolated_stack,
+    new_session,
+    openai_env,
+    restartable_stack,
+)
 
 FINISH = _event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
 
@@ -208,15 +218,9 @@ async def test_stop_during_a_cap_wait_and_pause_resume(capless_stack: Stack, ccl
 async def restartable(redis_server: Server) -> AsyncIterator[tuple[LocalNats, Stack, Clients]]:
     """A stack on a NATS of its own that the test may restart or freeze, with the demo model as fast
     as JetStream takes frames and the cap off, so a turn keeps its publish window full."""
-    nats = LocalNats()
-    nats.start()
     env = {"CHAT_DEMO_TOKENS_PER_S": "5000", "CHAT_DEMO_ANSWER_TOKENS": "4000", "CHAT_FRAME_INTERVAL_MS": "0"}
-    try:
-        with isolated_stack(redis_server.url, env, nats=nats) as stack:
-            async with Clients(stack) as clients:
-                yield nats, stack, clients
-    finally:
-        nats.stop()
+    async with restartable_stack(redis_server.url, env) as running:
+        yield running
 
 
 def worker_of(stack: Stack) -> ServiceProcess:
