@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -10,12 +11,15 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError
 
+from .pull import ConsumerLost
 from .settings import masked_url
 from .subjects import STREAM_GENERATED, STREAM_REQUESTS, SUBJECT_REQUESTS, generated_wildcard
 
-__all__ = ["NatsUnreachable", "connect_nats", "ensure_streams", "jetstream_enabled", "describe_error"]
+__all__ = [
+    "NatsUnreachable", "Streams", "connect_nats", "ensure_streams", "jetstream_enabled", "describe_error", "stream_gone",
+]
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +148,8 @@ def jetstream_enabled(nc: NATS) -> bool:
     return bool(nc._server_info.get("jetstream"))  # noqa: SLF001 - nats-py exposes no accessor
 
 
-# Requests wait far longer than the queue timeout: a worker that takes a
-# stale one ends its turn with a clear error instead of it vanishing.
+# Requests wait as long as the queue timeout can be (its upper bound): a worker
+# that takes a stale one ends its turn with a clear error instead of it vanishing.
 REQUEST_MAX_AGE_S = 3600.0
 GENERATED_MAX_AGE_S = 86_400.0
 
@@ -183,3 +187,55 @@ async def ensure_streams(js: JetStreamContext, *, generated_storage: str = "file
             await js.add_stream(config)
         except BadRequestError:
             await js.update_stream(config)
+
+
+STREAM_NOT_FOUND = 10059  # JetStream's API error code for a stream that does not exist
+RESTORE_EVERY_S = 0.5  # callers that find a stream gone meanwhile retry; they share one check
+
+
+def stream_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` says a stream (or a pull's consumer) does not exist: a JetStream
+    publish nobody answers ("no response from stream"), the API's "stream not found",
+    or :class:`shared.pull.ConsumerLost` (a pull answered "no responders")."""
+    if isinstance(exc, NoStreamResponseError | nats.errors.NoRespondersError):
+        return True
+    if isinstance(exc, APIError) and exc.err_code == STREAM_NOT_FOUND:
+        return True
+    return isinstance(exc, ConsumerLost)
+
+
+class Streams:
+    """The product's streams as one process sees them: made at start, and made again
+    (:meth:`restore`) as soon as one is found gone, whatever removed it: a restarted
+    nats-server with memory storage or without its store, or an operator. ``healthy``
+    is False from a failure that says so until a check succeeds (/readyz reports it)."""
+
+    def __init__(self, js: JetStreamContext, *, generated_storage: str = "file") -> None:
+        self.js = js
+        self.generated_storage = generated_storage
+        self.healthy = True
+        self._lock = asyncio.Lock()
+        self._checked_at = -RESTORE_EVERY_S
+
+    async def ensure(self) -> None:
+        """Create or update both streams (:func:`ensure_streams`); raises what it raises."""
+        await ensure_streams(self.js, generated_storage=self.generated_storage)
+        self.healthy = True
+
+    async def restore(self) -> None:
+        """Make the streams again after a failure that says one is gone. At most one
+        check per ``RESTORE_EVERY_S`` for all callers (a burst of failing publishes
+        makes one API call); a failure is logged, and the callers' retries come back."""
+        self.healthy = False
+        async with self._lock:
+            now = asyncio.get_running_loop().time()
+            if now - self._checked_at < RESTORE_EVERY_S:
+                return
+            self._checked_at = now
+            try:
+                await self.ensure()
+            except (nats.errors.Error, OSError, TimeoutError) as exc:
+                log.warning("could not make the streams again: %s", describe_error(exc),
+                            extra={"event": "streams_not_restored", "cause": describe_error(exc)})
+                return
+        log.info("checked the streams after finding one gone", extra={"event": "streams_restored"})

@@ -31,11 +31,11 @@ delivery, and a burst of requests then waited out the pull's whole expiry
 (1 s) plus the grace for its missing end, 0.5-1 s past arrival, on a worker
 with free slots.
 
-A pull answered "no responders" (status 503) found no consumer: its stream
-was deleted, as a nats-server restart does to a memory-storage stream. The
-pull raises :class:`ConsumerLost` instead of returning at once, empty, in a
-loop; the next pull creates the consumer again, once the stream is back
-(services recreate the streams when they reconnect: shared/runner.py).
+A pull answered "no responders" (status 503) found no consumer: it, or its
+stream, was deleted (a nats-server restart does that to a memory-storage
+stream). The pull raises :class:`ConsumerLost` instead of returning at once,
+empty, in a loop; the next pull makes the streams again (``restore``) and
+then the consumer.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NATS
@@ -82,10 +83,16 @@ class Puller:
     Used by the worker (turn requests) and the buffer (generated frames).
     """
 
-    def __init__(self, nc: NATS, js: JetStreamContext, *, stream: str, config: ConsumerConfig) -> None:
+    def __init__(
+        self, nc: NATS, js: JetStreamContext, *, stream: str, config: ConsumerConfig,
+        restore: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """``restore`` makes the streams again (shared.broker.Streams.restore) before a
+        lost consumer is made again."""
         assert config.durable_name is not None
         self.nc = nc
         self.js = js
+        self.restore = restore
         self.stream = stream
         self.config = config
         self.api_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{config.durable_name}"
@@ -115,6 +122,8 @@ class Puller:
         (its stream is not back yet): the caller waits a moment and pulls again.
         """
         if self._lost:
+            if self.restore is not None:
+                await self.restore()
             await self.js.add_consumer(self.stream, self.config)
             self._lost = False
             log.info("consumer created again", extra={"event": "consumer_restored", "consumer": self.config.durable_name})

@@ -29,7 +29,7 @@ from nats.js.errors import APIError
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 
 from .backoff import Backoff
-from .broker import NatsUnreachable, connect_nats, describe_error, ensure_streams, jetstream_enabled
+from .broker import NatsUnreachable, Streams, connect_nats, describe_error, jetstream_enabled
 from .health import serve_health
 from .metrics import Metrics
 from .settings import BrokerSettings, HealthSettings, masked_url
@@ -71,14 +71,16 @@ class Connections:
     nc: NATS
     js: JetStreamContext
     redis: aioredis.Redis
+    streams: Streams
 
     async def checks(self) -> dict[str, bool]:
-        """Readiness: NATS connected and Redis answering."""
+        """Readiness: NATS connected, its streams there (as far as this process has
+        seen: one found gone is made again), and Redis answering."""
         try:  # bounded: a Redis that hangs (not refuses) must not hang the probe
             redis_ok = bool(await asyncio.wait_for(self.redis.ping(), READINESS_TIMEOUT_S))
         except (RedisError, OSError, TimeoutError):
             redis_ok = False
-        return {"nats": self.nc.is_connected, "redis": redis_ok}
+        return {"nats": self.nc.is_connected and self.streams.healthy, "redis": redis_ok}
 
     async def close(self) -> None:
         try:
@@ -165,7 +167,7 @@ class _Reporter:
 
 async def _wait_for_nats(
     broker: BrokerSettings, *, name: str, on_reconnect: Callable[[], None] | None, startup: Startup
-) -> tuple[NATS, JetStreamContext]:
+) -> tuple[NATS, Streams]:
     """Connect to NATS and make sure the JetStream streams exist, waiting for both."""
     url = broker.nats_url
     where = masked_url(url)
@@ -174,8 +176,9 @@ async def _wait_for_nats(
 
     def reconnected() -> None:
         # A restarted nats-server may have lost the streams (memory storage
-        # always does; file storage if its store was not kept): make them again.
-        task = asyncio.get_running_loop().create_task(_restore_streams(js, broker, where))
+        # always does; file storage if its store was not kept): make them again
+        # now, rather than at the first publish or pull that finds one gone.
+        task = asyncio.get_running_loop().create_task(streams.restore())
         restoring.add(task)
         task.add_done_callback(restoring.discard)
         if on_reconnect is not None:
@@ -194,10 +197,11 @@ async def _wait_for_nats(
             continue
         break
     js = nc.jetstream()
+    streams = Streams(js, generated_storage=broker.generated_storage)
     try:
         while True:
             try:
-                await ensure_streams(js, generated_storage=broker.generated_storage)
+                await streams.ensure()
                 break
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError, APIError) as exc:
                 if not jetstream_enabled(nc):
@@ -223,23 +227,7 @@ async def _wait_for_nats(
         await _close_nats(nc)
         raise
     report.succeeded()
-    return nc, js
-
-
-async def _restore_streams(js: JetStreamContext, broker: BrokerSettings, where: str) -> None:
-    """Create the streams again after a reconnect, if they are gone (retrying while
-    JetStream is not ready yet); a failure is logged, and the pullers retry meanwhile."""
-    for attempt in range(8):  # 0.5, 1, 2, then 3 s apart: about 20 s in all
-        try:
-            await ensure_streams(js, generated_storage=broker.generated_storage)
-            return
-        except (nats.errors.Error, OSError, TimeoutError) as exc:
-            cause = describe_error(exc)
-            await asyncio.sleep(_RETRY.ceiling(attempt))
-    log.warning(
-        "could not check the streams on nats at %s after a reconnect: %s", where, cause,
-        extra={"event": "streams_not_restored", "nats": where, "cause": cause},
-    )
+    return nc, streams
 
 
 def _redis_refusal(exc: RedisError) -> str | None:
@@ -316,8 +304,8 @@ async def open_connections(
         if redis_task.done() and not redis_task.cancelled() and redis_task.exception() is None:
             await redis_task.result().aclose()
         raise
-    nc, js = nats_task.result()
-    return Connections(nc=nc, js=js, redis=redis_task.result())
+    nc, streams = nats_task.result()
+    return Connections(nc=nc, js=streams.js, redis=redis_task.result(), streams=streams)
 
 
 def listen_error(exc: OSError, host: str, port: int, *, port_setting: str, host_setting: str) -> str:

@@ -433,6 +433,7 @@ for i = 0, n - 1 do
 end
 local rest = 5 + 2 * n
 local status = 2
+local ended_now = false  -- this call stored the turn's done (not a redelivered one's re-run)
 local freed, user = '', ''
 if ARGV[rest] then
   local turn, done_seq, done = tonumber(ARGV[rest]), tonumber(ARGV[rest + 1]), ARGV[rest + 2]
@@ -447,7 +448,7 @@ if ARGV[rest] then
     if #rows / 2 < done_seq - 1 - low and ARGV[rest + 4] ~= '1' then
       status = 0
     else
-      status = 1
+      status, ended_now = 1, true
       -- The turn's chunks become one packed member scored by its last seq.
       -- A turn with any other frame keeps them all loose (never seen: the
       -- worker encodes every chunk with protocol.encode).
@@ -568,7 +569,9 @@ end
 if hwm > stored_hwm or count ~= stored_count then redis.call('HSET', meta, 'hwm', hwm, 'frames', count) end
 -- All three, live turn or not: a packed turn reads its texts from its history
 -- entry, so history must never expire before the log member that needs it.
-touch(ttl, status == 1)
+-- Exact (shortened to the retention) only as this call ends the turn: a
+-- redelivered done may come while the next turn is generating.
+touch(ttl, ended_now)
 return {status, freed, user, unpack(refused)}
 """
 

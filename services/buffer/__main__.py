@@ -23,7 +23,7 @@ def main() -> None:
 
     def build(connections: Connections) -> Buffer:
         store = SessionStore(connections.redis, settings.retention)
-        return Buffer(settings, nc=connections.nc, js=connections.js, store=store)
+        return Buffer(settings, nc=connections.nc, js=connections.js, store=store, streams=connections.streams)
 
     run_service("buffer", settings.broker, build, health=settings.health)
 

@@ -28,6 +28,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
 
 from shared import protocol
+from shared.broker import Streams, stream_gone
 from shared.errors import BrokerUnavailable, ProtocolError
 from shared.messages import (
     REPLAY_FIRST_HEADER,
@@ -161,10 +162,13 @@ def _reaped_end(meta: SessionMeta) -> tuple[str, str | None, str | None, str]:
 
 
 class Buffer:
-    def __init__(self, settings: Settings, *, nc: NATS, js: JetStreamContext, store: SessionStore) -> None:
+    def __init__(
+        self, settings: Settings, *, nc: NATS, js: JetStreamContext, store: SessionStore, streams: Streams | None = None
+    ) -> None:
         self.settings = settings
         self.nc = nc
         self.js = js
+        self.streams = streams or Streams(js, generated_storage=settings.broker.generated_storage)
         self.store = store
         self.stopping = asyncio.Event()
         self.metrics = BufferMetrics()
@@ -185,6 +189,7 @@ class Buffer:
                 ack_wait=GENERATED_ACK_WAIT_S,
                 max_ack_pending=-1,
             ),
+            restore=self.streams.restore,
         )
         await frames.start()  # creates the consumer, or brings an existing one's settings up to date
         reaper = asyncio.create_task(self.reap())
@@ -201,7 +206,12 @@ class Buffer:
                     await asyncio.sleep(RETRY_S)
                     continue
                 if msgs:
-                    await self.handle_batch(msgs)
+                    try:
+                        await self.handle_batch(msgs)
+                    except Exception as exc:  # NATS gone mid-batch: what is not acked is redelivered
+                        log.warning("batch not finished: %s", exc, extra={"event": "batch_failed"})
+                        await asyncio.sleep(RETRY_S)
+                        continue
                 # After frames, more are likely on their way: wait a moment for
                 # a fuller batch (a full one means more is waiting: pull at once).
                 linger = self.settings.linger_s > 0 and 0 < len(msgs) < self.settings.batch_size
@@ -232,6 +242,8 @@ class Buffer:
                 except Exception as exc:  # Redis or NATS away: the lease comes due again
                     extra = {"session": lease.session, "event": "reap_failed"}
                     log.warning("reaper: could not end the turn: %s", exc, extra=extra)
+                    if stream_gone(exc):
+                        await self.streams.restore()
 
     async def end_abandoned_turn(self, lease: Lease) -> None:
         """Publish the ``done`` of the turn whose lease this reaper took, right

@@ -60,6 +60,7 @@ def create_app(settings: Settings) -> Starlette:
                 js=connections.js,
                 store=SessionStore(connections.redis, settings.retention),
                 tokens=TokenService(settings.auth),
+                streams=connections.streams,
                 feeds=feeds,
             )
             app.state.connections = connections

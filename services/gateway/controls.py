@@ -16,6 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from shared.auth import Principal, TokenService
+from shared.broker import Streams, stream_gone
 from shared.errors import BrokerUnavailable, ProtocolError, SessionStateError
 from shared.messages import TRACE_HEADER, Control, TurnRequest
 from shared.protocol import encode, validate_prompt
@@ -83,6 +84,7 @@ class Gateway:
     js: JetStreamContext
     store: SessionStore
     tokens: TokenService
+    streams: Streams
     feeds: set[SessionFeed] = field(default_factory=set)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     connections: ConnectionLimits = field(init=False)
@@ -179,10 +181,16 @@ class Gateway:
             user=user,
         )
         trace = secrets.token_hex(8)
+        # The message id makes a retried publish start one turn, not two.
+        headers = {"Nats-Msg-Id": f"{session}:{result.turn}", TRACE_HEADER: trace}
         try:
-            # The message id makes a retried publish start one turn, not two.
-            headers = {"Nats-Msg-Id": f"{session}:{result.turn}", TRACE_HEADER: trace}
-            await self.js.publish(SUBJECT_REQUESTS, encode(request), headers=headers, timeout=5)
+            try:
+                await self.js.publish(SUBJECT_REQUESTS, encode(request), headers=headers, timeout=5)
+            except Exception as exc:
+                if not stream_gone(exc):
+                    raise
+                await self.streams.restore()  # deleted, or lost in a nats-server restart: made again
+                await self.js.publish(SUBJECT_REQUESTS, encode(request), headers=headers, timeout=5)
         except Exception as exc:
             log.warning("could not queue turn: %s", exc, extra={"session": session, "turn": result.turn})
             await self.store.abort_turn(session, result.turn)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from shared.auth import AuthSettings
+from shared.broker import REQUEST_MAX_AGE_S as MAX_QUEUE_TIMEOUT_S
 from shared.settings import (
     BrokerSettings,
     RetentionSettings,
@@ -83,7 +84,9 @@ class Settings:
                 gap_timeout_s=env_float(environ, "CHAT_GAP_TIMEOUT_S", Timeouts.gap_timeout_s, minimum=0.01),
                 replay_timeout_s=env_float(environ, "CHAT_REPLAY_TIMEOUT_S", Timeouts.replay_timeout_s, minimum=0.1),
                 sse_keepalive_s=env_float(environ, "CHAT_SSE_KEEPALIVE_S", Timeouts.sse_keepalive_s, minimum=0.1),
-                queue_timeout_s=env_float(environ, "CHAT_QUEUE_TIMEOUT_S", Timeouts.queue_timeout_s, minimum=0.1),
+                queue_timeout_s=env_float(
+                    environ, "CHAT_QUEUE_TIMEOUT_S", Timeouts.queue_timeout_s, minimum=0.1, maximum=MAX_QUEUE_TIMEOUT_S
+                ),
             ),
             auth=auth,
             origins=OriginPolicy.from_settings(

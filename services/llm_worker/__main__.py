@@ -34,7 +34,7 @@ def main() -> None:
     def build(connections: Connections) -> Worker:
         provider = create_provider(settings.provider, demo=settings.demo, openai=settings.openai)
         store = SessionStore(connections.redis, retention)
-        return Worker(settings, nc=connections.nc, js=connections.js, store=store, provider=provider)
+        return Worker(settings, nc=connections.nc, js=connections.js, store=store, provider=provider, streams=connections.streams)
 
     run_service(
         "llm_worker", settings.broker, build, health=settings.health

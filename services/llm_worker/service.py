@@ -54,6 +54,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from shared import protocol
+from shared.broker import Streams, stream_gone
 from shared.errors import BrokerUnavailable, UpstreamError
 from shared.messages import TRACE_HEADER, TurnEnd, TurnRequest, decode_control, decode_request
 from shared.pull import Puller
@@ -208,10 +209,14 @@ def upstream_failure(exc: BaseException) -> dict[str, Any]:
 
 
 class Worker:
-    def __init__(self, settings: Settings, *, nc: NATS, js: JetStreamContext, store: SessionStore, provider: Provider) -> None:
+    def __init__(
+        self, settings: Settings, *, nc: NATS, js: JetStreamContext, store: SessionStore, provider: Provider,
+        streams: Streams | None = None,
+    ) -> None:
         self.settings = settings
         self.nc = nc
         self.js = js
+        self.streams = streams or Streams(js, generated_storage=settings.broker.generated_storage)
         self.store = store
         self.provider = provider
         self.capacity = asyncio.Semaphore(settings.concurrency)
@@ -241,6 +246,7 @@ class Worker:
                 ack_wait=REQUEST_ACK_WAIT_S,
                 max_ack_pending=-1,
             ),
+            restore=self.streams.restore,
         )
         await requests.start()
         log.info(
@@ -753,4 +759,6 @@ class Worker:
                 if time.monotonic() > deadline:
                     raise PublishFailed(f"could not publish frame {seq}") from exc
                 log.warning("publish failed, retrying: %s", exc, extra={"event": "publish_retry"})
+                if stream_gone(exc):
+                    await self.streams.restore()
                 await asyncio.sleep(PUBLISH_RETRY_S)

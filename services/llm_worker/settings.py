@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
+from shared.broker import REQUEST_MAX_AGE_S as MAX_QUEUE_TIMEOUT_S
 from shared.settings import (
     BrokerSettings,
     HealthSettings,
@@ -49,6 +50,10 @@ def base_url(environ: Mapping[str, str]) -> str:
 
 
 MAX_FRAME_INTERVAL_MS = 1000.0  # beyond, a stream would read as stalled, not smoothed
+
+
+# A dead worker's turn is ended at most this long after its last renewal.
+MAX_LEASE_S = 3600.0
 
 
 def frame_interval_s(environ: Mapping[str, str]) -> float:
@@ -127,8 +132,8 @@ class Settings:
             ),
             concurrency=env_int(environ, "CHAT_WORKER_CONCURRENCY", 16, minimum=1),
             context_turns=env_int(environ, "CHAT_CONTEXT_TURNS", 20, minimum=0),
-            queue_timeout_s=env_float(environ, "CHAT_QUEUE_TIMEOUT_S", 30.0, minimum=0.1),
-            lease_s=env_float(environ, "CHAT_LEASE_S", 10.0, minimum=0.3),
+            queue_timeout_s=env_float(environ, "CHAT_QUEUE_TIMEOUT_S", 30.0, minimum=0.1, maximum=MAX_QUEUE_TIMEOUT_S),
+            lease_s=env_float(environ, "CHAT_LEASE_S", 10.0, minimum=0.3, maximum=MAX_LEASE_S),
             max_answer_bytes=env_int(environ, "CHAT_MAX_ANSWER_BYTES", cls.max_answer_bytes, minimum=1),
             drain_timeout_s=env_float(environ, "CHAT_DRAIN_TIMEOUT_S", 20.0, minimum=0.0),
             frame_interval_s=frame_interval_s(environ),

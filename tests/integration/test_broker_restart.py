@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import nats
 import pytest
 
 from devstack.servers import LocalNats, Server
+from shared.subjects import STREAM_GENERATED, STREAM_REQUESTS
 from tests.stack import WAIT_S, Bus, Clients, Stack, history, new_session, restartable_stack
 
 DEMO = {"CHAT_DEMO_TOKENS_PER_S": "100", "CHAT_DEMO_ANSWER_TOKENS": "150"}
@@ -135,3 +137,23 @@ async def test_memory_storage_turn_across_a_nats_restart_ends(
     nats, stack, clients = memory_storage
     session, _ = await restart_mid_turn(nats, clients, wait_s=6 * WAIT_S)
     clients.wire.assert_history(session, await history(stack, session))
+
+
+@pytest.mark.parametrize("stream", [STREAM_GENERATED, STREAM_REQUESTS])
+async def test_a_stream_deleted_while_connected_is_made_again(
+    restartable: tuple[LocalNats, Stack, Clients], stream: str
+) -> None:
+    """No reconnect tells the services: the first publish or pull that finds the stream
+    gone makes it again, and the next chat streams to its done."""
+    nats_server, stack, clients = restartable
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.jetstream().delete_stream(stream)
+    finally:
+        await nc.close()
+    for session in (new_session(), new_session()):
+        client, _ = await clients.open(session)
+        await client.send({"type": "chat", "prompt": "after the stream was deleted"})
+        await client.until("accepted", wait_s=3 * WAIT_S)
+        assert (await client.until("done", wait_s=3 * WAIT_S))["reason"] == "length"
+        clients.wire.assert_history(session, await history(stack, session))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -185,3 +186,25 @@ async def test_five_turns_take_at_most_three_times_their_text(store: SessionStor
     used = sum([await store.redis.memory_usage(key, samples=0) or 0 for key in keys])
     print(f"memory: {used} bytes for {text} characters of answer = {used / text:.2f}x")
     assert used <= 3 * text
+
+
+async def ttls(store: SessionStore, session: str) -> list[int]:
+    return [await store.redis.ttl(key(session)) for key in (session_key, log_key, history_key)]
+
+
+async def test_ttls_never_shrink_under_a_live_turn_and_are_the_retention_once_it_ends(redis_server: Server) -> None:
+    """Retention 1 s, a lease of 30 s: the claim keeps the record past the lease; a batch, and a
+    redelivered done of the turn before, do not cut it back; the turn's own end does."""
+    async with session_store(redis_server.url, RetentionSettings(retention_s=1)) as store:
+        session = new_session()
+        await run_turn(store, session, ["first"])  # turn 1, ended
+        started = await store.start_turn(session, "p", now=time.time())
+        await store.claim_turn(session, started.turn, "w", lease_until=time.time() + 30)
+        assert min(await ttls(store, session)) > 30
+        await store.store_segments([Segment(session, [chunk(started.base_seq + 1, started.turn, "x")])])
+        _, old_end = done(started.base_seq, 1)  # turn 1's done, delivered again
+        assert (await store.store_segments([Segment(session, [], end=old_end)]))[0].end == "stored"
+        assert min(await ttls(store, session)) > 30
+        _, end = done(started.base_seq + 2, started.turn)
+        assert (await store.store_segments([Segment(session, [], end=end)]))[0].end == "stored"
+        assert max(await ttls(store, session)) <= 1

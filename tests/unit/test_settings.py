@@ -158,3 +158,14 @@ def test_ports_and_broker_urls_are_checked_at_start_up(env: dict[str, str], mess
     with pytest.raises(ConfigError, match=message) as error:
         reader.from_env({"CHAT_AUTH_MODE": "dev", **env})
     assert "pw123456" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "name"),
+    [(WorkerSettings, "CHAT_LEASE_S"), (WorkerSettings, "CHAT_QUEUE_TIMEOUT_S"), (GatewaySettings, "CHAT_QUEUE_TIMEOUT_S")],
+)
+def test_lease_and_queue_timeout_are_at_most_an_hour(settings: Any, name: str) -> None:
+    """Past an hour a queued request has left its stream, and a lease's deadline makes a TTL Redis refuses."""
+    assert settings.from_env({"CHAT_AUTH_MODE": "dev", name: "3600"})
+    with pytest.raises(ConfigError, match=rf"^Config '{name}' has value '1e308'\. Must be at most 3600"):
+        settings.from_env({"CHAT_AUTH_MODE": "dev", name: "1e308"})
