@@ -4,7 +4,8 @@ Starts its own NATS, Redis, token source, one gateway, worker and buffer
 process, and the bare relay; drives each scenario from a separate load
 process (bench/load.py); takes the median of ``--runs`` runs of every point;
 writes docs/benchmarks.md, docs/benchmarks.json and PNG plots. ``--smoke``
-runs every scenario once at a tiny scale, into ``--out``, in seconds.
+runs every scenario once at a tiny scale, in seconds, into ``--out`` (by
+default a new temporary directory, so it never rewrites the committed page).
 ``--only 50x50,ttft`` runs just those and prints their tables (for A/B work).
 
 The issue's three points run three ways: the worker's frame cap at its
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import resource
@@ -368,7 +370,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="every scenario once, tiny, in seconds")
     parser.add_argument("--runs", type=int, help="runs per point (median); default 3, smoke 1")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where benchmarks.md, .json and plots go")
+    parser.add_argument("--out", type=Path, help="where benchmarks.md, .json and plots go; default docs/, "
+                        "or a new temporary directory for --smoke (the committed page is left alone)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the page and plots from the JSON in --out")
     parser.add_argument("--only", help=f"comma-separated, from {', '.join(SCENARIOS)}: run just these and print "
                         "their tables to stdout (the JSON goes to a temporary file; --out is left alone)")
@@ -376,6 +379,11 @@ def main() -> None:
     only = frozenset(args.only.split(",")) if args.only else frozenset(SCENARIOS)
     if unknown := only - set(SCENARIOS):
         parser.error(f"--only: unknown {', '.join(sorted(unknown))}")
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="bench-smoke-")) if args.smoke else ROOT / "docs"
+    if not args.only and importlib.util.find_spec("matplotlib") is None:
+        parser.error("the report's plots need matplotlib: pip install -e '.[bench]' (make bench does), "
+                     "or use --only to print the tables alone")
     if args.report_only:
         report.write(json.loads((args.out / "benchmarks.json").read_text()), args.out)
         return

@@ -54,5 +54,7 @@ def test_smoke_run_writes_a_complete_report(tmp_path: Path) -> None:
 
     page = (tmp_path / "benchmarks.md").read_text()
     assert "## Targets" in page and results["meta"]["machine"]["cpu"] in page
+    targets = page.split("## Targets", 1)[1].split("\n## ", 1)[0]
+    assert "| (smoke) |" in targets and "**no**" not in targets and "| yes |" not in targets  # tiny loads judge nothing
     for image in ("bench-latency.png", "bench-cpu.png"):
         assert (tmp_path / "images" / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
