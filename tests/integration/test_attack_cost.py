@@ -79,7 +79,7 @@ def model() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def attack_stack(model: str, redis_server: Server) -> Iterator[Stack]:
-    """One gateway, worker and buffer on a NATS of their own; the default frame cap (20 ms).
+    """One gateway, worker and buffer on a NATS of their own; the default frame cap (10 ms).
     A small kernel send buffer, so a client that stops reading is soon a slow reader to the gateway."""
     env = openai_env(
         model, CHAT_MAX_ANSWER_BYTES=str(4 * 1024 * 1024), CHAT_SEND_BUFFER_BYTES="8192",

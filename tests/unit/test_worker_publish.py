@@ -10,7 +10,7 @@ from shared.errors import ConfigError
 
 
 @pytest.mark.parametrize(
-    ("value", "seconds"), [(None, 0.02), ("0", 0.0), ("12.5", 0.0125), ("1000", 1.0)]
+    ("value", "seconds"), [(None, 0.01), ("0", 0.0), ("12.5", 0.0125), ("1000", 1.0)]
 )
 def test_the_cap_is_read_in_milliseconds(value: str | None, seconds: float) -> None:
     environ = {} if value is None else {"CHAT_FRAME_INTERVAL_MS": value}
