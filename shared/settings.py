@@ -205,7 +205,9 @@ class BrokerSettings:
 
     nats_url: str = "nats://127.0.0.1:4222"
     redis_url: Secret = Secret("redis://127.0.0.1:6379/0", mask_everywhere=False)
-    redis_max_connections: int = 32
+    # 32 starved a worker holding a thousand turns: claims waited out the pool's
+    # 5 s and their leases lapsed (bench, 1,000 x 30); 128 served it without loss.
+    redis_max_connections: int = 128
     # JetStream storage of the generated-frames stream: "file" survives a
     # nats-server restart; "memory" loses what no buffer has stored yet
     # (docs/configuration.md).
@@ -225,7 +227,7 @@ class BrokerSettings:
         return cls(
             nats_url=nats_url,
             redis_url=Secret(redis_url, mask_everywhere=False),  # its password is masked as a URL's
-            redis_max_connections=env_int(environ, "CHAT_REDIS_MAX_CONNECTIONS", 32, minimum=1),
+            redis_max_connections=env_int(environ, "CHAT_REDIS_MAX_CONNECTIONS", cls.redis_max_connections, minimum=1),
             generated_storage=env_choice(environ, "CHAT_JS_STORAGE", cls.generated_storage, ("file", "memory")),
         )
 

@@ -1012,10 +1012,14 @@ class SessionStore:
         """Whether ``user`` may use the session; the first user to use it owns it."""
         return bool(await self._run(self._owner, session, [user or "", self.retention.retention_s]))
 
-    async def claim_turn(self, session: str, turn: int, worker: str, *, lease_until: float) -> Claim:
+    async def claim_turn(
+        self, session: str, turn: int, worker: str, *, lease_until: float, claim_id: str | None = None
+    ) -> Claim:
         """Claim the active turn for one worker, leased until ``lease_until``;
-        any later claim of it is refused."""
-        args: list[Any] = [turn, worker, lease_until, secrets.token_hex(8), self._ttl_past(lease_until)]
+        any later claim of it is refused, but one with the same ``claim_id`` (a
+        retry whose first reply was lost) answers ``claimed`` again. Without a
+        ``claim_id`` every call is a new claim."""
+        args: list[Any] = [turn, worker, lease_until, claim_id or secrets.token_hex(8), self._ttl_past(lease_until)]
         with _redis_errors():
             status, stop, lid = await self._claim(keys=self._keys(session), args=args)
         if int(status) == 1 and lid:
@@ -1026,11 +1030,18 @@ class SessionStore:
     async def renew_lease(self, session: str, turn: int, worker: str, *, lease_until: float) -> Renewal:
         """Extend the worker's lease on its turn, and report a stop asked for meanwhile.
         Only the record changes: the index entry, now early, is moved by the reaper."""
+        return (await self.renew_leases([(session, turn, worker, lease_until)]))[0]
+
+    async def renew_leases(self, leases: Sequence[tuple[str, int, str, float]]) -> list[Renewal]:
+        """:meth:`renew_lease` for many turns, each ``(session, turn, worker, lease_until)``,
+        in one round trip (a pipeline of single-session scripts); raises BrokerUnavailable."""
+        calls = [
+            (3, *self._keys(session), turn, worker, until, self._ttl_past(until))
+            for session, turn, worker, until in leases
+        ]
         with _redis_errors():
-            renewed = await self._renew(
-                keys=self._keys(session), args=[turn, worker, lease_until, self._ttl_past(lease_until)]
-            )
-        return Renewal(ours=bool(renewed), stop_requested=int(renewed) == 2)
+            results = await self._eval_each(self._renew, calls)
+        return [Renewal(ours=bool(int(r)), stop_requested=int(r) == 2) for r in results]
 
     async def abandon_turn(self, session: str, turn: int, worker: str, *, reason: str) -> None:
         """Give up a claimed turn: its lease expires now and a reaper ends it with ``reason``."""

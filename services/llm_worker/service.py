@@ -58,7 +58,7 @@ from shared.broker import Streams, stream_gone
 from shared.errors import BrokerUnavailable, UpstreamError
 from shared.messages import TRACE_HEADER, TurnEnd, TurnRequest, decode_control, decode_request
 from shared.pull import Puller
-from shared.store import SessionStore
+from shared.store import Renewal, SessionStore
 from shared.subjects import (
     CONSUMER_WORKERS,
     STREAM_REQUESTS,
@@ -208,6 +208,46 @@ def upstream_failure(exc: BaseException) -> dict[str, Any]:
     return failure
 
 
+class LeaseRenewals:
+    """This worker's lease renewals, sent together: while one pipeline is in
+    flight the next renewals gather, and then leave in one. Sent one by one, a
+    thousand turns' renewals queued for the Redis pool's connections behind an
+    event loop saturated by those turns, and under three times the load the
+    machine can serve a fifth of the turns lost their lease to a reaper while
+    their worker was alive (the benchmark's 1,000 x 30 point)."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self.store = store
+        self._pending: list[tuple[tuple[str, int, str, float], asyncio.Future[Renewal]]] = []
+        self._sending: asyncio.Task[None] | None = None
+
+    async def renew(self, session: str, turn: int, worker: str, *, lease_until: float) -> Renewal:
+        """As SessionStore.renew_lease (raises BrokerUnavailable)."""
+        future: asyncio.Future[Renewal] = asyncio.get_running_loop().create_future()
+        self._pending.append(((session, turn, worker, lease_until), future))
+        if self._sending is None:
+            self._sending = asyncio.create_task(self._send())
+        return await future
+
+    async def _send(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    results: list[Renewal] | BaseException = await self.store.renew_leases([lease for lease, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - each caller gets it
+                    results = exc
+                for index, (_, future) in enumerate(batch):
+                    if future.done():  # its turn ended meanwhile
+                        continue
+                    if isinstance(results, BaseException):
+                        future.set_exception(results)  # BrokerUnavailable: Redis away
+                    else:
+                        future.set_result(results[index])
+        finally:
+            self._sending = None
+
+
 class Worker:
     def __init__(
         self, settings: Settings, *, nc: NATS, js: JetStreamContext, store: SessionStore, provider: Provider,
@@ -229,6 +269,8 @@ class Worker:
         self.worker_id = uuid.uuid4().hex
         self.metrics = WorkerMetrics()
         self.upstream_url = settings.upstream_url
+        self.renewals = LeaseRenewals(store)
+        self.taking: set[tuple[str, int]] = set()  # (session, turn) of the requests being taken here
 
     async def run(self) -> None:
         """Pull requests until :meth:`stop`; then wait for running turns (bounded)."""
@@ -337,14 +379,32 @@ class Worker:
             return
         turn = Turn(request=request, trace=(msg.headers or {}).get(TRACE_HEADER, ""))
         extra = {"session": request.session, "turn": request.turn, "trace": turn.trace}
+        key = (request.session, request.turn)
+        if key in self.taking:
+            # A redelivery while this worker still holds the turn: left alone (the
+            # first delivery acks it, or naks it for a retry).
+            log.info("request skipped: being taken here", extra=extra)
+            return
+        self.taking.add(key)
+        try:
+            await self._claim_and_generate(msg, turn, extra)
+        finally:
+            self.taking.discard(key)
+
+    async def _claim_and_generate(self, msg: Msg, turn: Turn, extra: dict[str, Any]) -> None:
+        request = turn.request
         sub = None
         try:
             # Step 1: listen for stop before reading the flag (module docstring).
             sub = await self.nc.subscribe(control_subject(request.session), cb=partial(self._on_control, turn))
             await self.nc.flush(timeout=5)
             claimed_at = time.monotonic()
+            # The same claim id for every delivery of the turn to this worker: a claim
+            # whose reply was lost (Redis slow under load) is this worker's again on the
+            # retry, not a turn nobody renews until a reaper ends it.
             claim = await self.store.claim_turn(
-                request.session, request.turn, self.worker_id, lease_until=time.time() + self.settings.lease_s
+                request.session, request.turn, self.worker_id, lease_until=time.time() + self.settings.lease_s,
+                claim_id=f"{self.worker_id[:16]}:{request.turn}",
             )
             turn.trust_lease(claimed_at + self.settings.lease_s * LEASE_TRUSTED_FRACTION)
         except Exception as exc:  # NATS or Redis away: try again shortly
@@ -470,7 +530,7 @@ class Worker:
                 pass
             sent_at = time.monotonic()
             try:
-                renewal = await self.store.renew_lease(
+                renewal = await self.renewals.renew(
                     request.session, request.turn, self.worker_id, lease_until=time.time() + lease_s
                 )
             except BrokerUnavailable:

@@ -437,3 +437,14 @@ async def test_a_store_run_twice_stores_the_turn_once(store: SessionStore, monke
     monkeypatch.undo()
     assert [t.turn for t in await store.history(session)] == [1] and await log_dones(store, session) == [(2, 1)]
     assert (await store.start_turn(session, "q")).started
+
+
+async def test_a_claim_retried_with_its_id_is_claimed_again(store: SessionStore) -> None:
+    """A worker whose claim reply was lost (the pool timed out under load) retries with the same
+    claim id and gets the turn back; another id, even the same worker's, and another worker do not."""
+    session = new_session()
+    await store.start_turn(session, "p")
+    assert (await store.claim_turn(session, 1, "w1", lease_until=2e9, claim_id="w1:1")).status == "claimed"
+    assert (await store.claim_turn(session, 1, "w1", lease_until=2e9, claim_id="w1:1")).status == "claimed"
+    assert (await store.claim_turn(session, 1, "w1", lease_until=2e9, claim_id="other")).status == "taken"
+    assert (await store.claim_turn(session, 1, "w2", lease_until=2e9, claim_id="w1:1")).status == "taken"

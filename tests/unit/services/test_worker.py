@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from services.llm_worker.service import LeaseLost, Turn, Worker, failure_message
+from services.llm_worker.service import LeaseLost, LeaseRenewals, Turn, Worker, failure_message
 from services.llm_worker.settings import Settings
 from shared.errors import BrokerUnavailable, UpstreamError
 from shared.messages import TurnRequest
@@ -39,6 +39,9 @@ class Store:
                     pass  # the bug being modelled
         return self.renewal
 
+    async def renew_leases(self, leases: list[tuple[str, int, str, float]]) -> list[Renewal]:
+        return [await self.renew_lease(s, t, w, lease_until=until) for s, t, w, until in leases]
+
 
 def keeper_for(store: Store) -> tuple[Turn, asyncio.Task[None]]:
     worker = Worker(Settings(lease_s=LEASE_S), nc=None, js=None, store=store, provider=None)  # type: ignore[arg-type]
@@ -57,7 +60,9 @@ async def test_keeper_ends_with_its_turn_even_if_a_renewal_swallows_the_cancel(c
     turn.finished.set()  # the turn ended (its done is stored: the record no longer has it) ...
     keeper.cancel()  # ... and the worker cancels the keeper, which the renewal swallows
     store.release.set()
-    await asyncio.wait_for(keeper, 1.0)
+    await asyncio.wait([keeper], timeout=1.0)  # the renewals' round trip swallows the cancel, not the keeper
+    assert keeper.done()
+    await asyncio.sleep(0)  # the round trip's results reach no one
     assert store.renewals == 1 and not turn.reaped and not turn.producer.cancelled()  # type: ignore[union-attr]
     assert "lease lost" not in caplog.text
     turn.producer.cancel()  # type: ignore[union-attr]
@@ -100,6 +105,44 @@ async def test_frames_wait_while_the_lease_is_not_trusted() -> None:
     turn.abandon()
     with pytest.raises(LeaseLost):
         await asyncio.wait_for(waiting, 1.0)
+
+
+class CountingStore:
+    """Answers every renewal ``ours``; records each round trip's batch, held until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.release = asyncio.Event()
+
+    async def renew_leases(self, leases: list[tuple[str, int, str, float]]) -> list[Renewal]:
+        self.batches.append(len(leases))
+        await self.release.wait()
+        return [Renewal(ours=True, stop_requested=False) for _ in leases]
+
+
+async def test_renewals_gather_while_one_round_trip_is_in_flight() -> None:
+    """The first renewal goes alone; the 99 asked while it is in flight go together in the next."""
+    store = CountingStore()
+    renewals = LeaseRenewals(store)  # type: ignore[arg-type]
+    first = asyncio.create_task(renewals.renew("s0", 1, "w", lease_until=0.0))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(renewals.renew(f"s{n}", 1, "w", lease_until=0.0)) for n in range(1, 100)]
+    await asyncio.sleep(0)
+    store.release.set()
+    results = await asyncio.wait_for(asyncio.gather(first, *rest), 1.0)
+    assert store.batches == [1, 99] and all(r.ours for r in results)
+
+
+async def test_a_failed_round_trip_fails_each_renewal_in_it() -> None:
+    class Failing:
+        async def renew_leases(self, leases: list[tuple[str, int, str, float]]) -> list[Renewal]:
+            raise BrokerUnavailable("the session store is unavailable")
+
+    renewals = LeaseRenewals(Failing())  # type: ignore[arg-type]
+    calls = [renewals.renew(f"s{n}", 1, "w", lease_until=0.0) for n in range(3)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, BrokerUnavailable) for r in results)
 
 
 def test_failure_messages_name_the_cause() -> None:
