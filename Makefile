@@ -59,7 +59,7 @@ test: system-deps browser-deps $(VENV)/.test-deps lint
 	node --test tests/js/
 	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile --durations=25
 
-# The full benchmark (about 20 minutes): rewrites docs/benchmarks.md, its JSON
+# The full benchmark (about 15 minutes): rewrites docs/benchmarks.md, its JSON
 # and plots. `make test` runs a smoke run of it (tests/integration/test_bench.py).
 bench: system-deps $(VENV)/.bench-deps
 	$(BIN)/python -m bench
