@@ -208,7 +208,7 @@ class Streams:
     """The product's streams as one process sees them: made at start, and made again
     (:meth:`restore`) as soon as one is found gone, whatever removed it: a restarted
     nats-server with memory storage or without its store, or an operator. ``healthy``
-    is False from a failure that says so until a check succeeds (/readyz reports it)."""
+    is False from a failed attempt to make them until one succeeds (/readyz reports it)."""
 
     def __init__(self, js: JetStreamContext, *, generated_storage: str = "file") -> None:
         self.js = js
@@ -226,7 +226,6 @@ class Streams:
         """Make the streams again after a failure that says one is gone. At most one
         check per ``RESTORE_EVERY_S`` for all callers (a burst of failing publishes
         makes one API call); a failure is logged, and the callers' retries come back."""
-        self.healthy = False
         async with self._lock:
             now = asyncio.get_running_loop().time()
             if now - self._checked_at < RESTORE_EVERY_S:
@@ -235,6 +234,7 @@ class Streams:
             try:
                 await self.ensure()
             except (nats.errors.Error, OSError, TimeoutError) as exc:
+                self.healthy = False
                 log.warning("could not make the streams again: %s", describe_error(exc),
                             extra={"event": "streams_not_restored", "cause": describe_error(exc)})
                 return

@@ -56,7 +56,22 @@ async def test_a_burst_of_restores_makes_the_streams_once(monkeypatch: pytest.Mo
     assert js.calls == 4
 
 
-async def test_a_failed_restore_leaves_the_streams_unhealthy() -> None:
-    streams = Streams(CountingJetStream(fail=nats.errors.TimeoutError()))  # type: ignore[arg-type]
+async def test_a_failed_restore_leaves_the_streams_unhealthy_until_one_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    js = CountingJetStream(fail=nats.errors.TimeoutError())
+    streams = Streams(js)  # type: ignore[arg-type]
     await streams.restore()
     assert not streams.healthy
+    await streams.restore()  # within RESTORE_EVERY_S: no check, no change
+    assert not streams.healthy and js.calls == 1
+    monkeypatch.setattr(broker, "RESTORE_EVERY_S", 0.0)
+    js.fail = None
+    await streams.restore()
+    assert streams.healthy
+
+
+async def test_a_restore_skipped_for_the_rate_leaves_healthy_streams_healthy() -> None:
+    """A publish that found a stream gone just after another caller made it again stays ready."""
+    streams = Streams(CountingJetStream())  # type: ignore[arg-type]
+    await streams.restore()
+    await streams.restore()
+    assert streams.healthy
