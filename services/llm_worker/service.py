@@ -40,6 +40,7 @@ import asyncio
 import logging
 import random
 import re
+import secrets
 import time
 import uuid
 from collections import deque
@@ -271,6 +272,7 @@ class Worker:
         self.upstream_url = settings.upstream_url
         self.renewals = LeaseRenewals(store)
         self.taking: set[tuple[str, int]] = set()  # (session, turn) of the requests being taken here
+        self.unsure_claims: dict[tuple[str, int], str] = {}  # claim ids whose call failed, for the retry
 
     async def run(self) -> None:
         """Pull requests until :meth:`stop`; then wait for running turns (bounded)."""
@@ -393,19 +395,27 @@ class Worker:
 
     async def _claim_and_generate(self, msg: Msg, turn: Turn, extra: dict[str, Any]) -> None:
         request = turn.request
+        key = (request.session, request.turn)
         sub = None
         try:
             # Step 1: listen for stop before reading the flag (module docstring).
             sub = await self.nc.subscribe(control_subject(request.session), cb=partial(self._on_control, turn))
             await self.nc.flush(timeout=5)
             claimed_at = time.monotonic()
-            # The same claim id for every delivery of the turn to this worker: a claim
-            # whose reply was lost (Redis slow under load) is this worker's again on the
-            # retry, not a turn nobody renews until a reaper ends it.
-            claim = await self.store.claim_turn(
-                request.session, request.turn, self.worker_id, lease_until=time.time() + self.settings.lease_s,
-                claim_id=f"{self.worker_id[:16]}:{request.turn}",
-            )
+            # A claim whose outcome is unknown (its reply lost: Redis slow under load)
+            # is retried with its id, so a claim that did land is this worker's again,
+            # not a turn nobody renews until a reaper ends it. Any other delivery
+            # claims afresh, so a request delivered again after its turn ran here is
+            # refused, not run twice.
+            claim_id = self.unsure_claims.pop(key, None) or secrets.token_hex(8)
+            try:
+                claim = await self.store.claim_turn(
+                    request.session, request.turn, self.worker_id, lease_until=time.time() + self.settings.lease_s,
+                    claim_id=claim_id,
+                )
+            except Exception:
+                self.unsure_claims[key] = claim_id
+                raise
             turn.trust_lease(claimed_at + self.settings.lease_s * LEASE_TRUSTED_FRACTION)
         except Exception as exc:  # NATS or Redis away: try again shortly
             log.warning("could not claim the turn: %s", exc, extra=extra)
