@@ -231,8 +231,9 @@ return 0
 
 # A request may be delivered twice (JetStream is at-least-once); only the
 # first worker to claim the active turn generates it. ``claim`` is drawn per
-# call: a re-run of the same call (its reply was lost) is answered as the first
-# run, while a second delivery to the same worker is refused like any other.
+# delivery: a re-run of the same call, or the worker's retry of a call whose
+# outcome it could not know, is answered as the first run, while a second
+# delivery to the same worker is refused like any other.
 # KEYS: meta, log, history. ARGV: turn, worker, lease deadline, claim id, ttl.
 # Returns status, stop, lease id.
 _CLAIM_TURN = _TOUCH + """
