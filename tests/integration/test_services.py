@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
+from devstack.processes import ServiceProcess
 from devstack.servers import Server, free_port
-from tests.stack import Clients, Stack, history, isolated_stack, new_session
+from tests.stack import WAIT_S, Clients, Stack, history, isolated_stack, new_session
 
 
 @pytest.mark.parametrize("kind", ["buffer", "worker"])
@@ -54,6 +57,19 @@ async def test_turn_waits_for_the_first_worker(workerless: tuple[Stack, Clients]
     clients.wire.assert_history(session, await history(stack, session))
 
 
+def any_line(processes: list[ServiceProcess], text: str, timeout_s: float = WAIT_S) -> None:
+    """Until one of ``processes`` has written a line holding ``text``; RuntimeError past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for process in processes:
+            try:
+                process.wait_for_line(text, timeout_s=0.1)
+                return
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+
+
 async def test_trace_id_joins_a_turn_across_services(stack: Stack, clients: Clients) -> None:
     """The gateway's trace id for a turn appears in the worker's and a buffer's log lines for it."""
     session = new_session()
@@ -64,6 +80,11 @@ async def test_trace_id_joins_a_turn_across_services(stack: Stack, clients: Clie
     queued = [e for e in lines if e.get("event") == "turn_queued" and e.get("session") == session]
     assert len(queued) == 1 and len(queued[0]["trace"]) == 16
     trace = queued[0]["trace"]
+    # The buffer logs the turn's end before publishing it, but its output reaches
+    # this process through a reader thread: wait for the line, from either buffer.
+    buffers = [p for p in stack.processes if p.module == "services.buffer"]
+    await asyncio.to_thread(any_line, buffers, trace)
+    lines = [json.loads(line) for p in stack.processes for line in p.output().splitlines() if line.startswith("{")]
     services = {e["service"] for e in lines if e.get("trace") == trace}
     assert services == {"gateway", "llm_worker", "buffer"}
     assert "trace me" not in "".join(p.output() for p in stack.processes)  # no prompt text in logs
