@@ -222,6 +222,14 @@ class Streams:
         await ensure_streams(self.js, generated_storage=self.generated_storage)
         self.healthy = True
 
+    async def recover(self, exc: BaseException) -> bool:
+        """After a failed publish or pull: if ``exc`` says a stream is gone
+        (:func:`stream_gone`), :meth:`restore` and return True, else False."""
+        if not stream_gone(exc):
+            return False
+        await self.restore()
+        return True
+
     async def restore(self) -> None:
         """Make the streams again after a failure that says one is gone. At most one
         check per ``RESTORE_EVERY_S`` for all callers (a burst of failing publishes

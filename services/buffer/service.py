@@ -28,7 +28,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
 
 from shared import protocol
-from shared.broker import Streams, stream_gone
+from shared.broker import Streams
 from shared.errors import BrokerUnavailable, ProtocolError
 from shared.messages import (
     REPLAY_FIRST_HEADER,
@@ -242,8 +242,7 @@ class Buffer:
                 except Exception as exc:  # Redis or NATS away: the lease comes due again
                     extra = {"session": lease.session, "event": "reap_failed"}
                     log.warning("reaper: could not end the turn: %s", exc, extra=extra)
-                    if stream_gone(exc):
-                        await self.streams.restore()
+                    await self.streams.recover(exc)
 
     async def end_abandoned_turn(self, lease: Lease) -> None:
         """Publish the ``done`` of the turn whose lease this reaper took, right

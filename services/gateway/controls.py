@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from shared.auth import Principal, TokenService
-from shared.broker import Streams, stream_gone
+from shared.broker import Streams
 from shared.errors import BrokerUnavailable, ProtocolError, SessionStateError
 from shared.messages import TRACE_HEADER, Control, TurnRequest
 from shared.protocol import encode, validate_prompt
@@ -187,9 +187,8 @@ class Gateway:
             try:
                 await self.js.publish(SUBJECT_REQUESTS, encode(request), headers=headers, timeout=5)
             except Exception as exc:
-                if not stream_gone(exc):
+                if not await self.streams.recover(exc):  # deleted, or lost in a nats-server restart: made again
                     raise
-                await self.streams.restore()  # deleted, or lost in a nats-server restart: made again
                 await self.js.publish(SUBJECT_REQUESTS, encode(request), headers=headers, timeout=5)
         except Exception as exc:
             log.warning("could not queue turn: %s", exc, extra={"session": session, "turn": result.turn})

@@ -55,7 +55,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from shared import protocol
-from shared.broker import Streams, stream_gone
+from shared.broker import Streams
 from shared.errors import BrokerUnavailable, UpstreamError
 from shared.messages import TRACE_HEADER, TurnEnd, TurnRequest, decode_control, decode_request
 from shared.pull import Puller
@@ -829,6 +829,5 @@ class Worker:
                 if time.monotonic() > deadline:
                     raise PublishFailed(f"could not publish frame {seq}") from exc
                 log.warning("publish failed, retrying: %s", exc, extra={"event": "publish_retry"})
-                if stream_gone(exc):
-                    await self.streams.restore()
+                await self.streams.recover(exc)
                 await asyncio.sleep(PUBLISH_RETRY_S)
