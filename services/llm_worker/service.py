@@ -389,13 +389,12 @@ class Worker:
             return
         self.taking.add(key)
         try:
-            await self._claim_and_generate(msg, turn, extra)
+            await self._claim_and_generate(msg, turn, key, extra)
         finally:
             self.taking.discard(key)
 
-    async def _claim_and_generate(self, msg: Msg, turn: Turn, extra: dict[str, Any]) -> None:
+    async def _claim_and_generate(self, msg: Msg, turn: Turn, key: tuple[str, int], extra: dict[str, Any]) -> None:
         request = turn.request
-        key = (request.session, request.turn)
         sub = None
         try:
             # Step 1: listen for stop before reading the flag (module docstring).
